@@ -1,0 +1,122 @@
+"""The Redis protocol between gateway and workers: two atomic scripts and the record shapes they move.
+
+Ingest (gateway): per chunk, store each new item once (HSETNX: a re-sent id is a duplicate, never new
+work), append the new ids to the dataset's order, bump the counters and XADD one stream entry naming the
+chunk's item ids, all in one script so a crash never leaves an item stored but not queued.
+
+Results (worker): per item, write its scores (or its failure), bump the counters only when the field is
+new (a redelivered chunk overwrites, never double counts), then XACK + XDEL the entry, in one script.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+INGEST_LUA = """
+-- KEYS: items, order, stats, stream   ARGV: dataset id, n, then n x (item id, item json, candidates)
+local new = {}
+local ncand = 0
+local n = tonumber(ARGV[2])
+for i = 0, n - 1 do
+  local id = ARGV[3 + i * 3]
+  if redis.call('HSETNX', KEYS[1], id, ARGV[4 + i * 3]) == 1 then
+    new[#new + 1] = id
+    ncand = ncand + tonumber(ARGV[5 + i * 3])
+  end
+end
+if #new > 0 then
+  redis.call('RPUSH', KEYS[2], unpack(new))
+  redis.call('HINCRBY', KEYS[3], 'items', #new)
+  redis.call('HINCRBY', KEYS[3], 'candidates', ncand)
+  redis.call('XADD', KEYS[4], '*', 'ds', ARGV[1], 'items', cjson.encode(new))
+end
+return new
+"""
+
+RESULTS_LUA = """
+-- KEYS: scores, failed, stats, stream
+-- ARGV: group, entry id ('' for none), now, n, then n x (item id, 'ok'|'fail', payload, candidates, tokens)
+local n = tonumber(ARGV[4])
+for i = 0, n - 1 do
+  local b = 5 + i * 5
+  local id, kind, payload = ARGV[b], ARGV[b + 1], ARGV[b + 2]
+  local ncand, ntok = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+  if kind == 'ok' then
+    if redis.call('HSET', KEYS[1], id, payload) == 1 then
+      redis.call('HINCRBY', KEYS[3], 'scored_items', 1)
+      redis.call('HINCRBY', KEYS[3], 'scored_candidates', ncand)
+      redis.call('HINCRBY', KEYS[3], 'tokens', ntok)
+      if redis.call('HDEL', KEYS[2], id) == 1 then
+        redis.call('HINCRBY', KEYS[3], 'failed_items', -1)
+        redis.call('HINCRBY', KEYS[3], 'failed_candidates', -ncand)
+      end
+    end
+  elseif redis.call('HEXISTS', KEYS[1], id) == 0 then
+    if redis.call('HSET', KEYS[2], id, payload) == 1 then
+      redis.call('HINCRBY', KEYS[3], 'failed_items', 1)
+      redis.call('HINCRBY', KEYS[3], 'failed_candidates', ncand)
+    end
+  end
+end
+if n > 0 then
+  redis.call('HSETNX', KEYS[3], 't_first', ARGV[3])
+  redis.call('HSET', KEYS[3], 't_last', ARGV[3])
+end
+if ARGV[2] ~= '' then
+  redis.call('XACK', KEYS[4], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[4], ARGV[2])
+end
+return n
+"""
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """What a worker writes for one item: every candidate's score, or the reason it failed."""
+
+    item_id: str
+    candidates: int
+    scores: list[dict[str, Any]] | None = None  # [{"logprob_sum", "tokens", "prompt_tokens"}, ...]
+    error: str | None = None
+
+    @property
+    def pair_tokens(self) -> int:
+        return sum(s["tokens"] + s["prompt_tokens"] for s in self.scores or [])
+
+
+def results_args(group: str, entry_id: str, now: float, results: list[ItemResult]) -> list[Any]:
+    import orjson
+
+    args: list[Any] = [group, entry_id, f"{now:.3f}", len(results)]
+    for r in results:
+        if r.scores is not None:
+            args += [r.item_id, "ok", orjson.dumps(r.scores), r.candidates, r.pair_tokens]
+        else:
+            args += [r.item_id, "fail", r.error or "unknown error", r.candidates, 0]
+    return args
+
+
+def ingest_args(dataset_id: str, items: list[dict[str, Any]]) -> list[Any]:
+    import orjson
+
+    args: list[Any] = [dataset_id, len(items)]
+    for it in items:
+        args += [it["id"], orjson.dumps(it), len(it["candidates"])]
+    return args
+
+
+def chunked(items: list[dict[str, Any]], pairs: int) -> list[list[dict[str, Any]]]:
+    """Split items into chunks of about `pairs` pairs; an instruction's candidates stay together."""
+    chunks: list[list[dict[str, Any]]] = []
+    cur: list[dict[str, Any]] = []
+    size = 0
+    for it in items:
+        if cur and size + len(it["candidates"]) > pairs:
+            chunks.append(cur)
+            cur, size = [], 0
+        cur.append(it)
+        size += len(it["candidates"])
+    if cur:
+        chunks.append(cur)
+    return chunks

@@ -1,0 +1,252 @@
+"""Service functions behind the dataset routes. Routes validate and call exactly one of these."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from grape.keys import Keys, model_key
+from grape.protocol import INGEST_LUA, chunked, ingest_args
+from grape.records import DatasetState
+from grape.settings import Settings
+from grape.strategies import STRATEGIES, ScoredItem, SelectParams
+from grape.strategies.grape import candidate_score
+from service.errors import NotFound, Unprocessable
+from service.schemas import (
+    CandidatePublic,
+    DatasetCreate,
+    DatasetPublic,
+    FailurePublic,
+    IngestResult,
+    ItemPublic,
+    Rejected,
+)
+
+PAGE = 500
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+async def create_dataset(*, redis: Redis, keys: Keys, body: DatasetCreate) -> DatasetPublic:
+    ds = f"ds-{uuid.uuid4().hex[:12]}"
+    now = time.time()
+    meta = {
+        "name": body.name,
+        "target_model": body.target_model,
+        "template": body.template.value,
+        "created": f"{now:.3f}",
+    }
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.dataset(ds), mapping=meta)
+        pipe.zadd(keys.datasets(), {ds: now})
+        await pipe.execute()
+    return await dataset_status(redis=redis, keys=keys, dataset_id=ds)
+
+
+async def _meta(redis: Redis, keys: Keys, dataset_id: str) -> dict[str, str]:
+    raw = await redis.hgetall(keys.dataset(dataset_id))
+    if not raw:
+        raise NotFound(f"dataset {dataset_id!r} not found")
+    return {_s(k): _s(v) for k, v in raw.items()}
+
+
+async def live_workers(redis: Redis, keys: Keys, model: str) -> int:
+    n = 0
+    async for key in redis.scan_iter(match=keys.workers_pattern(), count=500):
+        raw = await redis.get(key)
+        if raw and model_key(orjson.loads(raw).get("model", "")) == model_key(model):
+            n += 1
+    return n
+
+
+async def dataset_status(*, redis: Redis, keys: Keys, dataset_id: str) -> DatasetPublic:
+    meta = await _meta(redis, keys, dataset_id)
+    raw = await redis.hgetall(keys.stats(dataset_id))
+    st = {_s(k): float(_s(v)) for k, v in raw.items()}
+    items = int(st.get("items", 0))
+    scored, failed = int(st.get("scored_items", 0)), int(st.get("failed_items", 0))
+    cands = int(st.get("candidates", 0))
+    scored_c, failed_c = int(st.get("scored_candidates", 0)), int(st.get("failed_candidates", 0))
+    tokens = int(st.get("tokens", 0))
+    if items == 0:
+        state = DatasetState.empty
+    elif scored + failed >= items:
+        state = DatasetState.done
+    else:
+        state = DatasetState.scoring
+    throughput = eta = None
+    start, last = st.get("t_start"), st.get("t_last")
+    if start is not None and last is not None and last > start and scored_c:
+        elapsed = last - start
+        throughput = tokens / elapsed
+        remaining = max(cands - scored_c - failed_c, 0)
+        eta = remaining / (scored_c / elapsed)
+    return DatasetPublic(
+        id=dataset_id,
+        name=meta["name"],
+        target_model=meta["target_model"],
+        template=meta["template"],
+        created=float(meta["created"]),
+        state=state,
+        items=items,
+        candidates=cands,
+        scored_items=scored,
+        scored_candidates=scored_c,
+        failed_items=failed,
+        failed_candidates=failed_c,
+        tokens_scored=tokens,
+        throughput_tokens_per_s=throughput,
+        eta_seconds=eta,
+        workers=await live_workers(redis, keys, meta["target_model"]),
+    )
+
+
+async def list_datasets(*, redis: Redis, keys: Keys) -> list[DatasetPublic]:
+    ids = [_s(x) for x in await redis.zrange(keys.datasets(), 0, -1)]
+    out = []
+    for ds in ids:
+        try:
+            out.append(await dataset_status(redis=redis, keys=keys, dataset_id=ds))
+        except NotFound:
+            continue
+    return out
+
+
+async def ingest(
+    *,
+    redis: Redis,
+    keys: Keys,
+    settings: Settings,
+    dataset_id: str,
+    items: list[dict[str, Any]],
+    rejected: list[Rejected],
+) -> IngestResult:
+    meta = await _meta(redis, keys, dataset_id)
+    if not items and rejected:
+        raise Unprocessable(
+            f"no item accepted: {len(rejected)} rejected", rejected=[r.model_dump() for r in rejected]
+        )
+    script = redis.register_script(INGEST_LUA)
+    stream = keys.stream(meta["target_model"])
+    accepted: set[str] = set()
+    for chunk in chunked(items, settings.chunk_pairs):
+        new = await script(
+            keys=[keys.items(dataset_id), keys.order(dataset_id), keys.stats(dataset_id), stream],
+            args=ingest_args(dataset_id, chunk),
+        )
+        accepted.update(_s(x) for x in new or [])
+    n_cands = sum(len(it["candidates"]) for it in items if it["id"] in accepted)
+    return IngestResult(
+        accepted=len(accepted),
+        duplicates=len(items) - len(accepted),
+        rejected=rejected,
+        accepted_candidates=n_cands,
+    )
+
+
+async def get_item(*, redis: Redis, keys: Keys, dataset_id: str, item_id: str) -> ItemPublic:
+    await _meta(redis, keys, dataset_id)
+    raw = await redis.hget(keys.items(dataset_id), item_id)
+    if raw is None:
+        raise NotFound(f"item {item_id!r} not found in dataset {dataset_id!r}")
+    item = orjson.loads(raw)
+    scores_raw = await redis.hget(keys.scores(dataset_id), item_id)
+    error = await redis.hget(keys.failed(dataset_id), item_id)
+    scores = orjson.loads(scores_raw) if scores_raw else None
+    chosen = -1
+    if scores:
+        chosen = next(iter(STRATEGIES.get("grape")([ScoredItem(item, scores)], SelectParams()))).candidate
+    cands = []
+    for i, c in enumerate(item["candidates"]):
+        sc = scores[i] if scores else {}
+        cands.append(
+            CandidatePublic(
+                index=i,
+                source=c["source"],
+                response=c["response"],
+                logprob_sum=sc.get("logprob_sum"),
+                tokens=sc.get("tokens"),
+                prompt_tokens=sc.get("prompt_tokens"),
+                mean=candidate_score(sc, "mean") if sc else None,
+                selected=i == chosen,
+            )
+        )
+    state = "scored" if scores else "failed" if error else "queued"
+    return ItemPublic(
+        id=item_id,
+        state=state,
+        error=_s(error) if error and not scores else None,
+        instruction=item.get("instruction"),
+        messages=item.get("messages") if "messages" in item else None,
+        candidates=cands,
+    )
+
+
+async def list_failures(*, redis: Redis, keys: Keys, dataset_id: str, limit: int) -> list[FailurePublic]:
+    await _meta(redis, keys, dataset_id)
+    out: list[FailurePublic] = []
+    async for k, v in redis.hscan_iter(keys.failed(dataset_id), count=500):
+        out.append(FailurePublic(id=_s(k), error=_s(v)))
+        if len(out) >= limit:
+            break
+    return out
+
+
+async def scored_items(redis: Redis, keys: Keys, dataset_id: str) -> AsyncIterator[list[ScoredItem]]:
+    """Pages of scored items in upload order; unscored and failed items are left out."""
+    start = 0
+    while True:
+        ids = await redis.lrange(keys.order(dataset_id), start, start + PAGE - 1)
+        if not ids:
+            return
+        start += len(ids)
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(keys.items(dataset_id), ids)
+            pipe.hmget(keys.scores(dataset_id), ids)
+            raw_items, raw_scores = await pipe.execute()
+        page = [
+            ScoredItem(orjson.loads(it), orjson.loads(sc))
+            for it, sc in zip(raw_items, raw_scores, strict=True)
+            if it is not None and sc is not None
+        ]
+        if page:
+            yield page
+
+
+async def selection_lines(
+    *, redis: Redis, keys: Keys, dataset_id: str, strategy: str, params: SelectParams
+) -> AsyncIterator[bytes]:
+    """NDJSON records ready for TRL's SFTTrainer; streams page by page for per-instruction strategies."""
+    await _meta(redis, keys, dataset_id)
+    select = STRATEGIES.get(strategy)
+    if getattr(select, "per_item", False):
+        async for page in scored_items(redis, keys, dataset_id):
+            yield b"".join(orjson.dumps(p.record()) + b"\n" for p in select(page, params))
+        return
+    rows: list[ScoredItem] = []
+    async for page in scored_items(redis, keys, dataset_id):
+        rows.extend(page)
+    for pick in select(rows, params):
+        yield orjson.dumps(pick.record()) + b"\n"
+
+
+async def delete_dataset(*, redis: Redis, keys: Keys, dataset_id: str) -> None:
+    await _meta(redis, keys, dataset_id)
+    await redis.delete(
+        keys.dataset(dataset_id),
+        keys.items(dataset_id),
+        keys.order(dataset_id),
+        keys.scores(dataset_id),
+        keys.failed(dataset_id),
+        keys.stats(dataset_id),
+    )
+    await redis.zrem(keys.datasets(), dataset_id)
+
+

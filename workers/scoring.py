@@ -1,0 +1,85 @@
+"""Items in, per-item results out: tokenize with exact boundaries, check lengths, run the backend.
+
+An item that cannot be scored (too long, empty response, bad template) becomes a failed ItemResult with
+its reason; the others still score. If the backend raises on a batch, its items are retried one at a
+time so that a poison item fails alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from grape.formatting import FormatError, prompt_ids, resolve_template, response_ids
+from grape.protocol import ItemResult
+from workers.backends.base import ScoreRequest, ScoringBackend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    item_id: str
+    requests: list[ScoreRequest]
+
+
+def prepare(backend: ScoringBackend, item: dict[str, Any], template: str) -> Prepared | ItemResult:
+    tok = backend.tokenizer
+    n = len(item["candidates"])
+    try:
+        resolved = resolve_template(tok, template)
+        prompt = prompt_ids(tok, item, resolved)
+    except FormatError as exc:
+        return ItemResult(item["id"], n, error=str(exc))
+    if not prompt:
+        return ItemResult(item["id"], n, error="the prompt renders to zero tokens")
+    requests = []
+    for i, cand in enumerate(item["candidates"]):
+        resp = response_ids(tok, cand["response"], resolved)
+        if not resp:
+            return ItemResult(item["id"], n, error=f"candidate {i} ({cand['source']}): response has zero tokens")
+        total = len(prompt) + len(resp)
+        if total > backend.max_model_len:
+            return ItemResult(
+                item["id"],
+                n,
+                error=f"too long: candidate {i} ({cand['source']}) is {total} tokens > "
+                f"max_model_len {backend.max_model_len}",
+            )
+        requests.append(ScoreRequest(prompt, resp))
+    return Prepared(item["id"], requests)
+
+
+def _result(p: Prepared, logprobs: list[list[float]]) -> ItemResult:
+    scores = []
+    for req, lps in zip(p.requests, logprobs, strict=True):
+        if len(lps) != len(req.response_ids):
+            raise RuntimeError(f"backend returned {len(lps)} log-probs for {len(req.response_ids)} tokens")
+        scores.append(
+            {"logprob_sum": float(sum(lps)), "tokens": len(lps), "prompt_tokens": len(req.prompt_ids)}
+        )
+    return ItemResult(p.item_id, len(p.requests), scores=scores)
+
+
+def score_items(backend: ScoringBackend, items: list[tuple[dict[str, Any], str]]) -> list[ItemResult]:
+    """Score (item, template) pairs; results come back in the same order."""
+    prepared = [prepare(backend, item, template) for item, template in items]
+    todo = [p for p in prepared if isinstance(p, Prepared)]
+    done: dict[str, ItemResult] = {}
+    if todo:
+        flat = [r for p in todo for r in p.requests]
+        try:
+            logprobs = backend.score(flat)
+            pos = 0
+            for p in todo:
+                done[p.item_id] = _result(p, logprobs[pos : pos + len(p.requests)])
+                pos += len(p.requests)
+        except Exception as exc:  # noqa: BLE001 - isolate the item that breaks the batch
+            log.warning("batch of %d items failed (%s); retrying items one by one", len(todo), exc)
+            for p in todo:
+                try:
+                    done[p.item_id] = _result(p, backend.score(p.requests))
+                except Exception as one:  # noqa: BLE001
+                    done[p.item_id] = ItemResult(p.item_id, len(p.requests), error=f"scoring failed: {one}")
+    return [p if isinstance(p, ItemResult) else done[p.item_id] for p in prepared]
