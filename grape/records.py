@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 
-class Template(str, Enum):
+class Template(StrEnum):
     """How a pair is turned into tokens."""
 
     auto = "auto"  # the tokenizer's chat template when it has one, else `plain`
@@ -18,21 +18,21 @@ class Template(str, Enum):
     plain = "plain"  # the GRAPE paper's `Question: {instruction}\nAnswer: {response}`
 
 
-class DatasetState(str, Enum):
+class DatasetState(StrEnum):
     empty = "empty"  # created, nothing uploaded yet
     scoring = "scoring"  # some accepted items are neither scored nor failed
     done = "done"  # every accepted item is scored or failed
 
 
 class Turn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
     content: StrictStr
 
 
 class Candidate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     source: StrictStr | None = Field(None, description="Who wrote the response (e.g. the model name).")
     response: StrictStr = Field(min_length=1, description="The candidate response text (not empty).")
@@ -41,7 +41,7 @@ class Candidate(BaseModel):
 class ItemIn(BaseModel):
     """One instruction with its candidate responses, as a client uploads it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     id: StrictStr | None = Field(
         None, min_length=1, max_length=256, description="Stable id; default: a hash of the content."

@@ -44,9 +44,7 @@ class Registry(Generic[T]):
         except KeyError:
             near = difflib.get_close_matches(name, self._entries, n=3)
             hint = f"; did you mean {', '.join(near)}?" if near else ""
-            raise UnknownName(
-                f"unknown {self.kind} {name!r}{hint} (known: {', '.join(self.names())})"
-            ) from None
+            raise UnknownName(f"unknown {self.kind} {name!r}{hint} (known: {', '.join(self.names())})") from None
         if isinstance(target, str):
             module, _, attr = target.partition(":")
             target = getattr(importlib.import_module(module), attr)

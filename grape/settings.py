@@ -20,7 +20,9 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("REDIS_URL", "GRAPE_REDIS_URL"),
         description="Redis to use. Unset: serve/worker use redis://127.0.0.1:6379/0; demo starts its own.",
     )
-    key_prefix: str = Field("grape", description="Prefix of every Redis key, so several deployments can share one Redis.")
+    key_prefix: str = Field(
+        "grape", description="Prefix of every Redis key, so several deployments can share one Redis."
+    )
     cache_dir: Path = Field(Path.home() / ".cache" / "grape", description="Converted models and other caches.")
 
     # gateway
@@ -41,6 +43,9 @@ class Settings(BaseSettings):
     block_ms: int = Field(2000, ge=10, description="How long a worker waits on an empty queue per read.")
     claim_idle_ms: int = Field(
         600_000, ge=100, description="A chunk pending this long on a silent worker is taken over by another."
+    )
+    commit_tokens: int = Field(
+        65_536, ge=256, description="A worker writes results after about this many pair tokens (progress)."
     )
     max_deliveries: int = Field(5, ge=1, description="Deliveries of a chunk before it goes to the dead letters.")
     max_model_len: int | None = Field(None, description="Longest pair scored; default: the model's context.")

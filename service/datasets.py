@@ -130,9 +130,7 @@ async def ingest(
 ) -> IngestResult:
     meta = await _meta(redis, keys, dataset_id)
     if not items and rejected:
-        raise Unprocessable(
-            f"no item accepted: {len(rejected)} rejected", rejected=[r.model_dump() for r in rejected]
-        )
+        raise Unprocessable(f"no item accepted: {len(rejected)} rejected", rejected=[r.model_dump() for r in rejected])
     script = redis.register_script(INGEST_LUA)
     stream = keys.stream(meta["target_model"])
     accepted: set[str] = set()
@@ -248,5 +246,3 @@ async def delete_dataset(*, redis: Redis, keys: Keys, dataset_id: str) -> None:
         keys.stats(dataset_id),
     )
     await redis.zrem(keys.datasets(), dataset_id)
-
-

@@ -8,9 +8,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def budget_batches(
-    items: Sequence[T], length: Callable[[T], int], budget: int
-) -> Iterator[list[int]]:
+def budget_batches(items: Sequence[T], length: Callable[[T], int], budget: int) -> Iterator[list[int]]:
     """Indices of `items` in batches whose padded size (longest x count) stays within `budget`.
 
     Longest first, so the first batch shows the peak memory at once. An item longer than the budget

@@ -48,6 +48,28 @@ class WorkerStats:
     started: float = field(default_factory=time.time)
 
 
+def _slices(work: list[Any], budget: int) -> list[list[Any]]:
+    """Consecutive runs of (entry, item, template) of about `budget` characters/4 (a token estimate
+    that needs no tokenizer); an item is never split."""
+    out: list[list[Any]] = [[]]
+    size = 0
+    for w in work:
+        item = w[1]
+        n = (
+            sum(
+                len(c["response"]) + len(str(item.get("instruction") or item.get("messages")))
+                for c in item["candidates"]
+            )
+            // 4
+        )
+        if out[-1] and size + n > budget:
+            out.append([])
+            size = 0
+        out[-1].append(w)
+        size += n
+    return [s for s in out if s]
+
+
 class Worker:
     def __init__(
         self,
@@ -60,6 +82,7 @@ class Worker:
         block_ms: int = 2000,
         claim_idle_ms: int = 600_000,
         max_deliveries: int = 5,
+        commit_tokens: int = 65_536,
         name: str | None = None,
     ) -> None:
         self.r = client
@@ -71,6 +94,7 @@ class Worker:
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
         self.max_deliveries = max_deliveries
+        self.commit_tokens = commit_tokens
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.stats = WorkerStats()
         self._stop = threading.Event()
@@ -104,6 +128,7 @@ class Worker:
         keeper = threading.Thread(target=self._keep_alive, name="claim-keeper", daemon=True)
         keeper.start()
         idle_since = time.monotonic()
+        self.r.set(self.keys.worker(self.name), orjson.dumps(self.status()), ex=HEARTBEAT_TTL_S)
         log.info("worker %s: consuming %s with %s", self.name, self.stream, self.backend.info())
         try:
             while not self._stop.is_set():
@@ -199,16 +224,19 @@ class Worker:
                 continue
             self.r.hsetnx(self.keys.stats(e.dataset), "t_start", f"{time.time():.3f}")
             work += [(e, item, meta.get("template", "auto")) for item in items]
-        if not work:
-            return
-        results = score_items(self.backend, [(item, tpl) for _, item, tpl in work])
-        by_entry: dict[str, list[ItemResult]] = {e.id: [] for e in entries}
-        for (e, _, _), res in zip(work, results, strict=True):
-            by_entry[e.id].append(res)
+        # scored in slices of about `commit_tokens`: each slice's results are written at once (progress,
+        # and less to redo after a crash); the entries are acked when all their items are written
+        for part in _slices(work, self.commit_tokens):
+            results = score_items(self.backend, [(item, tpl) for _, item, tpl in part])
+            by_ds: dict[str, list[ItemResult]] = {}
+            for (e, _, _), res in zip(part, results, strict=True):
+                by_ds.setdefault(e.dataset, []).append(res)
+            for ds, res in by_ds.items():
+                # a dataset deleted while we scored: do not recreate its keys
+                if self.r.exists(self.keys.dataset(ds)):
+                    self._write_results(ds, "", res)
         for e in entries:
-            alive = self.r.exists(self.keys.dataset(e.dataset))
-            # a dataset deleted while we scored: ack only, do not recreate its keys
-            self._commit(e, by_entry[e.id] if alive else [])
+            self._commit(e, [])
 
     def _score_carefully(self, entry: Entry) -> None:
         """A redelivered chunk: skip what is already written, write each item as soon as it is scored."""
@@ -278,10 +306,11 @@ class Worker:
 
     def status(self) -> dict[str, Any]:
         return {
+            **self.backend.info(),
             "name": self.name,
             "model": self.model,
+            "model_path": self.backend.info().get("model"),
             "pid": os.getpid(),
-            **self.backend.info(),
             "chunks": self.stats.chunks,
             "items": self.stats.items,
             "failed": self.stats.failed,

@@ -22,6 +22,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     p.add_argument("--device", default=settings.device, help="hf backend: auto, cpu, cuda, cuda:N")
     p.add_argument("--batch-tokens", type=int, default=settings.batch_tokens, help="token budget per batch")
     p.add_argument("--read-count", type=int, default=settings.read_count, help="chunks taken per read")
+    p.add_argument("--commit-tokens", type=int, default=settings.commit_tokens, help="write results this often")
     p.add_argument("--max-model-len", type=int, default=settings.max_model_len)
     p.add_argument("--tensor-parallel-size", type=int, default=None, help="vllm: GPUs per engine")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="vllm: share of GPU memory")
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         block_ms=settings.block_ms,
         claim_idle_ms=settings.claim_idle_ms,
         max_deliveries=settings.max_deliveries,
+        commit_tokens=args.commit_tokens,
         name=args.name,
     )
     worker.install_signal_handlers()

@@ -56,9 +56,7 @@ def _result(p: Prepared, logprobs: list[list[float]]) -> ItemResult:
     for req, lps in zip(p.requests, logprobs, strict=True):
         if len(lps) != len(req.response_ids):
             raise RuntimeError(f"backend returned {len(lps)} log-probs for {len(req.response_ids)} tokens")
-        scores.append(
-            {"logprob_sum": float(sum(lps)), "tokens": len(lps), "prompt_tokens": len(req.prompt_ids)}
-        )
+        scores.append({"logprob_sum": float(sum(lps)), "tokens": len(lps), "prompt_tokens": len(req.prompt_ids)})
     return ItemResult(p.item_id, len(p.requests), scores=scores)
 
 

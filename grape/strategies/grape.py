@@ -22,9 +22,9 @@ def candidate_score(score: dict[str, float], reduce: str) -> float:
 
 def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
     for row in rows:
-        ranked = sorted(
-            range(len(row.scores)), key=lambda i: (-candidate_score(row.scores[i], params.reduce), i)
-        )
+        ranked = sorted(range(len(row.scores)), key=lambda i: (-candidate_score(row.scores[i], params.reduce), i))
         for rank, i in enumerate(ranked[: params.k], start=1):
             yield Pick(row.item, i, candidate_score(row.scores[i], params.reduce), rank)
+
+
 select.per_item = True  # type: ignore[attr-defined]  # streams: one instruction at a time

@@ -103,7 +103,11 @@ async def selection(
             raise Unprocessable(f"strategy: {exc}") from None
     ds = await svc.dataset_status(redis=redis, keys=keys, dataset_id=dataset_id)
     lines = svc.selection_lines(
-        redis=redis, keys=keys, dataset_id=dataset_id, strategy=strategy, params=SelectParams(k=k, reduce=reduce)
+        redis=redis,
+        keys=keys,
+        dataset_id=dataset_id,
+        strategy=strategy,
+        params=SelectParams(k=k, reduce=reduce),
     )
     headers = {"X-Grape-Dataset-State": ds.state.value, "X-Grape-Scored-Items": str(ds.scored_items)}
     return StreamingResponse(lines, media_type="application/x-ndjson", headers=headers)

@@ -1,0 +1,178 @@
+"""The `grape` command line.
+
+`serve`, `worker` and `trainer` hand over to the deployable's own entry point (imported only then);
+the rest talk to a gateway over HTTP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+from grape.settings import get_settings
+
+ENTRY_POINTS = {
+    "serve": "service.main:main",
+    "worker": "workers.main:main",
+}
+
+
+def _default_url() -> str:
+    s = get_settings()
+    return os.environ.get("GRAPE_URL", f"http://{s.host}:{s.port}")
+
+
+def _client(args: argparse.Namespace):  # noqa: ANN202
+    from grape.client import GrapeClient
+
+    return GrapeClient(args.url, api_key=os.environ.get("GRAPE_API_KEY"))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from grape.pools import count_records, read_pool
+
+    total = count_records(args.file)
+    with _client(args) as client:
+        if args.dataset:
+            ds = client.status(args.dataset)
+        else:
+            if not args.name or not args.model:
+                print("grape submit: --name and --model are needed to create a dataset (or give --dataset)")
+                return 2
+            ds = client.create_dataset(args.name, args.model, args.template)
+        print(f"dataset {ds['id']} (target model {ds['target_model']})", file=sys.stderr)
+        with tqdm(total=total, unit="item", desc="uploading", dynamic_ncols=True) as bar:
+            res = client.upload_all(
+                ds["id"], read_pool(args.file), batch=args.batch, on_batch=lambda n, _: bar.update(n)
+            )
+        print(
+            f"accepted {res['accepted']}, duplicates {res['duplicates']}, rejected {len(res['rejected'])}",
+            file=sys.stderr,
+        )
+        for r in res["rejected"][:20]:
+            print(f"  rejected #{r['index']}: {r['error']}", file=sys.stderr)
+        if args.wait:
+            from grape.progress import watch_scoring
+
+            watch_scoring(client, ds["id"])
+    print(ds["id"])
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import orjson
+
+    with _client(args) as client:
+        if args.watch:
+            from grape.progress import watch_scoring
+
+            watch_scoring(client, args.dataset_id)
+        st = client.status(args.dataset_id)
+    print(orjson.dumps(st, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        st = client.status(args.dataset_id)
+        if st["state"] != "done":
+            print(
+                f"warning: dataset is {st['state']} ({st['scored_items']}/{st['items']} items scored); "
+                "exporting what is scored so far",
+                file=sys.stderr,
+            )
+        n = client.export(args.dataset_id, args.output, strategy=args.strategy, k=args.k, reduce=args.reduce)
+    print(f"wrote {n} records to {args.output}", file=sys.stderr)
+    return 0
+
+
+def print_wins(path: Path) -> None:
+    import orjson
+
+    wins: Counter[str] = Counter()
+    with open(path, "rb") as f:
+        for line in f:
+            wins[orjson.loads(line)["source"]] += 1
+    total = sum(wins.values()) or 1
+    width = max([len(s) for s in wins] + [6])
+    print(f"\n{'source':<{width}}  selected  share")
+    for source, n in wins.most_common():
+        print(f"{source:<{width}}  {n:>8}  {n / total:>5.1%}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from grape.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="grape", description="Select the SFT data that fits your model.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="start Redis, a gateway and a worker; score a pool; print the selection")
+    d.add_argument("--pool", default=None, help="pool file (JSONL/Parquet); default: the bundled example pool")
+    d.add_argument("--model", default="smollm2-135m", help="target model")
+    d.add_argument("--limit", type=int, default=None, help="use only the first N items of the pool")
+    d.add_argument("--out", default="grape-demo", help="directory for the selected set and logs")
+    d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    d.set_defaults(func=cmd_demo)
+
+    for name, help_ in (("serve", "run the HTTP gateway"), ("worker", "run a scoring worker")):
+        sp = sub.add_parser(name, help=help_, add_help=False)
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+
+    s = sub.add_parser("submit", help="upload a pool file in NDJSON batches")
+    s.add_argument("file")
+    s.add_argument("--name", help="dataset name (creates a dataset)")
+    s.add_argument("--model", help="target model of the new dataset")
+    s.add_argument("--template", default="auto", choices=["auto", "chat", "plain"])
+    s.add_argument("--dataset", help="append to this existing dataset instead")
+    s.add_argument("--batch", type=int, default=500, help="items per request")
+    s.add_argument("--wait", action="store_true", help="show scoring progress until done")
+    s.set_defaults(func=cmd_submit)
+
+    st = sub.add_parser("status", help="show a dataset's progress")
+    st.add_argument("dataset_id")
+    st.add_argument("--watch", action="store_true", help="progress bar until done")
+    st.set_defaults(func=cmd_status)
+
+    e = sub.add_parser("export", help="write the selected set as NDJSON (TRL SFT format)")
+    e.add_argument("dataset_id")
+    e.add_argument("-o", "--output", required=True)
+    e.add_argument("--strategy", default="grape")
+    e.add_argument("--k", type=int, default=1)
+    e.add_argument("--reduce", default="mean", choices=["mean", "sum"])
+    e.set_defaults(func=cmd_export)
+
+    for sp in (s, st, e):
+        sp.add_argument("--url", default=_default_url(), help="gateway URL (env GRAPE_URL)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ENTRY_POINTS:
+        module, _, func = ENTRY_POINTS[argv[0]].partition(":")
+        return getattr(importlib.import_module(module), func)(argv[1:])
+    args = build_parser().parse_args(argv)
+    from grape.client import ApiError
+
+    try:
+        return args.func(args)
+    except ApiError as exc:
+        print(f"grape {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"grape {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Progress bars fed by the gateway's status endpoint."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tqdm import tqdm
+
+from grape.client import GrapeClient
+
+
+def watch_scoring(
+    client: GrapeClient,
+    dataset_id: str,
+    *,
+    interval: float = 1.0,
+    timeout: float | None = None,
+    check: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Show a bar over the dataset's candidates until every one is scored or failed."""
+    st = client.status(dataset_id)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with tqdm(total=st["candidates"], unit="pair", desc="scoring", dynamic_ncols=True) as bar:
+        while True:
+            done = st["scored_candidates"] + st["failed_candidates"]
+            bar.total = st["candidates"]
+            bar.n = done
+            tput = st.get("throughput_tokens_per_s")
+            bar.set_postfix(
+                tok_s=f"{tput:.0f}" if tput else "-",
+                failed=st["failed_candidates"],
+                workers=st["workers"],
+                refresh=False,
+            )
+            bar.refresh()
+            if st["state"] == "done":
+                return st
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"dataset {dataset_id} not done after {timeout}s: {st}")
+            if check:
+                check()
+            time.sleep(interval)
+            st = client.status(dataset_id)

@@ -1,0 +1,211 @@
+"""The vLLM scoring backend: one `vllm.LLM` engine, every request of a call in one `generate`.
+
+Each pair goes in as token ids (`TokensPrompt(prompt_ids + response_ids)`), so the response boundary is
+the one `grape.formatting` drew; the engine never sees text and never makes any (no tokenizer in the
+engine, `detokenize=False`). The engine samples one throw-away token per request; what we read is the
+log-prob of each actual response token, taken from the prompt log-probs.
+
+Two ways to ask for those log-probs, chosen once when the engine starts:
+
+- `prompt_logprob_token_ids` (vLLM >= 0.32 with its V2 model runner): `prompt_logprob_start` at the
+  row that predicts the first response token and one id per row (the actual response token), so the
+  instruction rows never go through the vocabulary projection.
+- `prompt_logprobs` (fallback, every vLLM; the only one on CPU, where the V1 runner refuses the first
+  with "requires the V2 model runner"): `prompt_logprobs=0` returns, for every prompt position, the
+  log-prob of the actual token there; we keep the response positions.
+
+vLLM needs room for the one sampled token, so a pair may be at most `engine max_model_len - 1` tokens
+long; `self.max_model_len` says so, and a requested `config.max_model_len` is honoured exactly by
+giving the engine one more position when the model's context allows it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from workers.backends.base import BackendConfig, ScoreRequest
+
+log = logging.getLogger(__name__)
+
+PATH_TOKEN_IDS = "prompt_logprob_token_ids"
+"""Scores only the response rows (vLLM V2 model runner)."""
+PATH_PROMPT_LOGPROBS = "prompt_logprobs"
+"""Scores every prompt row and keeps the response ones (any vLLM)."""
+
+_CPU_DEFAULT_KV_CACHE_BYTES = 2 * 1024**3
+"""On CPU, vLLM otherwise reserves gpu_memory_utilization (0.92) of the host's RAM for its KV cache."""
+_PROBE_TOLERANCE = 1e-3
+
+
+def sampling_kwargs(path: str, prompt_len: int, response_ids: list[int]) -> dict[str, Any]:
+    """The `SamplingParams` fields of one scoring request; pure, so tests can check both paths.
+
+    Row r of the prompt predicts token r + 1, so the first response token (at position prompt_len) is
+    predicted by row prompt_len - 1; with `prompt_logprob_token_ids`, row i of the given ids scores
+    prompt token `prompt_logprob_start + i + 1`.
+    """
+    if prompt_len < 1:
+        raise ValueError("a scoring request needs at least one prompt token (e.g. BOS)")
+    if not response_ids:
+        raise ValueError("a scoring request needs at least one response token")
+    # one sampled token is the least vLLM generates; greedy, as its value is thrown away
+    base: dict[str, Any] = {"max_tokens": 1, "temperature": 0.0, "detokenize": False}
+    if path == PATH_TOKEN_IDS:
+        return {
+            **base,
+            "prompt_logprob_start": prompt_len - 1,
+            "prompt_logprob_token_ids": [[int(t)] for t in response_ids],
+        }
+    if path == PATH_PROMPT_LOGPROBS:
+        return {**base, "prompt_logprobs": 0}
+    raise ValueError(f"unknown vLLM scoring path {path!r}")
+
+
+def build_sampling_params(path: str, prompt_len: int, response_ids: list[int]) -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(**sampling_kwargs(path, prompt_len, response_ids))
+
+
+def extract_logprobs(path: str, output: Any, prompt_len: int, response_ids: list[int]) -> list[float]:
+    """The response tokens' log-probs out of one `RequestOutput`."""
+    if path == PATH_TOKEN_IDS:
+        scores = output.prompt_token_id_logprobs  # [len(response_ids), 1]: row i -> token prompt_len + i
+        if scores is None or len(scores) != len(response_ids):
+            got = None if scores is None else len(scores)
+            raise RuntimeError(f"vLLM returned {got} scored rows for {len(response_ids)} response tokens")
+        return [float(row[0]) for row in scores]
+    positions = output.prompt_logprobs  # one entry per prompt position; entry 0 is None
+    if positions is None or len(positions) != prompt_len + len(response_ids):
+        got = None if positions is None else len(positions)
+        raise RuntimeError(f"vLLM returned {got} prompt positions for {prompt_len + len(response_ids)}")
+    out: list[float] = []
+    for j, token in enumerate(response_ids):
+        entry = positions[prompt_len + j]
+        if entry is None or token not in entry:
+            raise RuntimeError(f"vLLM returned no log-prob for token {token} at position {prompt_len + j}")
+        out.append(float(entry[token].logprob))
+    return out
+
+
+def supports_token_id_fields() -> bool:
+    """Whether the installed vLLM's SamplingParams knows `prompt_logprob_start` / `..._token_ids`."""
+    from vllm import SamplingParams
+
+    fields = set(getattr(SamplingParams, "__struct_fields__", ()))
+    fields |= set(getattr(SamplingParams, "__dataclass_fields__", {}))
+    return {"prompt_logprob_start", "prompt_logprob_token_ids"} <= fields
+
+
+def _model_context(model: str) -> int | None:
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model)
+    except Exception:  # noqa: BLE001 - an unknown config only means we let vLLM decide
+        return None
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, config: BackendConfig) -> None:
+        from transformers import AutoTokenizer
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.config = config
+        # we tokenize ourselves (grape.formatting) with the model's own tokenizer; the engine gets ids
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+
+        engine_args: dict[str, Any] = {
+            "model": config.model,
+            "dtype": config.dtype,
+            "skip_tokenizer_init": True,
+            "seed": 0,
+        }
+        if config.max_model_len is not None:
+            context = _model_context(config.model)
+            wanted = config.max_model_len + 1  # + the one sampled token
+            engine_args["max_model_len"] = min(wanted, context) if context else config.max_model_len
+        if (
+            current_platform.is_cpu()
+            and not os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+            and not {"kv_cache_memory_bytes", "gpu_memory_utilization"} & config.extra.keys()
+        ):
+            engine_args["kv_cache_memory_bytes"] = _CPU_DEFAULT_KV_CACHE_BYTES
+        engine_args.update(config.extra)  # tensor_parallel_size, max_num_batched_tokens, enforce_eager...
+
+        started = time.perf_counter()
+        self.llm = LLM(**engine_args)
+        self.engine_seconds = time.perf_counter() - started
+        model_config = self.llm.llm_engine.model_config
+        self.engine_max_model_len = int(model_config.max_model_len)
+        self.max_model_len = self.engine_max_model_len - 1
+        self.dtype = str(model_config.dtype).removeprefix("torch.")
+        parallel = self.llm.llm_engine.vllm_config.parallel_config
+        self.tensor_parallel_size = int(parallel.tensor_parallel_size)
+        self.path, self.path_reason = self._choose_path()
+        log.info(
+            "vLLM engine for %s up in %.1fs (dtype %s, max_model_len %d, path %s: %s)",
+            config.model,
+            self.engine_seconds,
+            self.dtype,
+            self.max_model_len,
+            self.path,
+            self.path_reason,
+        )
+
+    def _choose_path(self) -> tuple[str, str]:
+        """Try the response-rows-only path on one tiny request; fall back to plain prompt logprobs."""
+        if not supports_token_id_fields():
+            return PATH_PROMPT_LOGPROBS, "this vLLM has no prompt_logprob_token_ids"
+        vocab = int(self.llm.llm_engine.model_config.get_vocab_size())
+        probe = ScoreRequest(prompt_ids=[1 % vocab, 2 % vocab], response_ids=[3 % vocab, 4 % vocab])
+        try:
+            fast = self._generate(PATH_TOKEN_IDS, [probe])[0]
+        except Exception as e:  # noqa: BLE001 - the refusal's type differs across versions
+            return PATH_PROMPT_LOGPROBS, f"probe refused: {str(e).splitlines()[0][:200]}"
+        slow = self._generate(PATH_PROMPT_LOGPROBS, [probe])[0]
+        if max(abs(a - b) for a, b in zip(fast, slow, strict=True)) > _PROBE_TOLERANCE:
+            return PATH_PROMPT_LOGPROBS, f"probe disagreed: {fast} vs {slow}"
+        return PATH_TOKEN_IDS, "probe accepted and agreed with prompt_logprobs"
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "model": self.config.model,
+            "dtype": self.dtype,
+            "path": self.path,
+            "path_reason": self.path_reason,
+            "max_model_len": self.max_model_len,
+            "tensor_parallel_size": self.tensor_parallel_size,
+        }
+
+    def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        for r in requests:
+            if r.length > self.max_model_len:
+                raise ValueError(f"too long: {r.length} > max_model_len {self.max_model_len}")
+        # an empty response has nothing to score and vLLM refuses empty id rows: answer it here
+        todo = [i for i, r in enumerate(requests) if r.response_ids]
+        out: list[list[float]] = [[] for _ in requests]
+        for i, lp in zip(todo, self._generate(self.path, [requests[i] for i in todo]), strict=True):
+            out[i] = lp
+        return out
+
+    def _generate(self, path: str, requests: list[ScoreRequest]) -> list[list[float]]:
+        if not requests:
+            return []
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids + r.response_ids) for r in requests]
+        params = [build_sampling_params(path, len(r.prompt_ids), r.response_ids) for r in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [
+            extract_logprobs(path, o, len(r.prompt_ids), r.response_ids) for o, r in zip(outputs, requests, strict=True)
+        ]
