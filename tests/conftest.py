@@ -1,0 +1,144 @@
+"""Fixtures: a real Redis (REDIS_URL, else 127.0.0.1:6379, else a private redis-server), the real
+bundled SmolLM2 model, and the real candidate pool from ../shared/data."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from grape.keys import Keys
+from grape.models import resolve_model
+from grape.redis_server import EmbeddedRedis
+from grape.settings import Settings
+from service.app import create_app
+from workers.backends import BackendConfig, load_backend
+from workers.loop import Worker
+
+ROOT = Path(__file__).resolve().parents[1]
+POOL = ROOT.parent / "shared" / "data" / "alpaca_eval_pool_dev.jsonl"
+MODEL = "smollm2-135m"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        redis.Redis.from_url(url).ping()
+        yield url
+        return
+    except redis.ConnectionError:
+        if "REDIS_URL" in os.environ:
+            raise
+    with EmbeddedRedis() as server:  # no Redis on this machine: a real one of our own
+        yield server.url
+
+
+@pytest.fixture
+def keys(redis_url: str) -> Iterator[Keys]:
+    """A key prefix of its own per test, removed afterwards: tests never see each other's data."""
+    k = Keys(f"grape-test-{uuid.uuid4().hex[:8]}")
+    yield k
+    client = redis.Redis.from_url(redis_url)
+    stale = list(client.scan_iter(match=f"{k.prefix}:*", count=1000))
+    if stale:
+        client.delete(*stale)
+
+
+@pytest.fixture
+def rclient(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def settings(redis_url: str, keys: Keys) -> Settings:
+    return Settings(redis_url=redis_url, key_prefix=keys.prefix, chunk_pairs=16)
+
+
+@pytest.fixture
+def api(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    return resolve_model(MODEL)
+
+
+@pytest.fixture(scope="session")
+def hf_backend(model_path: str) -> Any:
+    return load_backend("hf", BackendConfig(model=model_path, dtype="float32", device="cpu", batch_tokens=4096))
+
+
+def load_pool(n: int, *, max_chars: int = 500, start: int = 0, candidates: int | None = None) -> list[dict]:
+    """n real items; responses cut to `max_chars` characters so CPU tests stay fast."""
+    if not POOL.exists():
+        raise FileNotFoundError(f"the real pool is expected at {POOL} (shared/data beside the repository)")
+    rows = []
+    with open(POOL, "rb") as f:
+        for i, line in enumerate(f):
+            if i < start:
+                continue
+            if len(rows) == n:
+                break
+            row = orjson.loads(line)
+            cands = row["candidates"][:candidates] if candidates else row["candidates"]
+            rows.append(
+                {
+                    "id": row["id"],
+                    "instruction": row["instruction"],
+                    "candidates": [{"source": c["source"], "response": c["response"][:max_chars]} for c in cands],
+                }
+            )
+    return rows
+
+
+@pytest.fixture
+def worker_factory(rclient: redis.Redis, keys: Keys, hf_backend: Any) -> Iterator[Any]:
+    """Workers on the real backend, run in threads of this process (the model is loaded once)."""
+    running: list[tuple[Worker, threading.Thread]] = []
+
+    def start(backend: Any = None, **kw: Any) -> Worker:
+        kw.setdefault("block_ms", 200)
+        w = Worker(rclient, keys, MODEL, backend or hf_backend, **kw)
+        t = threading.Thread(target=w.run, daemon=True)
+        t.start()
+        running.append((w, t))
+        return w
+
+    yield start
+    for w, _ in running:
+        w.stop()
+    for _, t in running:
+        t.join(timeout=120)
+
+
+def wait_done(api: TestClient, ds: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = api.get(f"/v1/datasets/{ds}").json()
+        if st["state"] == "done":
+            return st
+        if time.monotonic() > deadline:
+            raise TimeoutError(st)
+        time.sleep(0.2)
+
+
+def create(api: TestClient, template: str = "auto") -> str:
+    r = api.post("/v1/datasets", json={"name": "t", "target_model": MODEL, "template": template})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def ndjson(items: list[dict]) -> bytes:
+    return b"".join(orjson.dumps(i) + b"\n" for i in items)

@@ -1,0 +1,65 @@
+"""The service's scores equal a direct computation by a plain transformers forward (fp32, 1e-3)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import create, load_pool, wait_done
+
+
+def direct_mean_logprob(model, tok, instruction: str, response: str) -> float:
+    """log p(response | chat prompt) / N by the textbook route: one forward, full log-softmax, gather."""
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
+    )
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    r = tok(response, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p + r])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    picked = [logp[len(p) + j - 1, t].item() for j, t in enumerate(r)]
+    return sum(picked) / len(picked)
+
+
+def test_service_scores_match_a_plain_forward(api, worker_factory, model_path) -> None:
+    items = load_pool(3, start=10, max_chars=400, candidates=4)
+    ds = create(api)
+    assert api.post(f"/v1/datasets/{ds}/items", json={"items": items}).status_code == 202
+    worker_factory()
+    wait_done(api, ds)
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    checked = 0
+    for item in items:
+        got = api.get(f"/v1/datasets/{ds}/items/{item['id']}").json()
+        assert got["state"] == "scored"
+        for cand, scored in zip(item["candidates"], got["candidates"], strict=True):
+            want = direct_mean_logprob(model, tok, item["instruction"], cand["response"])
+            assert abs(scored["mean"] - want) < 1e-3, (item["id"], cand["source"], scored["mean"], want)
+            assert scored["tokens"] == len(tok(cand["response"], add_special_tokens=False)["input_ids"])
+            checked += 1
+    assert checked == 12
+
+
+def test_backend_per_token_logprobs_match_a_plain_forward(hf_backend) -> None:
+    from grape.formatting import prompt_ids, response_ids
+    from grape.records import Template
+    from workers.backends.base import ScoreRequest
+
+    tok, model = hf_backend.tokenizer, hf_backend.model
+    items = load_pool(2, start=20, max_chars=300, candidates=3)
+    reqs = [
+        ScoreRequest(prompt_ids(tok, it, Template.chat), response_ids(tok, c["response"], Template.chat))
+        for it in items
+        for c in it["candidates"]
+    ]
+    got = hf_backend.score(reqs)  # batched, padded, projection at response rows only
+    for req, lps in zip(reqs, got, strict=True):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([req.prompt_ids + req.response_ids])).logits[0], -1)
+        p = len(req.prompt_ids)
+        want = [logp[p + j - 1, t].item() for j, t in enumerate(req.response_ids)]
+        assert len(lps) == len(want)
+        assert max(abs(a - b) for a, b in zip(lps, want, strict=True)) < 1e-3
