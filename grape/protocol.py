@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 INGEST_LUA = """
--- KEYS: items, order, stats, stream   ARGV: dataset id, n, then n x (item id, item json, candidates)
+-- KEYS: items, order, stats, stream, then the streams of the dataset's extra tasks (grape.tasks), if any
+-- ARGV: dataset id, n, then n x (item id, item json, candidates)
 local new = {}
 local ncand = 0
 local n = tonumber(ARGV[2])
@@ -29,7 +30,10 @@ if #new > 0 then
   redis.call('RPUSH', KEYS[2], unpack(new))
   redis.call('HINCRBY', KEYS[3], 'items', #new)
   redis.call('HINCRBY', KEYS[3], 'candidates', ncand)
-  redis.call('XADD', KEYS[4], '*', 'ds', ARGV[1], 'items', cjson.encode(new))
+  local entry = cjson.encode(new)
+  for k = 4, #KEYS do
+    redis.call('XADD', KEYS[k], '*', 'ds', ARGV[1], 'items', entry)
+  end
 end
 return new
 """
@@ -68,6 +72,15 @@ if ARGV[2] ~= '' then
   redis.call('XDEL', KEYS[4], ARGV[2])
 end
 return n
+"""
+
+HANDBACK_LUA = """
+-- KEYS: stream   ARGV: group, entry id, dataset id, json list of the item ids not yet scored
+-- A stopping worker queues what it did not score as a fresh entry and acks the old one, atomically.
+redis.call('XADD', KEYS[1], '*', 'ds', ARGV[3], 'items', ARGV[4])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
 """
 
 

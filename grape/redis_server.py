@@ -38,11 +38,18 @@ def free_port() -> int:
 class EmbeddedRedis:
     """redis-server in a directory of its own; `appendonly=True` gives AOF with fsync every second."""
 
-    def __init__(self, directory: Path | None = None, port: int | None = None, appendonly: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path | None = None,
+        port: int | None = None,
+        appendonly: bool = False,
+        config_file: Path | None = None,
+    ) -> None:
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="grape-redis-")
         self.dir = Path(directory or self._tmp.name)  # type: ignore[union-attr]
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.config_file = config_file
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -51,16 +58,18 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 15) -> EmbeddedRedis:
         self.dir.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            find_redis_server(),
+        cmd = [find_redis_server()]
+        if self.config_file:
+            cmd.append(str(self.config_file))  # options after it override the file's
+        cmd += [
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.dir),
-            "--save", "",
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec",
+            "--daemonize", "no",
             "--logfile", str(self.dir / "redis.log"),
         ]  # fmt: skip
+        if not self.config_file:
+            cmd += ["--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + timeout

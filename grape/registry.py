@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -23,22 +23,41 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, str | T] = {}
+        self._families: dict[str, str | Callable[[str], T]] = {}
 
     def register(self, name: str, target: str | T) -> None:
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         self._entries[name] = target
 
+    def register_family(self, prefix: str, factory: str | Callable[[str], T]) -> None:
+        """Parameterized names `prefix:<arg>`: `factory(arg)` builds the entry (e.g. `source:gpt4`)."""
+        if prefix in self._families:
+            raise ValueError(f"{self.kind} family {prefix!r} is registered twice")
+        self._families[prefix] = factory
+
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted([*self._entries, *(f"{p}:<name>" for p in self._families)])
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        if name in self._entries:
+            return True
+        return isinstance(name, str) and name.partition(":")[0] in self._families and bool(name.partition(":")[2])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def get(self, name: str) -> T:
+        prefix, colon, arg = name.partition(":")
+        if colon and name not in self._entries and prefix in self._families:
+            if not arg:
+                raise UnknownName(f"{self.kind} {name!r}: give a name after {prefix + ':'!r}")
+            factory = self._families[prefix]
+            if isinstance(factory, str):
+                module, _, attr = factory.partition(":")
+                factory = getattr(importlib.import_module(module), attr)
+                self._families[prefix] = factory
+            return factory(arg)
         try:
             target = self._entries[name]
         except KeyError:

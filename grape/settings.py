@@ -33,6 +33,17 @@ class Settings(BaseSettings):
     max_candidates_per_item: int = Field(64, ge=1, description="Candidates one item may carry.")
     max_response_chars: int = Field(200_000, ge=1, description="Characters one response or turn may have.")
     max_body_bytes: int = Field(64 * 2**20, ge=1024, description="Largest request body accepted.")
+    max_queue_chunks: int = Field(
+        20_000, ge=1, description="Backlog (queued + in-flight chunks) of a model past which uploads get 429."
+    )
+    api_keys: str = Field(
+        "",
+        description="Comma-separated bearer tokens; when set, every /v1 route needs one. Unset: local use only.",
+        repr=False,
+    )
+    allow_open_network: bool = Field(
+        False, description="Let a gateway without API keys bind a non-loopback address (trusted networks only)."
+    )
 
     # worker
     backend: Literal["auto", "hf", "vllm"] = Field("auto", description="Scoring backend of a worker.")
@@ -49,6 +60,33 @@ class Settings(BaseSettings):
     )
     max_deliveries: int = Field(5, ge=1, description="Deliveries of a chunk before it goes to the dead letters.")
     max_model_len: int | None = Field(None, description="Longest pair scored; default: the model's context.")
+    metrics_port: int | None = Field(
+        None, description="Worker: serve Prometheus /metrics and a /ready probe on this port (off when unset)."
+    )
+
+    # trainer
+    train_dir: Path | None = Field(
+        None, description="Where training jobs write checkpoints and adapters; default: GRAPE_CACHE_DIR/train."
+    )
+    trainer_heartbeat_s: float = Field(
+        30.0, ge=1, description="TTL of a trainer's heartbeat; a running job whose trainer is silent this long fails."
+    )
+    max_queued_jobs: int = Field(100, ge=1, description="Queued training jobs past which new ones get 429.")
+
+    def training_dir(self) -> Path:
+        return self.train_dir if self.train_dir is not None else self.cache_dir / "train"
+
+    def keys_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    def check_exposure(self) -> None:
+        """A gateway reachable from other machines must not be open to anyone who finds it."""
+        loopback = self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+        if not loopback and not self.keys_list() and not self.allow_open_network:
+            raise ValueError(
+                f"refusing to bind {self.host} without API keys: set GRAPE_API_KEYS (comma-separated tokens), "
+                "or GRAPE_ALLOW_OPEN_NETWORK=1 on a trusted network"
+            )
 
 
 @lru_cache(maxsize=1)

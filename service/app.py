@@ -7,13 +7,19 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError as RedisOOM
 
 from grape import __version__
 from grape.keys import Keys
+from grape.redis_client import connect_async
 from grape.settings import DEFAULT_REDIS_URL, Settings, get_settings
-from service.errors import ApiError
+from service.auth import ApiKeyMiddleware
+from service.errors import ApiError, Busy
 from service.routes import datasets, health
+from service.routes import metrics as metrics_routes
+from service.routes import status as status_page
+from service.routes import summary as summary_routes
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -21,7 +27,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.redis = Redis.from_url(settings.redis_url or DEFAULT_REDIS_URL)
+        app.state.redis = connect_async(settings.redis_url or DEFAULT_REDIS_URL)
         try:
             yield
         finally:
@@ -38,8 +44,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message, **exc.extra}, status_code=exc.status)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Busy) else None
+        return JSONResponse({"detail": exc.message, **exc.extra}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RedisOOM)
+    async def redis_full(_: Request, exc: RedisOOM) -> JSONResponse:
+        # maxmemory + noeviction: Redis refuses writes instead of dropping data; nothing was half-written
+        detail = "the queue store is full (Redis maxmemory); retry later, or add workers / memory"
+        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "30"})
+
+    @app.exception_handler(RedisConnectionError)
+    async def redis_down(_: Request, exc: RedisConnectionError) -> JSONResponse:
+        detail = "the queue store (Redis) is unreachable; retry later"
+        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "5"})
+
+    app.add_middleware(ApiKeyMiddleware, keys=settings.keys_list())
 
     app.include_router(health.router)
     app.include_router(datasets.router)
+    app.include_router(summary_routes.router)
+    app.include_router(metrics_routes.router)
+    app.include_router(status_page.router)
+    app.mount("/static", status_page.static_files(), name="static")
     return app

@@ -16,7 +16,8 @@ from grape.records import DatasetState
 from grape.settings import Settings
 from grape.strategies import STRATEGIES, ScoredItem, SelectParams
 from grape.strategies.grape import candidate_score
-from service.errors import NotFound, Unprocessable
+from service import tasks as task_svc
+from service.errors import Busy, NotFound, Unprocessable
 from service.schemas import (
     CandidatePublic,
     DatasetCreate,
@@ -42,6 +43,7 @@ async def create_dataset(*, redis: Redis, keys: Keys, body: DatasetCreate) -> Da
         "target_model": body.target_model,
         "template": body.template.value,
         "created": f"{now:.3f}",
+        **task_svc.task_meta(body),  # requested score kinds and their models
     }
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hset(keys.dataset(ds), mapping=meta)
@@ -61,7 +63,8 @@ async def live_workers(redis: Redis, keys: Keys, model: str) -> int:
     n = 0
     async for key in redis.scan_iter(match=keys.workers_pattern(), count=500):
         raw = await redis.get(key)
-        if raw and model_key(orjson.loads(raw).get("model", "")) == model_key(model):
+        beat = orjson.loads(raw) if raw else {}
+        if raw and beat.get("task", "logprob") == "logprob" and model_key(beat.get("model", "")) == model_key(model):
             n += 1
     return n
 
@@ -88,6 +91,11 @@ async def dataset_status(*, redis: Redis, keys: Keys, dataset_id: str) -> Datase
         throughput = tokens / elapsed
         remaining = max(cands - scored_c - failed_c, 0)
         eta = remaining / (scored_c / elapsed)
+    tasks = await task_svc.task_progress(
+        redis=redis, keys=keys, dataset_id=dataset_id, meta=meta, items=items, candidates=cands
+    )
+    if state is DatasetState.done and any(t.state is not DatasetState.done for t in tasks.values()):
+        state = DatasetState.scoring  # done only when every requested task is
     return DatasetPublic(
         id=dataset_id,
         name=meta["name"],
@@ -105,6 +113,10 @@ async def dataset_status(*, redis: Redis, keys: Keys, dataset_id: str) -> Datase
         throughput_tokens_per_s=throughput,
         eta_seconds=eta,
         workers=await live_workers(redis, keys, meta["target_model"]),
+        scores=task_svc.dataset_scores(meta),
+        scorer_model=task_svc.task_model(meta, "rating"),
+        embedding_model=task_svc.task_model(meta, "embedding"),
+        tasks=tasks,
     )
 
 
@@ -133,13 +145,34 @@ async def ingest(
         raise Unprocessable(f"no item accepted: {len(rejected)} rejected", rejected=[r.model_dump() for r in rejected])
     script = redis.register_script(INGEST_LUA)
     stream = keys.stream(meta["target_model"])
+    backlog = await redis.xlen(stream)
+    if backlog >= settings.max_queue_chunks:
+        raise Busy(
+            f"queue of {meta['target_model']} holds {backlog} chunks (limit {settings.max_queue_chunks}, "
+            "GRAPE_MAX_QUEUE_CHUNKS): workers are behind; retry later",
+            retry_after=10,
+        )
     accepted: set[str] = set()
     for chunk in chunked(items, settings.chunk_pairs):
         new = await script(
-            keys=[keys.items(dataset_id), keys.order(dataset_id), keys.stats(dataset_id), stream],
+            keys=[
+                keys.items(dataset_id),
+                keys.order(dataset_id),
+                keys.stats(dataset_id),
+                stream,
+                *task_svc.extra_streams(keys, meta),
+            ],
             args=ingest_args(dataset_id, chunk),
         )
         accepted.update(_s(x) for x in new or [])
+    await task_svc.catch_up(
+        redis=redis,
+        keys=keys,
+        settings=settings,
+        dataset_id=dataset_id,
+        before=meta,
+        accepted=[it for it in items if it["id"] in accepted],
+    )
     n_cands = sum(len(it["candidates"]) for it in items if it["id"] in accepted)
     return IngestResult(
         accepted=len(accepted),
@@ -161,6 +194,9 @@ async def get_item(*, redis: Redis, keys: Keys, dataset_id: str, item_id: str) -
     chosen = -1
     if scores:
         chosen = next(iter(STRATEGIES.get("grape")([ScoredItem(item, scores)], SelectParams()))).candidate
+    extras = await task_svc.candidate_extras(
+        redis=redis, keys=keys, dataset_id=dataset_id, item_id=item_id, scores=scores, n=len(item["candidates"])
+    )
     cands = []
     for i, c in enumerate(item["candidates"]):
         sc = scores[i] if scores else {}
@@ -174,6 +210,7 @@ async def get_item(*, redis: Redis, keys: Keys, dataset_id: str, item_id: str) -
                 prompt_tokens=sc.get("prompt_tokens"),
                 mean=candidate_score(sc, "mean") if sc else None,
                 selected=i == chosen,
+                **extras[i],
             )
         )
     state = "scored" if scores else "failed" if error else "queued"
@@ -197,8 +234,11 @@ async def list_failures(*, redis: Redis, keys: Keys, dataset_id: str, limit: int
     return out
 
 
-async def scored_items(redis: Redis, keys: Keys, dataset_id: str) -> AsyncIterator[list[ScoredItem]]:
-    """Pages of scored items in upload order; unscored and failed items are left out."""
+async def scored_items(
+    redis: Redis, keys: Keys, dataset_id: str, needs: tuple[str, ...] = ()
+) -> AsyncIterator[list[ScoredItem]]:
+    """Pages of scored items in upload order; unscored and failed items are left out. `needs`: extra
+    task results (grape.tasks) to attach, where an item has them."""
     start = 0
     while True:
         ids = await redis.lrange(keys.order(dataset_id), start, start + PAGE - 1)
@@ -209,9 +249,14 @@ async def scored_items(redis: Redis, keys: Keys, dataset_id: str) -> AsyncIterat
             pipe.hmget(keys.items(dataset_id), ids)
             pipe.hmget(keys.scores(dataset_id), ids)
             raw_items, raw_scores = await pipe.execute()
+        extra = await task_svc.extra_results(redis, keys, dataset_id, needs, ids)
         page = [
-            ScoredItem(orjson.loads(it), orjson.loads(sc))
-            for it, sc in zip(raw_items, raw_scores, strict=True)
+            ScoredItem(
+                orjson.loads(it),
+                orjson.loads(sc),
+                {n: orjson.loads(x[j]) for n, x in zip(needs, extra, strict=True) if x[j] is not None},
+            )
+            for j, (it, sc) in enumerate(zip(raw_items, raw_scores, strict=True))
             if it is not None and sc is not None
         ]
         if page:
@@ -222,14 +267,15 @@ async def selection_lines(
     *, redis: Redis, keys: Keys, dataset_id: str, strategy: str, params: SelectParams
 ) -> AsyncIterator[bytes]:
     """NDJSON records ready for TRL's SFTTrainer; streams page by page for per-instruction strategies."""
-    await _meta(redis, keys, dataset_id)
+    meta = await _meta(redis, keys, dataset_id)
+    needs = tuple(task_svc.check_strategies(meta, [strategy], dataset_id))
     select = STRATEGIES.get(strategy)
     if getattr(select, "per_item", False):
-        async for page in scored_items(redis, keys, dataset_id):
+        async for page in scored_items(redis, keys, dataset_id, needs):
             yield b"".join(orjson.dumps(p.record()) + b"\n" for p in select(page, params))
         return
     rows: list[ScoredItem] = []
-    async for page in scored_items(redis, keys, dataset_id):
+    async for page in scored_items(redis, keys, dataset_id, needs):
         rows.extend(page)
     for pick in select(rows, params):
         yield orjson.dumps(pick.record()) + b"\n"
@@ -244,5 +290,6 @@ async def delete_dataset(*, redis: Redis, keys: Keys, dataset_id: str) -> None:
         keys.scores(dataset_id),
         keys.failed(dataset_id),
         keys.stats(dataset_id),
+        *(k(dataset_id, t) for t in task_svc.Task for k in (keys.task_results, keys.task_failed, keys.task_stats)),
     )
     await redis.zrem(keys.datasets(), dataset_id)

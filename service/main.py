@@ -17,5 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=settings.port)
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
+    settings = settings.model_copy(update={"host": args.host, "port": args.port})
+    try:
+        settings.check_exposure()
+    except ValueError as exc:
+        p.error(str(exc))
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0

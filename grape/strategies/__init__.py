@@ -7,10 +7,20 @@ from grape.strategies.base import Pick, ScoredItem, SelectParams, Strategy
 
 STRATEGIES: Registry[Strategy] = Registry("strategy")
 STRATEGIES.register("grape", "grape.strategies.grape:select")
+STRATEGIES.register("longest", "grape.strategies.longest:select")
+STRATEGIES.register("deita", "grape.strategies.deita:select")
+STRATEGIES.register("ifd", "grape.strategies.ifd:select")
+STRATEGIES.register("random", "grape.strategies.random:select")
+STRATEGIES.register_family("source", "grape.strategies.source:named")  # source:<name>
 
 
 def get_strategy(name: str) -> Strategy:
     return STRATEGIES.get(name)
 
 
-__all__ = ["STRATEGIES", "Pick", "ScoredItem", "SelectParams", "Strategy", "get_strategy"]
+def strategy_needs(name: str) -> tuple[str, ...]:
+    """The extra tasks (grape.tasks) whose results a strategy reads, beyond the logprob scores."""
+    return tuple(getattr(get_strategy(name), "needs", ()))
+
+
+__all__ = ["STRATEGIES", "Pick", "ScoredItem", "SelectParams", "Strategy", "get_strategy", "strategy_needs"]

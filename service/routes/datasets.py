@@ -7,10 +7,12 @@ from fastapi.responses import StreamingResponse
 
 from grape.strategies import STRATEGIES, SelectParams
 from service import datasets as svc
+from service import tasks as task_svc
 from service.deps import KeysDep, RedisDep, SettingsDep
-from service.errors import Unprocessable
+from service.errors import TooLarge, Unprocessable
 from service.ingest import parse_upload
 from service.schemas import (
+    ComparisonPublic,
     DatasetCreate,
     DatasetList,
     DatasetPublic,
@@ -18,9 +20,27 @@ from service.schemas import (
     IngestResult,
     ItemPublic,
     ItemsIn,
+    ScoresQueued,
+    ScoresRequest,
 )
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (before it is all in memory)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"body is {declared} bytes, limit {limit} (GRAPE_MAX_BODY_BYTES); split the upload")
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise TooLarge(f"body is over {limit} bytes (GRAPE_MAX_BODY_BYTES); split the upload")
+        parts.append(part)
+    return b"".join(parts)
+
 
 _UPLOAD_DOC = {
     "requestBody": {
@@ -64,7 +84,7 @@ async def delete_dataset(dataset_id: str, redis: RedisDep, keys: KeysDep) -> Res
 async def upload_items(
     dataset_id: str, request: Request, redis: RedisDep, keys: KeysDep, settings: SettingsDep
 ) -> IngestResult:
-    body = await request.body()
+    body = await read_body(request, settings.max_body_bytes)
     items, rejected = parse_upload(body, request.headers.get("content-type", ""), settings)
     return await svc.ingest(
         redis=redis, keys=keys, settings=settings, dataset_id=dataset_id, items=items, rejected=rejected
@@ -95,19 +115,56 @@ async def selection(
     strategy: str = "grape",
     k: Annotated[int, Query(ge=1, le=1000)] = 1,
     reduce: Literal["mean", "sum"] = "mean",
+    n: Annotated[int | None, Query(ge=0, description="Budget of pool-wide strategies (pairs).")] = None,
+    tau: Annotated[float, Query(ge=-1, le=1, description="deita: cosine similarity threshold.")] = 0.9,
+    seed: int = 0,
 ) -> StreamingResponse:
     if strategy not in STRATEGIES:
         try:
             STRATEGIES.get(strategy)
         except KeyError as exc:
             raise Unprocessable(f"strategy: {exc}") from None
+    await task_svc.check_selection(redis=redis, keys=keys, dataset_id=dataset_id, strategy=strategy)
     ds = await svc.dataset_status(redis=redis, keys=keys, dataset_id=dataset_id)
     lines = svc.selection_lines(
         redis=redis,
         keys=keys,
         dataset_id=dataset_id,
         strategy=strategy,
-        params=SelectParams(k=k, reduce=reduce),
+        params=SelectParams(k=k, reduce=reduce, n=n, tau=tau, seed=seed),
     )
     headers = {"X-Grape-Dataset-State": ds.state.value, "X-Grape-Scored-Items": str(ds.scored_items)}
     return StreamingResponse(lines, media_type="application/x-ndjson", headers=headers)
+
+
+@router.post("/{dataset_id}/scores", response_model=ScoresQueued, status_code=status.HTTP_202_ACCEPTED)
+async def request_scores(
+    dataset_id: str, body: ScoresRequest, redis: RedisDep, keys: KeysDep, settings: SettingsDep
+) -> ScoresQueued:
+    """Ask for more score kinds; the items already stored are queued for the tasks that are new."""
+    queued = await task_svc.request_scores(redis=redis, keys=keys, settings=settings, dataset_id=dataset_id, body=body)
+    dataset = await svc.dataset_status(redis=redis, keys=keys, dataset_id=dataset_id)
+    return ScoresQueued(queued_tasks=queued, dataset=dataset)
+
+
+@router.get("/{dataset_id}/compare", response_model=ComparisonPublic)
+async def compare(
+    dataset_id: str,
+    redis: RedisDep,
+    keys: KeysDep,
+    strategies: Annotated[str, Query(description="Comma-separated, e.g. grape,longest,deita,ifd,random")],
+    k: Annotated[int, Query(ge=1, le=1000)] = 1,
+    reduce: Literal["mean", "sum"] = "mean",
+    n: Annotated[int | None, Query(ge=0, description="Budget of pool-wide strategies (pairs).")] = None,
+    tau: Annotated[float, Query(ge=-1, le=1, description="deita: cosine similarity threshold.")] = 0.9,
+    seed: int = 0,
+) -> ComparisonPublic:
+    """Per strategy on the scored pool: pairs selected, mean response length, share of each source, and
+    the pairwise overlap (pairs selected by both)."""
+    return await task_svc.compare(
+        redis=redis,
+        keys=keys,
+        dataset_id=dataset_id,
+        strategies=[s.strip() for s in strategies.split(",") if s.strip()],
+        params=SelectParams(k=k, reduce=reduce, n=n, tau=tau, seed=seed),
+    )

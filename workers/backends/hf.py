@@ -61,6 +61,29 @@ class HFBackend:
                 out[i] = lp
         return out  # type: ignore[return-value]
 
+    @torch.inference_mode()
+    def next_token_logprobs(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]:
+        """log p(t | prompt) for each t in `token_ids`, at the position after each prompt (the rating task:
+        one forward per prompt, the vocabulary projection at its last row only)."""
+        out: list[list[float] | None] = [None] * len(prompts)
+        wanted = torch.tensor(token_ids, device=self.device)
+        for batch in budget_batches(prompts, len, self.config.batch_tokens):
+            width = max(len(prompts[i]) for i in batch)
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for b, i in enumerate(batch):
+                ids[b, : len(prompts[i])] = torch.tensor(prompts[i])
+                mask[b, : len(prompts[i])] = 1
+            hidden = self.model.base_model(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+            ).last_hidden_state
+            last = hidden[torch.arange(len(batch)), torch.tensor([len(prompts[i]) - 1 for i in batch])]
+            logits = self.model.get_output_embeddings()(last).float()
+            logprobs = (logits[:, wanted] - torch.logsumexp(logits, dim=-1, keepdim=True)).cpu().tolist()
+            for i, lp in zip(batch, logprobs, strict=True):
+                out[i] = lp
+        return out  # type: ignore[return-value]
+
     def _score_batch(self, reqs: list[ScoreRequest]) -> list[list[float]]:
         width = max(r.length for r in reqs)
         ids = torch.full((len(reqs), width), self.pad_id, dtype=torch.long)

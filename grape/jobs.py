@@ -1,0 +1,341 @@
+"""Fine-tuning jobs: the record the gateway creates and trainers run, its states, and the Redis protocol.
+
+A job lives in one hash (`Keys.job`), its log records in a stream (`Keys.job_log`). The gateway creates
+it and pushes its id on the queue (`Keys.job_queue`, LPUSH). A trainer takes the oldest id with BLMOVE
+into its own claimed list (`Keys.job_claimed`) and starts it with `START_LUA`; the id stays in the
+claimed list until the trainer finishes it (`FINISH_LUA`). A trainer publishes a heartbeat with a TTL
+(`Keys.trainer`); when it is gone, any trainer (and the gateway, when the job is read) reaps the jobs of
+the dead trainer with `REAP_LUA`: a running job is failed with the reason, or queued again to resume from
+its last checkpoint when the job asked for it (`auto_resume`, at most `max_attempts` runs). Every state
+change is one script, so two processes never both move a job.
+
+Cancel sets a flag (`Keys.job_cancel`) that the trainer's callback reads after every optimizer step: it
+saves a checkpoint and stops. The same flag with the value `requeue` is how a trainer shutting down
+(SIGTERM) hands its job back: checkpoint, then queued again with `resume`.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from pathlib import PurePosixPath
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+CANCEL = "cancel"
+REQUEUE = "requeue"
+LOG_MAXLEN = 10_000
+
+
+class JobState(StrEnum):
+    """Where a training job is. Terminal states never change again, except by an explicit resume."""
+
+    queued = "queued"  # waiting for a trainer (new, handed back by a trainer shutting down, or resumed)
+    running = "running"  # a live trainer holds it: materializing the selection, loading, training, saving
+    succeeded = "succeeded"  # trained to the end; the final model (or LoRA adapter) is in `model_path`
+    failed = "failed"  # an error, or its trainer died (see `error`); resumable from its last checkpoint
+    cancelled = "cancelled"  # stopped on request; a running job saved a checkpoint of its last step first
+
+
+TERMINAL = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled})
+
+RESERVED_HYPERPARAMETERS = frozenset(
+    {"output_dir", "resume_from_checkpoint", "push_to_hub", "hub_token", "hub_model_id", "logging_dir"}
+)
+"""SFTConfig fields the job sets itself (`output_dir` is a job field; resume is a job action)."""
+
+
+class LoraSpec(BaseModel):
+    """A LoRA adapter (peft `LoraConfig`) instead of full fine-tuning."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1, le=4096, description="Rank of the update matrices.")
+    alpha: int = Field(32, ge=1, description="Scale numerator (peft `lora_alpha`); the update is scaled by alpha/r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input (peft `lora_dropout`).")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description='Module names to adapt (e.g. ["q_proj", "v_proj"]), or "all-linear".'
+    )
+
+
+class Hyperparameters(BaseModel):
+    """TRL `SFTConfig` fields. The common ones are typed here; any other `SFTConfig` field may be given
+    too (passed through; a name `SFTConfig` does not have fails the job, naming it). Unset: TRL's default."""
+
+    model_config = ConfigDict(extra="allow")
+
+    learning_rate: float | None = Field(
+        None, gt=0, description="Peak learning rate; default 2e-5 (TRL's) for full fine-tuning, 1e-4 with LoRA."
+    )
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the selected set (when max_steps is -1).")
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1: num_train_epochs decides.")
+    per_device_train_batch_size: int = Field(8, ge=1, description="Sequences per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_length: int | None = Field(
+        1024, ge=8, description="Tokens per sequence (longer ones are truncated); with packing, the block length."
+    )
+    packing: bool = Field(False, description="Pack several sequences into each max_length block (TRL BFD packing).")
+    assistant_only_loss: bool = Field(
+        True,
+        description="Loss on the assistant turn only (the selected response). False trains on prompt tokens too.",
+    )
+    lr_scheduler_type: str = Field("linear", description="transformers scheduler name: linear, cosine, constant...")
+    warmup_steps: float = Field(0, ge=0, description="Warm-up steps; a value below 1 is a fraction of the run.")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    seed: int = Field(42)
+    logging_steps: float = Field(1, gt=0, description="Loss / learning rate reported every N steps.")
+    save_steps: float = Field(500, gt=0, description="Checkpoint every N steps (a value below 1: a fraction).")
+    save_total_limit: int | None = Field(None, ge=1, description="Checkpoints kept; older ones are deleted.")
+    bf16: bool | None = Field(None, description="bf16 mixed precision; default TRL's (on unless fp16).")
+    gradient_checkpointing: bool | None = Field(None, description="Recompute activations; default TRL's (on).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype the base model is loaded in."
+    )
+    chat_template_path: str | None = Field(
+        None,
+        description="A Jinja chat template (file on the trainers) with {% generation %} markers, for models "
+        "whose template grape cannot make training-compatible itself.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Hyperparameters:
+        reserved = sorted(RESERVED_HYPERPARAMETERS & set(self.model_extra or {}))
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)}: set by the job itself, not a hyperparameter")
+        if self.max_steps == 0:
+            raise ValueError("max_steps: 0 steps trains nothing; give -1 (epochs decide) or a positive number")
+        return self
+
+
+class JobRequest(BaseModel):
+    """What a client asks: which selection, which model, how to train it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str = Field(min_length=1, max_length=200, description="A dataset whose scoring is done.")
+    strategy: str = Field("grape", min_length=1, max_length=200, description="Selection strategy (see /selection).")
+    k: int = Field(1, ge=1, le=1000, description="Responses kept per instruction.")
+    reduce: Literal["mean", "sum"] = Field("mean", description="grape: rank by mean or summed log-probability.")
+    n: int | None = Field(None, ge=0, description="Budget (pairs) of pool-wide strategies.")
+    tau: float = Field(0.9, ge=-1, le=1, description="deita: cosine similarity threshold.")
+    seed: int = Field(0, description="random: the seed of the selection.")
+    base_model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=500,
+        description="Model to fine-tune: `smollm2-135m`, a local path or a hub id; default the dataset's target "
+        "model (GRAPE selects what fits that model).",
+    )
+    output_dir: str | None = Field(
+        None,
+        max_length=500,
+        description="Directory under the trainers' GRAPE_TRAIN_DIR (relative); default: the job id.",
+    )
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    lora: LoraSpec | None = Field(None, description="Train a LoRA adapter; null: full fine-tuning.")
+    auto_resume: bool = Field(
+        False, description="If the trainer running the job dies, queue it again to resume from its last checkpoint."
+    )
+    max_attempts: int = Field(3, ge=1, le=100, description="Runs in all with auto_resume; then the job fails.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _relative(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        p = PurePosixPath(v)
+        if not v.strip() or p.is_absolute() or ".." in p.parts or "\\" in v:
+            raise ValueError("a relative directory under GRAPE_TRAIN_DIR, without '..'")
+        return v
+
+
+class JobSpec(JobRequest):
+    """A job as stored and run: the request with the gateway's defaults filled in."""
+
+    base_model: str
+    template: str = Field("auto", description="The dataset's prompt template (auto, chat, plain).")
+
+
+# ---- the record ------------------------------------------------------------------------------------------
+
+_FLOATS = ("created", "started", "finished", "epoch", "loss", "learning_rate", "grad_norm", "eta_seconds")
+_FLOATS += ("progress_at", "cancel_requested", "steps_per_second")
+_INTS = ("step", "max_steps", "tokens_seen", "attempts", "train_records", "max_attempts")
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def decode_job(raw: dict[Any, Any]) -> dict[str, Any]:
+    """A job hash as typed values: numbers as numbers, `spec` and `checkpoints` parsed, empty fields None."""
+    h = {_s(k): _s(v) for k, v in raw.items()}
+    out: dict[str, Any] = {}
+    for k, v in h.items():
+        if v == "":
+            out[k] = None
+        elif k in _FLOATS:
+            out[k] = float(v)
+        elif k in _INTS:
+            out[k] = int(float(v))
+        elif k in ("spec", "checkpoints"):
+            out[k] = orjson.loads(v)
+        else:
+            out[k] = v
+    out.setdefault("checkpoints", [])
+    return out
+
+
+def log_fields(msg: str, level: str = "info", **data: Any) -> dict[str, str]:
+    """One log record, as stream fields."""
+    fields = {"t": f"{time.time():.3f}", "level": level, "msg": msg}
+    if data:
+        fields["data"] = orjson.dumps(data).decode()
+    return fields
+
+
+def decode_log(entry_id: Any, fields: dict[Any, Any]) -> dict[str, Any]:
+    f = {_s(k): _s(v) for k, v in fields.items()}
+    rec: dict[str, Any] = {"id": _s(entry_id), "t": float(f.get("t", 0)), "level": f.get("level", "info")}
+    rec["msg"] = f.get("msg", "")
+    if "data" in f:
+        rec["data"] = orjson.loads(f["data"])
+    return rec
+
+
+# ---- the scripts -----------------------------------------------------------------------------------------
+# Each takes the keys it touches; `now` is passed in (scripts stay deterministic for replication).
+
+ENQUEUE_LUA = """
+-- KEYS: job, jobs zset, queue, log   ARGV: id, now, max queued, then field/value pairs of the new hash
+if redis.call('LLEN', KEYS[3]) >= tonumber(ARGV[3]) then return 0 end
+local fields = {}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('LPUSH', KEYS[3], ARGV[1])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 't', ARGV[2], 'level', 'info', 'msg', 'queued')
+return 1
+"""
+
+START_LUA = """
+-- KEYS: claimed list, job, log   ARGV: id, trainer, now
+-- the job was just moved from the queue to this trainer's claimed list; run it only if still queued
+local st = redis.call('HGET', KEYS[2], 'state')
+if st ~= 'queued' then
+  redis.call('LREM', KEYS[1], 0, ARGV[1])
+  return false
+end
+local attempts = redis.call('HINCRBY', KEYS[2], 'attempts', 1)
+redis.call('HSET', KEYS[2], 'state', 'running', 'trainer', ARGV[2], 'started', ARGV[3], 'progress_at', ARGV[3])
+redis.call('HDEL', KEYS[2], 'error', 'finished', 'eta_seconds')
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 't', ARGV[3], 'level', 'info',
+  'msg', 'started on trainer ' .. ARGV[2] .. ' (attempt ' .. attempts .. ')')
+return redis.call('HGET', KEYS[2], 'spec')
+"""
+
+FINISH_LUA = """
+-- KEYS: claimed list, job, log, cancel flag, queue   ARGV: id, trainer, state, now, error, message, level
+-- only the trainer holding a running job may end it; state 'queued' hands it back to resume elsewhere
+local st = redis.call('HGET', KEYS[2], 'state')
+redis.call('LREM', KEYS[1], 0, ARGV[1])
+if st ~= 'running' or redis.call('HGET', KEYS[2], 'trainer') ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[4])
+redis.call('HDEL', KEYS[2], 'cancel_requested')
+if ARGV[3] == 'queued' then
+  redis.call('HSET', KEYS[2], 'state', 'queued', 'resume', '1', 'trainer', '')
+  redis.call('RPUSH', KEYS[5], ARGV[1])
+else
+  redis.call('HSET', KEYS[2], 'state', ARGV[3], 'finished', ARGV[4], 'eta_seconds', '')
+  if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'error', ARGV[5]) end
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 't', ARGV[4], 'level', ARGV[7], 'msg', ARGV[6])
+return 1
+"""
+
+REAP_LUA = """
+-- KEYS: trainer heartbeat, its claimed list, job, log, queue, cancel flag   ARGV: id, trainer, now, reason
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'alive' end
+local st = redis.call('HGET', KEYS[3], 'state')
+redis.call('LREM', KEYS[2], 0, ARGV[1])
+if not st then return 'gone' end
+if st == 'queued' then
+  -- taken from the queue by the dead trainer but never started: back to the head of the queue
+  if not redis.call('LPOS', KEYS[5], ARGV[1]) then redis.call('RPUSH', KEYS[5], ARGV[1]) end
+  return 'requeued'
+end
+if st ~= 'running' or redis.call('HGET', KEYS[3], 'trainer') ~= ARGV[2] then return 'skip' end
+local attempts = tonumber(redis.call('HGET', KEYS[3], 'attempts') or '0')
+local max = tonumber(redis.call('HGET', KEYS[3], 'max_attempts') or '1')
+redis.call('DEL', KEYS[6])
+redis.call('HDEL', KEYS[3], 'cancel_requested')
+if redis.call('HGET', KEYS[3], 'auto_resume') == '1' and attempts < max then
+  redis.call('HSET', KEYS[3], 'state', 'queued', 'resume', '1', 'trainer', '')
+  redis.call('RPUSH', KEYS[5], ARGV[1])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 't', ARGV[3], 'level', 'warning',
+    'msg', ARGV[4] .. '; queued again to resume from its last checkpoint (attempt ' .. attempts .. ' of ' .. max .. ')')
+  return 'resumed'
+end
+redis.call('HSET', KEYS[3], 'state', 'failed', 'error', ARGV[4], 'finished', ARGV[3], 'eta_seconds', '')
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 't', ARGV[3], 'level', 'error', 'msg', ARGV[4])
+return 'failed'
+"""
+
+CANCEL_LUA = """
+-- KEYS: job, queue, cancel flag, log   ARGV: id, now
+local st = redis.call('HGET', KEYS[1], 'state')
+if not st then return 'missing' end
+if st == 'queued' then
+  redis.call('LREM', KEYS[2], 0, ARGV[1])
+  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished', ARGV[2])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 't', ARGV[2], 'level', 'info',
+    'msg', 'cancelled while queued')
+  return 'cancelled'
+end
+if st == 'running' then
+  redis.call('SET', KEYS[3], 'cancel')
+  redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[2])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 't', ARGV[2], 'level', 'info',
+    'msg', 'cancel requested: stopping after the current step, with a checkpoint')
+  return 'cancelling'
+end
+return st
+"""
+
+RESUME_LUA = """
+-- KEYS: job, queue, cancel flag, log   ARGV: id, now
+local st = redis.call('HGET', KEYS[1], 'state')
+if not st then return 'missing' end
+if st ~= 'failed' and st ~= 'cancelled' then return st end
+redis.call('DEL', KEYS[3])
+redis.call('HSET', KEYS[1], 'state', 'queued', 'resume', '1', 'trainer', '', 'attempts', '0')
+redis.call('HDEL', KEYS[1], 'error', 'finished', 'cancel_requested')
+redis.call('LPUSH', KEYS[2], ARGV[1])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 't', ARGV[2], 'level', 'info',
+  'msg', 'queued again to resume from its last checkpoint')
+return 'queued'
+"""
+
+
+def new_job_fields(job_id: str, spec: JobSpec, now: float) -> dict[str, str]:
+    """The fields of a new job hash."""
+    return {
+        "id": job_id,
+        "state": JobState.queued.value,
+        "spec": spec.model_dump_json(),
+        "dataset_id": spec.dataset_id,
+        "base_model": spec.base_model,
+        "created": f"{now:.3f}",
+        "attempts": "0",
+        "auto_resume": "1" if spec.auto_resume else "0",
+        "max_attempts": str(spec.max_attempts if spec.auto_resume else 1),
+        "checkpoints": "[]",
+    }
+
+
+def dead_trainer_reason(trainer: str, step: Any) -> str:
+    at = f" at step {step}" if step not in (None, "", b"") else ""
+    return f"trainer {trainer} stopped sending heartbeats{at} (process died or lost Redis)"

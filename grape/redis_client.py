@@ -1,0 +1,33 @@
+"""Redis clients for every process, with the same retry policy: a Redis restart or a dropped
+connection is retried with backoff for about half a minute instead of failing the request or the worker."""
+
+from __future__ import annotations
+
+import redis
+import redis.asyncio
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+_RETRY_ON = [RedisConnectionError, RedisTimeoutError, ConnectionResetError]
+
+
+def _retry_kwargs(asynchronous: bool) -> dict:
+    if asynchronous:
+        from redis.asyncio.retry import Retry
+    else:
+        from redis.retry import Retry
+    return {
+        "retry": Retry(ExponentialBackoff(cap=5.0, base=0.1), retries=10),
+        "retry_on_error": _RETRY_ON,
+        "health_check_interval": 15,
+        "socket_keepalive": True,
+    }
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, **_retry_kwargs(False))
+
+
+def connect_async(url: str) -> redis.asyncio.Redis:
+    return redis.asyncio.Redis.from_url(url, **_retry_kwargs(True))

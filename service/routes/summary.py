@@ -1,0 +1,21 @@
+"""GET /v1/datasets/{id}/summary: wins per source and score histograms, for the status page."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter
+
+from service import summary as svc
+from service.deps import KeysDep, RedisDep
+from service.schemas import DatasetSummary
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+@router.get("/{dataset_id}/summary", response_model=DatasetSummary)
+async def dataset_summary(
+    dataset_id: str, redis: RedisDep, keys: KeysDep, reduce: Literal["mean", "sum"] = "mean"
+) -> DatasetSummary:
+    """How often GRAPE (k=1) selects each source, and histograms of all and of the selected scores."""
+    return await svc.dataset_summary(redis=redis, keys=keys, dataset_id=dataset_id, reduce=reduce)

@@ -1,0 +1,337 @@
+// The grape-select status page: polls the gateway's JSON API and draws what it says. No build step.
+//
+// GET /healthz                      version and Redis reachability
+// GET /v1/datasets                  every dataset with its counters (progress, throughput, ETA, workers)
+// GET /v1/datasets/{id}/summary     wins per source and score histograms of the selected dataset
+// GET /v1/training-jobs             training jobs, when the gateway has that API (404: the section stays hidden)
+//
+// When the gateway has API keys, /v1 answers 401 until a key is given: the page asks for one and keeps
+// it in this browser's localStorage, sending it as `Authorization: Bearer <key>`.
+"use strict";
+
+(() => {
+  const KEY_STORE = "grape-api-key";
+  const POLL_MS = 2000;
+  const JOBS_MS = 5000;
+  const JOBS_RETRY_MS = 30000;
+  const ACCENT = "#6f42c1";
+  const GREY = "rgba(106, 115, 125, 0.35)";
+
+  const state = {
+    selected: decodeURIComponent(location.hash.slice(1)) || null,
+    summaryKey: null,
+    selectedJob: null,
+    jobsNextPoll: 0,
+    charts: {},
+  };
+
+  class Unauthorized extends Error {}
+
+  const $ = (id) => document.getElementById(id);
+
+  function el(tag, attrs = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs)) {
+      if (k === "class") node.className = v;
+      else if (k === "dataset") Object.assign(node.dataset, v);
+      else node.setAttribute(k, v);
+    }
+    for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    return node;
+  }
+
+  async function api(path) {
+    const headers = { Accept: "application/json" };
+    const key = localStorage.getItem(KEY_STORE);
+    if (key) headers.Authorization = `Bearer ${key}`;
+    const r = await fetch(path, { headers, cache: "no-store" });
+    if (r.status === 401) throw new Unauthorized(path);
+    if (r.status === 404) return null;
+    if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
+    return r.json();
+  }
+
+  // formatting ------------------------------------------------------------------------------------
+  const int = (n) => (n == null ? "–" : Math.round(n).toLocaleString("en-US"));
+  const pct = (a, b) => (b ? `${((100 * a) / b).toFixed(1)}%` : "–");
+  function duration(s) {
+    if (s == null || !isFinite(s)) return "–";
+    s = Math.round(s);
+    if (s < 60) return `${s}s`;
+    const m = Math.floor(s / 60);
+    if (m < 60) return `${m}m ${String(s % 60).padStart(2, "0")}s`;
+    return `${Math.floor(m / 60)}h ${String(m % 60).padStart(2, "0")}m`;
+  }
+
+  function progressBar(done, total, unit) {
+    const bar = el("progress", { max: String(Math.max(total, 1)), value: String(Math.min(done, total)) });
+    return el("div", { class: "bar" }, bar, el("span", {}, `${int(done)} / ${int(total)} ${unit} (${pct(done, total)})`));
+  }
+
+  // charts ------------------------------------------------------------------------------------------
+  function chart(id, config) {
+    const existing = state.charts[id];
+    if (existing) {
+      existing.data = config.data;
+      existing.options = config.options;
+      existing.update("none");
+      return existing;
+    }
+    state.charts[id] = new Chart($(id), config);
+    return state.charts[id];
+  }
+
+  const baseOptions = () => ({
+    animation: false,
+    responsive: true,
+    maintainAspectRatio: false,
+    plugins: { legend: { display: false } },
+  });
+
+  // key form ----------------------------------------------------------------------------------------
+  function askForKey(message) {
+    $("key-message").textContent = message;
+    $("key-form").hidden = false;
+  }
+
+  function setupKeyForm() {
+    $("key-button").addEventListener("click", () => {
+      $("key-form").hidden = !$("key-form").hidden;
+    });
+    $("key-form").addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const key = $("key-input").value.trim();
+      if (key) localStorage.setItem(KEY_STORE, key);
+      $("key-input").value = "";
+      $("key-form").hidden = true;
+      state.summaryKey = null;
+      state.jobsNextPoll = 0;
+      tick();
+    });
+    $("key-forget").addEventListener("click", () => {
+      localStorage.removeItem(KEY_STORE);
+      askForKey("Key forgotten. Enter one to see this gateway's datasets.");
+    });
+  }
+
+  // datasets ----------------------------------------------------------------------------------------
+  function pickSelected(datasets) {
+    if (state.selected && datasets.some((d) => d.id === state.selected)) return state.selected;
+    const scoring = datasets.filter((d) => d.state === "scoring");
+    const pool = scoring.length ? scoring : datasets;
+    return pool.length ? pool[pool.length - 1].id : null;
+  }
+
+  function renderDatasets(datasets) {
+    const tbody = $("datasets").querySelector("tbody");
+    const rows = datasets.map((d) => {
+      const done = d.scored_candidates + d.failed_candidates;
+      const row = el(
+        "tr",
+        { dataset: { dataset: d.id, done: String(done), total: String(d.candidates) } },
+        el("td", {}, d.name, el("span", { class: "id" }, d.id)),
+        el("td", {}, d.target_model),
+        el("td", {}, el("span", { class: `state ${d.state}` }, d.state)),
+        el("td", {}, progressBar(done, d.candidates, "pairs")),
+        el("td", { class: "num", title: `${int(d.failed_items)} items` }, int(d.failed_candidates)),
+        el("td", { class: "num" }, int(d.tokens_scored)),
+        el("td", { class: "num" }, d.throughput_tokens_per_s == null ? "–" : int(d.throughput_tokens_per_s)),
+        el("td", { class: "num" }, d.state === "done" ? "done" : duration(d.eta_seconds)),
+        el("td", { class: "num" }, int(d.workers)),
+      );
+      if (d.id === state.selected) row.classList.add("selected");
+      row.addEventListener("click", () => {
+        state.selected = d.id;
+        location.hash = encodeURIComponent(d.id);
+        state.summaryKey = null;
+        tick();
+      });
+      return row;
+    });
+    tbody.replaceChildren(...rows);
+    $("datasets-empty").hidden = datasets.length > 0;
+    $("datasets").hidden = datasets.length === 0;
+  }
+
+  async function refreshSummary(ds) {
+    if (!ds || ds.scored_items === 0) {
+      $("detail").hidden = !ds;
+      if (ds) {
+        $("detail-title").textContent = `${ds.name} (${ds.id})`;
+        $("detail-note").textContent = "Nothing scored yet: the charts appear with the first scores.";
+      }
+      return;
+    }
+    const key = `${ds.id}:${ds.scored_items}:${ds.failed_items}`;
+    if (key === state.summaryKey) return;
+    const s = await api(`/v1/datasets/${encodeURIComponent(ds.id)}/summary`);
+    if (!s) return;
+    state.summaryKey = key;
+    $("detail").hidden = false;
+    $("detail-title").textContent = `${ds.name} (${ds.id})`;
+    const wins = s.sources.reduce((a, x) => a + x.wins, 0);
+    $("detail-note").textContent =
+      `${int(s.scored_items)} scored instructions, ${int(wins)} selected responses` +
+      (ds.state === "done" ? "." : " so far (updates as scoring goes on).");
+
+    const winsCanvas = $("wins-chart");
+    chart("wins-chart", {
+      type: "bar",
+      data: {
+        labels: s.sources.map((x) => `${x.source} (${pct(x.wins, wins)})`),
+        datasets: [{ label: "wins", data: s.sources.map((x) => x.wins), backgroundColor: ACCENT }],
+      },
+      options: { ...baseOptions(), indexAxis: "y", scales: { x: { beginAtZero: true, ticks: { precision: 0 } } } },
+    });
+    winsCanvas.dataset.sources = String(s.sources.length);
+    winsCanvas.dataset.wins = String(wins);
+
+    const h = s.histogram;
+    const centers = h.all.map((_, i) => ((h.edges[i] + h.edges[i + 1]) / 2).toFixed(2));
+    $("score-kind").textContent = s.reduce === "sum" ? "sum of log-probs" : "mean log-prob per response token";
+    chart("hist-chart", {
+      type: "bar",
+      data: {
+        labels: centers,
+        datasets: [
+          { label: "selected", data: h.selected, backgroundColor: ACCENT },
+          { label: "all candidates", data: h.all, backgroundColor: GREY },
+        ],
+      },
+      options: {
+        ...baseOptions(),
+        plugins: { legend: { display: true, position: "bottom" } },
+        datasets: { bar: { grouped: false, categoryPercentage: 1.0, barPercentage: 0.95 } },
+        scales: { y: { beginAtZero: true, ticks: { precision: 0 } } },
+      },
+    });
+
+    const tbody = $("sources").querySelector("tbody");
+    tbody.replaceChildren(
+      ...s.sources.map((x) =>
+        el(
+          "tr",
+          {},
+          el("td", {}, x.source),
+          el("td", { class: "num" }, int(x.wins)),
+          el("td", { class: "num" }, pct(x.wins, x.items)),
+          el("td", { class: "num" }, int(x.candidates)),
+          el("td", { class: "num" }, x.mean_score.toFixed(3)),
+        ),
+      ),
+    );
+  }
+
+  // training jobs -------------------------------------------------------------------------------------
+  function jobList(r) {
+    if (Array.isArray(r)) return r;
+    return r.jobs || r.training_jobs || r.items || [];
+  }
+
+  function lossPoints(job) {
+    const hist = job.losses || job.loss_history || job.history || job.log || [];
+    if (!Array.isArray(hist)) return [];
+    return hist
+      .map((p, i) => (typeof p === "number" ? { x: i + 1, y: p } : { x: p.step ?? i + 1, y: p.loss }))
+      .filter((p) => typeof p.y === "number" && isFinite(p.y));
+  }
+
+  async function refreshJobs() {
+    if (Date.now() < state.jobsNextPoll) return;
+    const r = await api("/v1/training-jobs");
+    if (!r) {
+      $("jobs-section").hidden = true;
+      state.jobsNextPoll = Date.now() + JOBS_RETRY_MS;
+      return;
+    }
+    state.jobsNextPoll = Date.now() + JOBS_MS;
+    const jobs = jobList(r);
+    $("jobs-section").hidden = false;
+    const tbody = $("jobs").querySelector("tbody");
+    const id = (j) => j.id || j.job_id || j.name || "?";
+    tbody.replaceChildren(
+      ...jobs.map((j) => {
+        const points = lossPoints(j);
+        const loss = j.loss ?? (points.length ? points[points.length - 1].y : null);
+        const st = j.state || j.status || "?";
+        const row = el(
+          "tr",
+          { dataset: { job: id(j) } },
+          el("td", {}, id(j), j.dataset_id ? el("span", { class: "id" }, j.dataset_id) : ""),
+          el("td", {}, el("span", { class: `state ${st}` }, st)),
+          el("td", {}, j.max_steps ? progressBar(j.step || 0, j.max_steps, "steps") : `step ${int(j.step)}`),
+          el("td", { class: "num" }, loss == null ? "–" : Number(loss).toFixed(4)),
+        );
+        row.addEventListener("click", () => {
+          state.selectedJob = id(j);
+          state.jobsNextPoll = 0;
+          tick();
+        });
+        return row;
+      }),
+    );
+    const withCurve = jobs.filter((j) => lossPoints(j).length > 1);
+    const job = withCurve.find((j) => id(j) === state.selectedJob) || withCurve[withCurve.length - 1];
+    $("loss-figure").hidden = !job;
+    if (job) {
+      $("loss-title").textContent = id(job);
+      chart("loss-chart", {
+        type: "line",
+        data: { datasets: [{ label: "loss", data: lossPoints(job), borderColor: ACCENT, pointRadius: 0 }] },
+        options: {
+          ...baseOptions(),
+          scales: { x: { type: "linear", title: { display: true, text: "step" } }, y: { title: { display: true, text: "loss" } } },
+        },
+      });
+    }
+  }
+
+  // the loop ------------------------------------------------------------------------------------------
+  async function refreshHealth() {
+    const h = $("health");
+    try {
+      const r = await fetch("/healthz", { cache: "no-store" });
+      const body = await r.json();
+      h.textContent = `v${body.version} · Redis ${body.redis ? "reachable" : "unreachable"}`;
+      h.className = body.redis ? "ok" : "bad";
+    } catch (e) {
+      h.textContent = "gateway unreachable";
+      h.className = "bad";
+    }
+  }
+
+  let running = false;
+  async function tick() {
+    if (running) return;
+    running = true;
+    try {
+      await refreshHealth();
+      const r = await api("/v1/datasets");
+      const datasets = (r && r.datasets) || [];
+      state.selected = pickSelected(datasets);
+      renderDatasets(datasets);
+      await refreshSummary(datasets.find((d) => d.id === state.selected));
+      await refreshJobs();
+      $("updated").textContent = `Last update ${new Date().toLocaleTimeString()}.`;
+    } catch (e) {
+      if (e instanceof Unauthorized) {
+        askForKey(
+          localStorage.getItem(KEY_STORE)
+            ? "The stored API key was refused. Enter a valid key."
+            : "This gateway needs an API key. It is kept in this browser only (localStorage).",
+        );
+      } else {
+        $("updated").textContent = `Update failed: ${e.message}`;
+      }
+    } finally {
+      running = false;
+    }
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    if (window.Chart) Chart.defaults.font.family = getComputedStyle(document.body).fontFamily;
+    setupKeyForm();
+    tick();
+    setInterval(tick, POLL_MS);
+  });
+})();
