@@ -18,6 +18,7 @@ from grape.settings import get_settings
 ENTRY_POINTS = {
     "serve": "service.main:main",
     "worker": "workers.main:main",
+    "trainer": "trainer.main:main",
 }
 
 
@@ -124,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     d.set_defaults(func=cmd_demo)
 
-    for name, help_ in (("serve", "run the HTTP gateway"), ("worker", "run a scoring worker")):
+    for name, help_ in (
+        ("serve", "run the HTTP gateway"),
+        ("worker", "run a scoring worker"),
+        ("trainer", "run a fine-tuning job runner (TRL)"),
+    ):
         sp = sub.add_parser(name, help=help_, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
 
@@ -153,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for sp in (s, st, e):
         sp.add_argument("--url", default=_default_url(), help="gateway URL (env GRAPE_URL)")
+
+    from grape.train_cli import add_train_parser
+
+    add_train_parser(sub, default_url=_default_url())
     return p
 
 

@@ -140,6 +140,37 @@ class GrapeClient:
                 if line.strip():
                     yield orjson.loads(line)
 
+    # training jobs ---------------------------------------------------------------------------------
+    def create_training_job(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One attempt, no retry: a lost answer must not start the same training twice."""
+        resp = self.http.post("/v1/training-jobs", json=body)
+        if resp.status_code >= 400:
+            try:
+                detail = resp.json()
+            except ValueError:
+                detail = resp.text
+            raise ApiError(resp.status_code, detail)
+        return resp.json()
+
+    def training_job(self, job_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/training-jobs/{job_id}").json()
+
+    def cancel_training_job(self, job_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/training-jobs/{job_id}/cancel").json()
+
+    def resume_training_job(self, job_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/training-jobs/{job_id}/resume").json()
+
+    def training_logs(self, job_id: str, *, follow: bool = False) -> Iterator[dict[str, Any]]:
+        params = {"follow": "true" if follow else "false"}
+        with self.http.stream("GET", f"/v1/training-jobs/{job_id}/logs", params=params, timeout=None) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                raise ApiError(resp.status_code, resp.json())
+            for line in resp.iter_lines():
+                if line.strip():
+                    yield orjson.loads(line)
+
     def export(self, dataset_id: str, path: str | Path, **params: Any) -> int:
         n = 0
         path = Path(path)

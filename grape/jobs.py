@@ -92,7 +92,7 @@ class Hyperparameters(BaseModel):
     bf16: bool | None = Field(None, description="bf16 mixed precision; default TRL's (on unless fp16).")
     gradient_checkpointing: bool | None = Field(None, description="Recompute activations; default TRL's (on).")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="dtype the base model is loaded in."
+        "float32", description="dtype the weights are loaded in (TRL's default; bf16 comes from mixed precision)."
     )
     chat_template_path: str | None = Field(
         None,

@@ -94,6 +94,10 @@ class Keys:
     def workers_pattern(self) -> str:
         return f"{self.prefix}:worker:*"
 
+    def workers(self) -> str:
+        """zset: worker name -> time of its last heartbeat (so nobody has to SCAN the keyspace)."""
+        return f"{self.prefix}:workers"
+
     # training jobs (grape.jobs) ------------------------------------------------------------------
     def jobs(self) -> str:
         return f"{self.prefix}:jobs"

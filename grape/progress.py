@@ -43,3 +43,37 @@ def watch_scoring(
                 check()
             time.sleep(interval)
             st = client.status(dataset_id)
+
+
+TRAINING_TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def watch_training(
+    client: GrapeClient,
+    job_id: str,
+    *,
+    interval: float = 1.0,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Show a bar over the job's optimizer steps until it succeeds, fails or is cancelled."""
+    st = client.training_job(job_id)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with tqdm(total=st.get("max_steps"), unit="step", desc=st["state"], dynamic_ncols=True) as bar:
+        while True:
+            bar.total = st.get("max_steps")
+            bar.n = st.get("step") or 0
+            bar.set_description(st["state"], refresh=False)
+            loss, lr, eta = st.get("loss"), st.get("learning_rate"), st.get("eta_seconds")
+            bar.set_postfix(
+                loss=f"{loss:.4f}" if loss is not None else "-",
+                lr=f"{lr:.2e}" if lr is not None else "-",
+                eta=f"{eta:.0f}s" if eta is not None else "-",
+                refresh=False,
+            )
+            bar.refresh()
+            if st["state"] in TRAINING_TERMINAL:
+                return st
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"training job {job_id} not finished after {timeout}s: {st['state']}")
+            time.sleep(interval)
+            st = client.training_job(job_id)

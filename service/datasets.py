@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from grape import heartbeats
 from grape.keys import Keys, model_key
 from grape.protocol import INGEST_LUA, chunked, ingest_args
 from grape.records import DatasetState
@@ -60,13 +61,8 @@ async def _meta(redis: Redis, keys: Keys, dataset_id: str) -> dict[str, str]:
 
 
 async def live_workers(redis: Redis, keys: Keys, model: str) -> int:
-    n = 0
-    async for key in redis.scan_iter(match=keys.workers_pattern(), count=500):
-        raw = await redis.get(key)
-        beat = orjson.loads(raw) if raw else {}
-        if raw and beat.get("task", "logprob") == "logprob" and model_key(beat.get("model", "")) == model_key(model):
-            n += 1
-    return n
+    beats = await heartbeats.live(redis, keys)
+    return sum(1 for b in beats if model_key(b.get("model", "")) == model_key(model))
 
 
 async def dataset_status(*, redis: Redis, keys: Keys, dataset_id: str) -> DatasetPublic:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import uvicorn
 
@@ -16,11 +17,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default=settings.host)
     p.add_argument("--port", type=int, default=settings.port)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--workers", type=int, default=1, help="gateway processes (uvicorn workers) on this port")
     args = p.parse_args(argv)
     settings = settings.model_copy(update={"host": args.host, "port": args.port})
     try:
         settings.check_exposure()
     except ValueError as exc:
         p.error(str(exc))
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    if args.workers > 1:
+        # each process builds its own app from the environment (settings are read there again)
+        os.environ["GRAPE_HOST"], os.environ["GRAPE_PORT"] = args.host, str(args.port)
+        uvicorn.run(
+            "service.app:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level=args.log_level,
+        )
+    else:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0

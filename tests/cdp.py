@@ -7,6 +7,7 @@ object followed by a NUL byte. One page is opened and every command goes to its 
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import itertools
 import json
@@ -79,9 +80,7 @@ class Browser:
         self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
         self.call("Page.enable")
         self.call("Runtime.enable")
-        self.call(
-            "Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False
-        )
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
 
     def _read(self) -> None:
         buf = b""
@@ -159,10 +158,8 @@ class Browser:
             self.proc.kill()
             self.proc.wait(timeout=15)
         for f in (self._out, self._in):
-            try:
+            with contextlib.suppress(OSError):
                 f.close()
-            except OSError:
-                pass
         if self._log is not subprocess.DEVNULL:
             self._log.close()
         self._profile.cleanup()

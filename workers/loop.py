@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 import redis
 
+from grape import heartbeats
 from grape.keys import GROUP, Keys
 from grape.protocol import HANDBACK_LUA, RESULTS_LUA, ItemResult, results_args
 from workers import metrics as worker_metrics
@@ -133,7 +134,7 @@ class Worker:
         keeper = threading.Thread(target=self._keep_alive, name="claim-keeper", daemon=True)
         keeper.start()
         idle_since = time.monotonic()
-        self.r.set(self.keys.worker(self.name), orjson.dumps(self.status()), ex=HEARTBEAT_TTL_S)
+        heartbeats.publish(self.r, self.keys, self.name, self.status(), HEARTBEAT_TTL_S)
         log.info("worker %s: consuming %s with %s", self.name, self.stream, self.backend.info())
         try:
             while not self._stop.is_set():
@@ -159,7 +160,7 @@ class Worker:
         finally:
             self._stop.set()
             keeper.join(timeout=5)
-            self.r.delete(self.keys.worker(self.name))
+            heartbeats.remove(self.r, self.keys, self.name)
         log.info("worker %s: stopped after %s", self.name, self.stats)
         return self.stats
 
@@ -334,7 +335,7 @@ class Worker:
                 if inflight:
                     # resets the idle time of our own entries: we are alive, just slow
                     self.r.xclaim(self.stream, GROUP, self.name, min_idle_time=0, message_ids=inflight, justid=True)
-                self.r.set(self.keys.worker(self.name), orjson.dumps(self.status()), ex=HEARTBEAT_TTL_S)
+                heartbeats.publish(self.r, self.keys, self.name, self.status(), HEARTBEAT_TTL_S)
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
 

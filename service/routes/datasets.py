@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from grape.strategies import STRATEGIES, SelectParams
@@ -85,7 +86,8 @@ async def upload_items(
     dataset_id: str, request: Request, redis: RedisDep, keys: KeysDep, settings: SettingsDep
 ) -> IngestResult:
     body = await read_body(request, settings.max_body_bytes)
-    items, rejected = parse_upload(body, request.headers.get("content-type", ""), settings)
+    # parsing and validating thousands of items is CPU work: off the event loop, so status calls stay quick
+    items, rejected = await run_in_threadpool(parse_upload, body, request.headers.get("content-type", ""), settings)
     return await svc.ingest(
         redis=redis, keys=keys, settings=settings, dataset_id=dataset_id, items=items, rejected=rejected
     )

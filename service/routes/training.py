@@ -1,0 +1,67 @@
+"""Fine-tuning jobs: the selected set of a scored dataset, trained by a `grape trainer` process with TRL."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+from fastapi.responses import StreamingResponse
+
+from service import training as svc
+from service.deps import KeysDep, RedisDep, SettingsDep
+from service.training_schemas import TrainingJobCreate, TrainingJobCreated, TrainingJobList, TrainingJobPublic
+
+router = APIRouter(prefix="/v1/training-jobs", tags=["training"])
+
+
+@router.post("", response_model=TrainingJobCreated, status_code=status.HTTP_201_CREATED)
+async def create_training_job(
+    body: TrainingJobCreate, redis: RedisDep, keys: KeysDep, settings: SettingsDep
+) -> TrainingJobCreated:
+    return await svc.create_job(redis=redis, keys=keys, settings=settings, body=body)
+
+
+@router.get("", response_model=TrainingJobList)
+async def list_training_jobs(
+    redis: RedisDep, keys: KeysDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
+) -> TrainingJobList:
+    return TrainingJobList(jobs=await svc.list_jobs(redis=redis, keys=keys, limit=limit))
+
+
+@router.get("/{job_id}", response_model=TrainingJobPublic)
+async def get_training_job(job_id: str, redis: RedisDep, keys: KeysDep) -> TrainingJobPublic:
+    return await svc.get_job(redis=redis, keys=keys, job_id=job_id)
+
+
+@router.get(
+    "/{job_id}/logs",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"application/x-ndjson": {}},
+            "description": 'One record per line: {"id", "t", "level", "msg", "data"?}.',
+        }
+    },
+)
+async def training_job_logs(
+    job_id: str,
+    redis: RedisDep,
+    keys: KeysDep,
+    follow: Annotated[bool, Query(description="Keep streaming new records until the job ends.")] = False,
+    after: Annotated[str, Query(pattern=r"^\d+-\d+$", description="Only records after this record id.")] = "0-0",
+) -> StreamingResponse:
+    await svc.get_job(redis=redis, keys=keys, job_id=job_id)  # 404 before the stream starts
+    lines = svc.log_lines(redis=redis, keys=keys, job_id=job_id, follow=follow, after=after)
+    return StreamingResponse(lines, media_type="application/x-ndjson")
+
+
+@router.post("/{job_id}/cancel", response_model=TrainingJobPublic, status_code=status.HTTP_202_ACCEPTED)
+async def cancel_training_job(job_id: str, redis: RedisDep, keys: KeysDep) -> TrainingJobPublic:
+    """A queued job is cancelled at once; a running one stops after its current step, saving a checkpoint."""
+    return await svc.cancel_job(redis=redis, keys=keys, job_id=job_id)
+
+
+@router.post("/{job_id}/resume", response_model=TrainingJobPublic, status_code=status.HTTP_202_ACCEPTED)
+async def resume_training_job(job_id: str, redis: RedisDep, keys: KeysDep) -> TrainingJobPublic:
+    """Queue a failed or cancelled job again; it resumes from its last checkpoint when one exists."""
+    return await svc.resume_job(redis=redis, keys=keys, job_id=job_id)

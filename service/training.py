@@ -1,0 +1,201 @@
+"""Service functions behind the training-job routes. The gateway queues and reports; trainers train.
+
+A job is refused before it is queued when it could not produce a useful run: unknown dataset (404),
+unknown strategy or scores the strategy needs not requested (422), dataset still scoring (409),
+empty selection (422), too many queued jobs (429).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from grape.jobs import (
+    CANCEL_LUA,
+    ENQUEUE_LUA,
+    REAP_LUA,
+    RESUME_LUA,
+    TERMINAL,
+    JobSpec,
+    JobState,
+    dead_trainer_reason,
+    decode_job,
+    decode_log,
+    new_job_fields,
+)
+from grape.keys import Keys
+from grape.records import DatasetState
+from grape.settings import Settings
+from grape.strategies import SelectParams
+from service import tasks as task_svc
+from service.datasets import _meta, dataset_status, selection_lines
+from service.errors import Busy, Conflict, NotFound, Unprocessable
+from service.training_schemas import TrainingJobCreate, TrainingJobCreated, TrainingJobPublic
+
+
+async def create_job(*, redis: Redis, keys: Keys, settings: Settings, body: TrainingJobCreate) -> TrainingJobCreated:
+    meta = await _meta(redis, keys, body.dataset_id)
+    task_svc.check_strategies(meta, [body.strategy], body.dataset_id)
+    ds = await dataset_status(redis=redis, keys=keys, dataset_id=body.dataset_id)
+    if ds.state is not DatasetState.done:
+        raise Conflict(
+            f"dataset {body.dataset_id} is {ds.state.value} ({ds.scored_items + ds.failed_items} of {ds.items} "
+            "items scored or failed): a job trains on a fully scored dataset; retry when its state is done",
+            dataset_state=ds.state.value,
+            items=ds.items,
+            scored_items=ds.scored_items,
+        )
+    params = SelectParams(k=body.k, reduce=body.reduce, n=body.n, tau=body.tau, seed=body.seed)
+    if not await _selection_nonempty(redis, keys, body.dataset_id, body.strategy, params):
+        raise Unprocessable(
+            f"the selection of dataset {body.dataset_id} with strategy {body.strategy!r} is empty "
+            f"({ds.scored_items} items scored, {ds.failed_items} failed): nothing to train on"
+        )
+    spec = JobSpec(
+        **body.model_dump(exclude={"base_model"}),
+        base_model=body.base_model or meta["target_model"],
+        template=meta.get("template", "auto"),
+    )
+    job_id = f"job-{uuid.uuid4().hex[:12]}"
+    now = time.time()
+    fields = new_job_fields(job_id, spec, now)
+    script = redis.register_script(ENQUEUE_LUA)
+    args: list[Any] = [job_id, f"{now:.3f}", settings.max_queued_jobs]
+    for k, v in fields.items():
+        args += [k, v]
+    ok = await script(keys=[keys.job(job_id), keys.jobs(), keys.job_queue(), keys.job_log(job_id)], args=args)
+    if not ok:
+        raise Busy(
+            f"{settings.max_queued_jobs} training jobs are queued (GRAPE_MAX_QUEUED_JOBS): start trainers or "
+            "retry later",
+            retry_after=60,
+        )
+    return TrainingJobCreated(id=job_id, state=JobState.queued)
+
+
+async def _selection_nonempty(redis: Redis, keys: Keys, dataset_id: str, strategy: str, params: SelectParams) -> bool:
+    lines = selection_lines(redis=redis, keys=keys, dataset_id=dataset_id, strategy=strategy, params=params)
+    try:
+        async for chunk in lines:
+            if chunk:
+                return True
+        return False
+    except ValueError as exc:  # a strategy refusing its parameters
+        raise Unprocessable(f"selection: {exc}") from None
+    finally:
+        await lines.aclose()
+
+
+async def _load(redis: Redis, keys: Keys, job_id: str) -> dict[str, Any]:
+    raw = await redis.hgetall(keys.job(job_id))
+    if not raw:
+        raise NotFound(f"training job {job_id!r} not found")
+    return decode_job(raw)
+
+
+async def reap_if_dead(*, redis: Redis, keys: Keys, job: dict[str, Any]) -> bool:
+    """A running job whose trainer has no heartbeat is failed (or queued to resume) now, not left running."""
+    trainer = job.get("trainer")
+    if job["state"] != JobState.running or not trainer or await redis.exists(keys.trainer(trainer)):
+        return False
+    script = redis.register_script(REAP_LUA)
+    res = await script(
+        keys=[
+            keys.trainer(trainer),
+            keys.job_claimed(trainer),
+            keys.job(job["id"]),
+            keys.job_log(job["id"]),
+            keys.job_queue(),
+            keys.job_cancel(job["id"]),
+        ],
+        args=[job["id"], trainer, f"{time.time():.3f}", dead_trainer_reason(trainer, job.get("step"))],
+    )
+    return res not in (b"alive", "alive")
+
+
+def _public(job: dict[str, Any]) -> TrainingJobPublic:
+    fields = set(TrainingJobPublic.model_fields)
+    return TrainingJobPublic(**{k: v for k, v in job.items() if k in fields and v is not None})
+
+
+async def get_job(*, redis: Redis, keys: Keys, job_id: str) -> TrainingJobPublic:
+    job = await _load(redis, keys, job_id)
+    if await reap_if_dead(redis=redis, keys=keys, job=job):
+        job = await _load(redis, keys, job_id)
+    return _public(job)
+
+
+async def list_jobs(*, redis: Redis, keys: Keys, limit: int) -> list[TrainingJobPublic]:
+    ids = [x.decode() if isinstance(x, bytes) else x for x in await redis.zrevrange(keys.jobs(), 0, limit - 1)]
+    out = []
+    for job_id in ids:
+        try:
+            out.append(await get_job(redis=redis, keys=keys, job_id=job_id))
+        except NotFound:
+            continue
+    return out
+
+
+async def cancel_job(*, redis: Redis, keys: Keys, job_id: str) -> TrainingJobPublic:
+    script = redis.register_script(CANCEL_LUA)
+    res = await script(
+        keys=[keys.job(job_id), keys.job_queue(), keys.job_cancel(job_id), keys.job_log(job_id)],
+        args=[job_id, f"{time.time():.3f}"],
+    )
+    res = res.decode() if isinstance(res, bytes) else res
+    if res == "missing":
+        raise NotFound(f"training job {job_id!r} not found")
+    if res not in ("cancelled", "cancelling"):
+        raise Conflict(f"training job {job_id} is already {res}; only queued or running jobs can be cancelled")
+    return await get_job(redis=redis, keys=keys, job_id=job_id)
+
+
+async def resume_job(*, redis: Redis, keys: Keys, job_id: str) -> TrainingJobPublic:
+    script = redis.register_script(RESUME_LUA)
+    res = await script(
+        keys=[keys.job(job_id), keys.job_queue(), keys.job_cancel(job_id), keys.job_log(job_id)],
+        args=[job_id, f"{time.time():.3f}"],
+    )
+    res = res.decode() if isinstance(res, bytes) else res
+    if res == "missing":
+        raise NotFound(f"training job {job_id!r} not found")
+    if res != "queued":
+        raise Conflict(f"training job {job_id} is {res}; only failed or cancelled jobs can be resumed")
+    return await get_job(redis=redis, keys=keys, job_id=job_id)
+
+
+async def log_lines(
+    *, redis: Redis, keys: Keys, job_id: str, follow: bool, after: str = "0-0", poll_ms: int = 1000
+) -> AsyncIterator[bytes]:
+    """The job's log records as NDJSON, oldest first; with `follow`, then new ones as they come, until
+    the job reaches a terminal state (a job whose trainer died is reaped on the way)."""
+    await _load(redis, keys, job_id)
+    log = keys.job_log(job_id)
+    last = after
+    while True:
+        rows = await redis.xrange(log, min=f"({last}" if last != "0-0" else "-", max="+", count=500)
+        for entry_id, fields in rows:
+            rec = decode_log(entry_id, fields)
+            last = rec["id"]
+            yield orjson.dumps(rec) + b"\n"
+        if len(rows) == 500:
+            continue
+        if not follow:
+            return
+        job = await _load(redis, keys, job_id)
+        if JobState(job["state"]) in TERMINAL:
+            tail = await redis.xrange(log, min=f"({last}", max="+")
+            for entry_id, fields in tail:
+                yield orjson.dumps(decode_log(entry_id, fields)) + b"\n"
+            return
+        if await reap_if_dead(redis=redis, keys=keys, job=job):
+            continue
+        got = await redis.xread({log: last}, block=poll_ms, count=500)
+        if not got:
+            await asyncio.sleep(0)

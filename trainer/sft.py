@@ -1,0 +1,249 @@
+"""One job's training run: the materialized selected set into TRL's `SFTTrainer`.
+
+Runs in the trainer process (launcher `inline`) or as its own process, `python -m trainer.sft` or
+`accelerate launch ... -m trainer.sft` (launchers `process`, `accelerate`); the loop (trainer.loop) owns
+the job's state either way, this module only trains and reports progress through the callback.
+
+The data is conversational (`messages`) with the loss on the assistant turns only (`assistant_only_loss`
+and a chat template with `{% generation %}` markers, see trainer.chat_templates). A dataset scored with the
+plain GRAPE template (or a base model without a chat template) trains on the same rendering it was scored
+with: prompt `Question: ...\\nAnswer:` and completion ` response<eos>`, with the loss on the completion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from grape.formatting import plain_prompt, resolve_template
+from grape.jobs import JobSpec
+from grape.records import Template
+
+log = logging.getLogger(__name__)
+
+OUTCOME_FILE = "grape_outcome.json"
+"""Written by rank 0 of a training process for the trainer loop: {"stop", "model_path", "steps"}."""
+
+
+@dataclass
+class TrainContext:
+    job_id: str
+    spec: JobSpec
+    data_path: Path
+    output_dir: Path
+    resume: bool = False
+    """Resume from the last checkpoint in output_dir, when there is one."""
+    trainer_name: str = ""
+
+
+@dataclass
+class Outcome:
+    stop: str
+    """trainer.callbacks.Stop value: none (trained to the end), cancel, requeue, lost."""
+    model_path: str | None = None
+    steps: int = 0
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    with open(path, "rb") as f:
+        return [orjson.loads(line) for line in f if line.strip()]
+
+
+def to_rows(records: list[dict[str, Any]], template: Template) -> list[dict[str, Any]]:
+    """Selected records -> TRL dataset rows: `messages` (chat) or `prompt`/`completion` (plain)."""
+    if template is Template.chat:
+        return [{"messages": r["messages"]} for r in records]
+    return [
+        {"prompt": plain_prompt(r["messages"][:-1]), "completion": " " + r["messages"][-1]["content"]} for r in records
+    ]
+
+
+def sft_config_kwargs(spec: JobSpec, output_dir: str | Path, *, cuda: bool) -> dict[str, Any]:
+    """SFTConfig arguments of a job: its hyperparameters, the job's own settings, TRL's defaults elsewhere."""
+    hp = spec.hyperparameters
+    kw: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "learning_rate": hp.learning_rate or (1e-4 if spec.lora else 2e-5),
+        "num_train_epochs": hp.num_train_epochs,
+        "max_steps": hp.max_steps,
+        "per_device_train_batch_size": hp.per_device_train_batch_size,
+        "gradient_accumulation_steps": hp.gradient_accumulation_steps,
+        "max_length": hp.max_length,
+        "packing": hp.packing,
+        "lr_scheduler_type": hp.lr_scheduler_type,
+        "warmup_steps": hp.warmup_steps,
+        "weight_decay": hp.weight_decay,
+        "max_grad_norm": hp.max_grad_norm,
+        "seed": hp.seed,
+        "logging_steps": hp.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": hp.save_steps,
+        "save_total_limit": hp.save_total_limit,
+        "model_init_kwargs": {"dtype": hp.dtype},
+        "include_num_input_tokens_seen": "non_padding",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "bf16": hp.bf16 if hp.bf16 is not None else (None if cuda else False),
+    }
+    if hp.gradient_checkpointing is not None:
+        kw["gradient_checkpointing"] = hp.gradient_checkpointing
+    extra = dict(hp.model_extra or {})
+    from trl import SFTConfig
+
+    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        import trl
+
+        raise ValueError(
+            f"hyperparameters.{unknown[0]}: not a field of TRL's SFTConfig (trl {trl.__version__}); "
+            "see https://huggingface.co/docs/trl/sft_trainer"
+        )
+    kw.update(extra)
+    return kw
+
+
+def build_trainer(ctx: TrainContext, callbacks: list[Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """The SFTTrainer of a job, and facts about it (template used, records, format)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from grape.models import resolve_model
+    from trainer.chat_templates import has_generation_markers, training_chat_template
+
+    spec = ctx.spec
+    hp = spec.hyperparameters
+    model_path = resolve_model(spec.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    original_template = tokenizer.chat_template
+    if hp.chat_template_path:
+        tokenizer.chat_template = Path(hp.chat_template_path).read_text(encoding="utf-8")
+    template = resolve_template(tokenizer, spec.template)
+    records = load_records(ctx.data_path)
+    if not records:
+        raise ValueError(f"the selected set {ctx.data_path} is empty: nothing to train on")
+    kw = sft_config_kwargs(spec, ctx.output_dir, cuda=torch.cuda.is_available())
+    if template is Template.chat:
+        kw["assistant_only_loss"] = hp.assistant_only_loss
+        if hp.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
+            tokenizer.chat_template = training_chat_template(tokenizer)
+    else:
+        kw["assistant_only_loss"] = False
+        kw["completion_only_loss"] = hp.assistant_only_loss
+    args = SFTConfig(**kw)
+    peft_config = None
+    if spec.lora is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=spec.lora.r,
+            lora_alpha=spec.lora.alpha,
+            lora_dropout=spec.lora.dropout,
+            target_modules=spec.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+    trainer = SFTTrainer(
+        model=model_path,
+        args=args,
+        train_dataset=Dataset.from_list(to_rows(records, template)),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    info = {
+        "model_path": model_path,
+        "template": template.value,
+        "records": len(records),
+        "original_chat_template": original_template,
+        "lora": spec.lora is not None,
+    }
+    return trainer, info
+
+
+def train(ctx: TrainContext, client: Any, keys: Any) -> Outcome:
+    """Train the job; progress goes to Redis through the callback. Raises on errors (the loop fails the job)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from grape.jobs import LOG_MAXLEN, log_fields
+    from trainer.callbacks import JobProgressCallback, Stop
+
+    callback = JobProgressCallback(client, keys, ctx.job_id, ctx.trainer_name)
+    trainer, info = build_trainer(ctx, callbacks=[callback])
+    main = trainer.is_world_process_zero()
+    resume_from = None
+    if ctx.resume and ctx.output_dir.exists():
+        resume_from = get_last_checkpoint(str(ctx.output_dir))
+    if main:
+        kind = "LoRA adapter" if info["lora"] else "full fine-tuning"
+        client.xadd(
+            keys.job_log(ctx.job_id),
+            log_fields(
+                f"model {ctx.spec.base_model} loaded ({kind}); {info['records']} records, {info['template']} "
+                "template" + (f"; resuming from {resume_from}" if resume_from else ""),
+                model_path=info["model_path"],
+            ),
+            maxlen=LOG_MAXLEN,
+        )
+    trainer.train(resume_from_checkpoint=resume_from)
+    steps = trainer.state.global_step
+    if callback.stop is not Stop.none:
+        return Outcome(stop=callback.stop.value, steps=steps)
+    # the saved tokenizer keeps the model's own template (the markers matter for training only)
+    trainer.processing_class.chat_template = info["original_chat_template"]
+    trainer.save_model(str(ctx.output_dir))
+    return Outcome(stop=Stop.none.value, model_path=str(ctx.output_dir), steps=steps)
+
+
+# ---- as its own process ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer.sft", description="Train one job (started by grape trainer).")
+    p.add_argument("--job", required=True)
+    p.add_argument("--trainer", required=True, help="name of the trainer that holds the job")
+    p.add_argument("--data", required=True, help="the materialized selected set (NDJSON)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--resume", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from grape.keys import Keys
+    from grape.redis_client import connect
+    from grape.settings import DEFAULT_REDIS_URL, get_settings
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    client = connect(settings.redis_url or DEFAULT_REDIS_URL)
+    keys = Keys(settings.key_prefix)
+    raw = client.hget(keys.job(args.job), "spec")
+    if raw is None:
+        print(f"training job {args.job} not found", file=sys.stderr)
+        return 2
+    ctx = TrainContext(
+        job_id=args.job,
+        spec=JobSpec.model_validate_json(raw),
+        data_path=Path(args.data),
+        output_dir=Path(args.output_dir),
+        resume=args.resume,
+        trainer_name=args.trainer,
+    )
+    outcome = train(ctx, client, keys)
+    if int(os.environ.get("RANK", "0")) == 0:
+        (ctx.output_dir / OUTCOME_FILE).write_bytes(orjson.dumps(dataclasses.asdict(outcome)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
