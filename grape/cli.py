@@ -30,7 +30,11 @@ def _default_url() -> str:
 def _client(args: argparse.Namespace):  # noqa: ANN202
     from grape.client import GrapeClient
 
-    return GrapeClient(args.url, api_key=os.environ.get("GRAPE_API_KEY"))
+    def waiting(status: int, seconds: float) -> None:
+        reason = "queue full" if status == 429 else f"gateway answered {status}"
+        print(f"{reason}; retrying in {seconds:.0f} s", file=sys.stderr)
+
+    return GrapeClient(args.url, api_key=os.environ.get("GRAPE_API_KEY"), on_wait=waiting)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -149,7 +149,7 @@ class JobProgressCallback(TrainerCallback):
         fields = {k: logs[k] for k in ("loss", "learning_rate", "grad_norm") if isinstance(logs.get(k), int | float)}
         if fields:
             self._hset(**{k: float(v) for k, v in fields.items()})
-        numbers = {k: v for k, v in logs.items() if isinstance(v, int | float)}
+        numbers = {k: v for k, v in logs.items() if isinstance(v, int | float) and k != "step"}
         text = ", ".join(f"{k} {v:.4g}" for k, v in fields.items())
         msg = f"step {state.global_step}: {text}" if text else f"step {state.global_step}"
         self._log(msg, step=state.global_step, **numbers)
