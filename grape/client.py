@@ -80,9 +80,30 @@ class GrapeClient:
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/healthz").json()
 
-    def create_dataset(self, name: str, target_model: str, template: str = "auto") -> dict[str, Any]:
-        body = {"name": name, "target_model": target_model, "template": template}
+    def create_dataset(
+        self,
+        name: str,
+        target_model: str,
+        template: str = "auto",
+        *,
+        scores: list[str] | None = None,
+        scorer_model: str | None = None,
+        embedding_model: str | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "target_model": target_model, "template": template}
+        extra = {"scores": scores, "scorer_model": scorer_model, "embedding_model": embedding_model}
+        body.update({k: v for k, v in extra.items() if v is not None})
         return self._request("POST", "/v1/datasets", json=body).json()
+
+    def request_scores(self, dataset_id: str, scores: list[str], **models: str | None) -> dict[str, Any]:
+        """Ask for more score kinds (rating, embedding, unconditioned...); stored items are queued for them."""
+        body = {"scores": scores, **{k: v for k, v in models.items() if v is not None}}
+        return self._request("POST", f"/v1/datasets/{dataset_id}/scores", json=body).json()
+
+    def compare(self, dataset_id: str, strategies: list[str], **params: Any) -> dict[str, Any]:
+        """Strategies side by side on the scored pool (GET /v1/datasets/{id}/compare)."""
+        query = {"strategies": ",".join(strategies), **{k: v for k, v in params.items() if v is not None}}
+        return self._request("GET", f"/v1/datasets/{dataset_id}/compare", params=query).json()
 
     def upload(self, dataset_id: str, items: list[dict[str, Any]]) -> dict[str, Any]:
         body = b"".join(orjson.dumps(it) + b"\n" for it in items)
@@ -132,6 +153,7 @@ class GrapeClient:
         return self._request("GET", f"/v1/datasets/{dataset_id}/items/{item_id}").json()
 
     def selection(self, dataset_id: str, **params: Any) -> Iterator[dict[str, Any]]:
+        params = {k: v for k, v in params.items() if v is not None}
         with self.http.stream("GET", f"/v1/datasets/{dataset_id}/selection", params=params) as resp:
             if resp.status_code >= 400:
                 resp.read()

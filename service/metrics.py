@@ -24,6 +24,7 @@ the work.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ from service.datasets import list_datasets
 from service.schemas import DatasetPublic
 
 PRIMARY_TASK = "logprob"
+SCRAPE_TIMEOUT_S = 5.0
+"""A scrape answers within this (grape_up 0) even while the Redis client retries a lost connection."""
 
 
 @dataclass
@@ -66,26 +69,30 @@ def _queue_of(suffix: str) -> tuple[str, str]:
 
 async def snapshot(*, redis: Redis, keys: Keys) -> Snapshot:
     try:
-        snap = Snapshot(datasets=await list_datasets(redis=redis, keys=keys))
-        queue_prefix, dead_prefix = f"{keys.prefix}:q:", f"{keys.prefix}:dead:"
-        async for raw in redis.scan_iter(match=f"{queue_prefix}*", count=500, _type="stream"):
-            key = _s(raw)
-            try:
-                pending = int((await redis.xpending(key, GROUP))["pending"])
-            except ResponseError:  # no consumer group yet: no worker has read this stream
-                pending = 0
-            snap.queues[_queue_of(key[len(queue_prefix) :])] = (int(await redis.xlen(key)), pending)
-        async for raw in redis.scan_iter(match=f"{dead_prefix}*", count=500, _type="stream"):
-            key = _s(raw)
-            snap.dead[_queue_of(key[len(dead_prefix) :])] = int(await redis.xlen(key))
-        async for raw in redis.scan_iter(match=keys.workers_pattern(), count=500):
-            beat = await redis.get(raw)
-            if beat:
-                info = orjson.loads(beat)
-                snap.workers[(model_key(str(info.get("model", ""))), str(info.get("task", PRIMARY_TASK)))] += 1
-        return snap
-    except RedisError:
+        return await asyncio.wait_for(_read(redis, keys), timeout=SCRAPE_TIMEOUT_S)
+    except (RedisError, TimeoutError):
         return Snapshot(redis_up=False)
+
+
+async def _read(redis: Redis, keys: Keys) -> Snapshot:
+    snap = Snapshot(datasets=await list_datasets(redis=redis, keys=keys))
+    queue_prefix, dead_prefix = f"{keys.prefix}:q:", f"{keys.prefix}:dead:"
+    async for raw in redis.scan_iter(match=f"{queue_prefix}*", count=500, _type="stream"):
+        key = _s(raw)
+        try:
+            pending = int((await redis.xpending(key, GROUP))["pending"])
+        except ResponseError:  # no consumer group yet: no worker has read this stream
+            pending = 0
+        snap.queues[_queue_of(key[len(queue_prefix) :])] = (int(await redis.xlen(key)), pending)
+    async for raw in redis.scan_iter(match=f"{dead_prefix}*", count=500, _type="stream"):
+        key = _s(raw)
+        snap.dead[_queue_of(key[len(dead_prefix) :])] = int(await redis.xlen(key))
+    async for raw in redis.scan_iter(match=keys.workers_pattern(), count=500):
+        beat = await redis.get(raw)
+        if beat:
+            info = orjson.loads(beat)
+            snap.workers[(model_key(str(info.get("model", ""))), str(info.get("task", PRIMARY_TASK)))] += 1
+    return snap
 
 
 def families(snap: Snapshot) -> Iterator[Metric]:

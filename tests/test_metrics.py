@@ -8,6 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from grape.protocol import chunked
 from grape.settings import Settings
+from service import metrics as service_metrics
 from service.app import create_app
 from tests.conftest import MODEL, create, load_pool, wait_done
 from workers import metrics as worker_metrics
@@ -97,7 +98,9 @@ def test_metrics_are_open_when_the_api_needs_keys(redis_url, keys) -> None:
         assert r.text.rstrip().endswith("# EOF")
 
 
-def test_gateway_reports_redis_down_instead_of_failing() -> None:
+def test_gateway_reports_redis_down_instead_of_failing(monkeypatch) -> None:
+    """A scrape answers quickly with grape_up 0 while the Redis client is still retrying."""
+    monkeypatch.setattr(service_metrics, "SCRAPE_TIMEOUT_S", 1.0)
     settings = Settings(redis_url="redis://127.0.0.1:1/0", key_prefix="grape-test-down")
     with TestClient(create_app(settings)) as api:
         parsed = scrape(api)

@@ -63,3 +63,44 @@ def test_backend_per_token_logprobs_match_a_plain_forward(hf_backend) -> None:
         want = [logp[p + j - 1, t].item() for j, t in enumerate(req.response_ids)]
         assert len(lps) == len(want)
         assert max(abs(a - b) for a, b in zip(lps, want, strict=True)) < 1e-3
+
+
+def test_shared_prefix_path_equals_the_padded_path(hf_backend) -> None:
+    """Prefix computed once per instruction (KV cache gathered per candidate) vs a plain padded forward:
+    same scores to 1e-3 per candidate, over instructions of different prompt lengths in one batch."""
+    from dataclasses import replace
+
+    from grape.formatting import prompt_ids, response_ids
+    from grape.records import Template
+    from workers.backends.base import ScoreRequest
+    from workers.backends.hf import HFBackend
+
+    tok = hf_backend.tokenizer
+    items = load_pool(3, start=90, max_chars=250, candidates=3)
+    items.append(
+        {
+            "messages": [
+                {"role": "user", "content": items[0]["instruction"]},
+                {"role": "assistant", "content": items[0]["candidates"][0]["response"]},
+                {"role": "user", "content": "Say that again, shorter."},
+            ],
+            "candidates": items[1]["candidates"],
+        }
+    )
+    reqs = [
+        ScoreRequest(prompt_ids(tok, it, Template.chat), response_ids(tok, c["response"], Template.chat))
+        for it in items
+        for c in it["candidates"]
+    ]
+    assert len({tuple(r.prompt_ids) for r in reqs}) == 4
+    shared = hf_backend.score(reqs)
+    assert hf_backend.info()["path"].startswith("shared-prefix")
+    padded_backend = object.__new__(HFBackend)
+    padded_backend.__dict__.update(hf_backend.__dict__)
+    padded_backend.share_prefix = False
+    padded_backend.config = replace(hf_backend.config, batch_tokens=100_000)
+    padded = padded_backend.score(reqs)
+    for a, b in zip(shared, padded, strict=True):
+        assert len(a) == len(b)
+        assert abs(sum(a) - sum(b)) < 1e-3
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-3

@@ -93,12 +93,14 @@ def sft_config_kwargs(spec: JobSpec, output_dir: str | Path, *, cuda: bool) -> d
         "disable_tqdm": True,
         "bf16": hp.bf16 if hp.bf16 is not None else (None if cuda else False),
     }
-    if hp.gradient_checkpointing is not None:
-        kw["gradient_checkpointing"] = hp.gradient_checkpointing
-    extra = dict(hp.model_extra or {})
     from trl import SFTConfig
 
     known = {f.name for f in dataclasses.fields(SFTConfig)}
+    if hp.gradient_checkpointing is not None:
+        # transformers 5.2x renamed it; the old name still works, with a warning
+        name = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
+        kw[name] = hp.gradient_checkpointing
+    extra = dict(hp.model_extra or {})
     unknown = sorted(set(extra) - known)
     if unknown:
         import trl
