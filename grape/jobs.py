@@ -293,7 +293,7 @@ if st == 'queued' then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished', ARGV[2])
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 't', ARGV[2], 'level', 'info',
     'msg', 'cancelled while queued')
-  return 'cancelled'
+  return 'cancelled-now'
 end
 if st == 'running' then
   redis.call('SET', KEYS[3], 'cancel')

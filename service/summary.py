@@ -37,10 +37,13 @@ class _Entry:
 _cache: OrderedDict[tuple[str, str, str], _Entry] = OrderedDict()
 
 
-def histogram(all_scores: list[float], selected: list[float], bins: int = BINS) -> ScoreHistogram:
-    """Equal-width bins over the range of all scores; both series share the edges."""
+def histogram(all_scores: list[float], selected: list[float], bins: int | None = None) -> ScoreHistogram:
+    """Equal-width bins over the range of all scores (more bins for more scores, at most BINS); both
+    series share the edges."""
     if not all_scores:
         return ScoreHistogram(edges=[], all=[], selected=[])
+    if bins is None:
+        bins = min(BINS, max(8, 2 * math.ceil(math.sqrt(len(all_scores)))))
     lo, hi = min(all_scores), max(all_scores)
     if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5

@@ -151,7 +151,7 @@ async def cancel_job(*, redis: Redis, keys: Keys, job_id: str) -> TrainingJobPub
     res = res.decode() if isinstance(res, bytes) else res
     if res == "missing":
         raise NotFound(f"training job {job_id!r} not found")
-    if res not in ("cancelled", "cancelling"):
+    if res not in ("cancelled-now", "cancelling"):
         raise Conflict(f"training job {job_id} is already {res}; only queued or running jobs can be cancelled")
     return await get_job(redis=redis, keys=keys, job_id=job_id)
 

@@ -222,10 +222,12 @@ def test_cancel_stops_within_a_step_with_a_checkpoint(api, worker_factory, train
         assert time.monotonic() < deadline
         time.sleep(0.1)
         st = api.get(f"/v1/training-jobs/{job_id}").json()
+    t_running = time.monotonic()
     r = api.post(f"/v1/training-jobs/{job_id}/cancel")
     assert r.status_code == 202 and r.json()["cancel_requested"]
     at_cancel = r.json()["step"]
     st = wait_job(api, job_id, ("cancelled", "failed", "succeeded"))
+    print(f"\ncancel at step {at_cancel}: cancelled at step {st['step']} after {time.monotonic() - t_running:.1f}s")
     assert st["state"] == "cancelled", st.get("error")
     assert at_cancel <= st["step"] <= at_cancel + 2
     assert st["max_steps"] == 200 and st["model_path"] is None

@@ -58,6 +58,8 @@ def test_fallback_path_asks_only_the_actual_tokens():
     kw = sampling_kwargs(PATH_PROMPT_LOGPROBS, 5, [7, 8, 9])
     assert kw["prompt_logprobs"] == 0 and kw["max_tokens"] == 1 and kw["detokenize"] is False
     assert "prompt_logprob_token_ids" not in kw and "prompt_logprob_start" not in kw
+    assert "flat_logprobs" not in kw
+    assert sampling_kwargs(PATH_PROMPT_LOGPROBS, 5, [7, 8, 9], flat=True)["flat_logprobs"] is True
 
 
 @pytest.mark.parametrize(
@@ -69,26 +71,49 @@ def test_requests_that_cannot_be_scored_are_refused(path, prompt_len, response):
         sampling_kwargs(path, prompt_len, response)
 
 
+class FakeFlatLogprobs:
+    """vLLM's FlatLogprobs layout: per position a [start, end) range into flat lists."""
+
+    def __init__(self, per_position: list[dict[int, float] | None]) -> None:
+        self.start_indices, self.end_indices, self.token_ids, self.logprobs = [], [], [], []
+        for entry in per_position:
+            self.start_indices.append(len(self.logprobs))
+            for token, lp in (entry or {}).items():
+                self.token_ids.append(token)
+                self.logprobs.append(lp)
+            self.end_indices.append(len(self.logprobs))
+
+    def __len__(self) -> int:
+        return len(self.start_indices)
+
+
 def test_extract_both_paths():
     prompt_len, response = 3, [10, 11]
-    lp = SimpleNamespace
-    fallback = SimpleNamespace(
-        prompt_logprobs=[None, {5: lp(logprob=-9.0)}, {6: lp(logprob=-8.0)},
-                         {10: lp(logprob=-0.5)}, {11: lp(logprob=-0.25)}],
+    per_position = [None, {5: -9.0}, {6: -8.0}, {10: -0.5}, {11: -0.25}]
+    as_dicts = SimpleNamespace(
+        prompt_logprobs=[
+            None if e is None else {t: SimpleNamespace(logprob=v) for t, v in e.items()} for e in per_position
+        ]
     )
-    assert extract_logprobs(PATH_PROMPT_LOGPROBS, fallback, prompt_len, response) == [-0.5, -0.25]
+    assert extract_logprobs(PATH_PROMPT_LOGPROBS, as_dicts, prompt_len, response) == [-0.5, -0.25]
+    as_flat = SimpleNamespace(prompt_logprobs=FakeFlatLogprobs(per_position))
+    assert extract_logprobs(PATH_PROMPT_LOGPROBS, as_flat, prompt_len, response) == [-0.5, -0.25]
     fast = SimpleNamespace(prompt_token_id_logprobs=[[-0.5], [-0.25]])
     assert extract_logprobs(PATH_TOKEN_IDS, fast, prompt_len, response) == [-0.5, -0.25]
-    with pytest.raises(RuntimeError):  # a missing row is an error, never a made-up number
+    # a missing row or token is an error, never a made-up number
+    with pytest.raises(RuntimeError):
         extract_logprobs(PATH_TOKEN_IDS, SimpleNamespace(prompt_token_id_logprobs=None), prompt_len, response)
+    with pytest.raises(RuntimeError):
+        extract_logprobs(PATH_PROMPT_LOGPROBS, as_flat, prompt_len, [10, 12])
 
 
 def test_installed_vllm_accepts_both_request_shapes():
     require_vllm()
     from workers.backends.vllm import build_sampling_params, supports_token_id_fields
 
-    slow = build_sampling_params(PATH_PROMPT_LOGPROBS, 5, [7, 8, 9])
+    slow = build_sampling_params(PATH_PROMPT_LOGPROBS, 5, [7, 8, 9], flat=True)
     assert slow.prompt_logprobs == 0 and slow.max_tokens == 1 and slow.detokenize is False
+    assert slow.flat_logprobs is True
     if supports_token_id_fields():
         fast = build_sampling_params(PATH_TOKEN_IDS, 5, [7, 8, 9])
         assert fast.prompt_logprob_start == 4 and fast.prompt_logprobs is None
@@ -180,15 +205,33 @@ def test_grape_picks_match_hf(pool_pairs, both_scores):
         rows, k = [], 0
         for item in items:
             n = len(item["candidates"])
-            rows.append(ScoredItem(item, [
-                {"logprob_sum": sum(s), "tokens": len(s), "prompt_tokens": len(r.prompt_ids)}
-                for s, r in zip(scores[k : k + n], requests[k : k + n], strict=True)
-            ]))
+            rows.append(
+                ScoredItem(
+                    item,
+                    [
+                        {"logprob_sum": sum(s), "tokens": len(s), "prompt_tokens": len(r.prompt_ids)}
+                        for s, r in zip(scores[k : k + n], requests[k : k + n], strict=True)
+                    ],
+                )
+            )
             k += n
         return [(p.item["id"], p.candidate) for p in select(rows, SelectParams())]
 
     got, want = both_scores
     assert picks(got) == picks(want)
+
+
+def test_flat_and_dict_prompt_logprobs_agree(vllm_backend, pool_pairs):
+    _, requests = pool_pairs
+    flat = vllm_backend.flat
+    try:
+        vllm_backend.flat = False
+        as_dicts = vllm_backend.score(requests[:2])
+        vllm_backend.flat = True
+        as_flat = vllm_backend.score(requests[:2])
+    finally:
+        vllm_backend.flat = flat
+    assert as_dicts == as_flat
 
 
 def test_empty_response_and_too_long_pair(vllm_backend, pool_pairs):

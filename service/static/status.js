@@ -40,15 +40,15 @@
     return node;
   }
 
-  async function api(path) {
-    const headers = { Accept: "application/json" };
+  async function api(path, { text = false } = {}) {
+    const headers = { Accept: text ? "application/x-ndjson" : "application/json" };
     const key = localStorage.getItem(KEY_STORE);
     if (key) headers.Authorization = `Bearer ${key}`;
     const r = await fetch(path, { headers, cache: "no-store" });
     if (r.status === 401) throw new Unauthorized(path);
     if (r.status === 404) return null;
     if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
-    return r.json();
+    return text ? r.text() : r.json();
   }
 
   // formatting ------------------------------------------------------------------------------------
@@ -223,17 +223,44 @@
   }
 
   // training jobs -------------------------------------------------------------------------------------
+  // The loss curve comes from the job's log records (GET /v1/training-jobs/{id}/logs, NDJSON), whose
+  // `data` carries `step` and `loss` at each logging step; they are read incrementally (`after`).
+  const lossLogs = {};
+
   function jobList(r) {
     if (Array.isArray(r)) return r;
     return r.jobs || r.training_jobs || r.items || [];
   }
 
-  function lossPoints(job) {
-    const hist = job.losses || job.loss_history || job.history || job.log || [];
-    if (!Array.isArray(hist)) return [];
-    return hist
-      .map((p, i) => (typeof p === "number" ? { x: i + 1, y: p } : { x: p.step ?? i + 1, y: p.loss }))
-      .filter((p) => typeof p.y === "number" && isFinite(p.y));
+  const jobId = (j) => j.id || j.job_id || j.name || "?";
+
+  async function lossPoints(job) {
+    const inline = job.losses || job.loss_history || job.history;
+    if (Array.isArray(inline)) {
+      return inline
+        .map((p, i) => (typeof p === "number" ? { x: i + 1, y: p } : { x: p.step ?? i + 1, y: p.loss }))
+        .filter((p) => typeof p.y === "number" && isFinite(p.y));
+    }
+    const id = jobId(job);
+    const cache = lossLogs[id] || (lossLogs[id] = { after: "0-0", points: [] });
+    const body = await api(`/v1/training-jobs/${encodeURIComponent(id)}/logs?after=${cache.after}`, { text: true });
+    for (const line of (body || "").split("\n")) {
+      if (!line.trim()) continue;
+      const rec = JSON.parse(line);
+      if (rec.id) cache.after = rec.id;
+      const d = rec.data || {};
+      if (typeof d.loss === "number" && isFinite(d.loss)) cache.points.push({ x: d.step ?? cache.points.length + 1, y: d.loss });
+    }
+    return cache.points;
+  }
+
+  function jobToShow(jobs) {
+    const chosen = jobs.find((j) => jobId(j) === state.selectedJob);
+    if (chosen) return chosen;
+    const running = jobs.filter((j) => (j.state || j.status) === "running");
+    if (running.length) return running[running.length - 1];
+    const trained = jobs.filter((j) => j.loss != null || (j.step || 0) > 0);
+    return trained[trained.length - 1] || null;
   }
 
   async function refreshJobs() {
@@ -247,42 +274,48 @@
     state.jobsNextPoll = Date.now() + JOBS_MS;
     const jobs = jobList(r);
     $("jobs-section").hidden = false;
+    $("jobs-empty").hidden = jobs.length > 0;
+    $("jobs").hidden = jobs.length === 0;
+    const shown = jobToShow(jobs);
     const tbody = $("jobs").querySelector("tbody");
-    const id = (j) => j.id || j.job_id || j.name || "?";
     tbody.replaceChildren(
       ...jobs.map((j) => {
-        const points = lossPoints(j);
-        const loss = j.loss ?? (points.length ? points[points.length - 1].y : null);
         const st = j.state || j.status || "?";
         const row = el(
           "tr",
-          { dataset: { job: id(j) } },
-          el("td", {}, id(j), j.dataset_id ? el("span", { class: "id" }, j.dataset_id) : ""),
-          el("td", {}, el("span", { class: `state ${st}` }, st)),
-          el("td", {}, j.max_steps ? progressBar(j.step || 0, j.max_steps, "steps") : `step ${int(j.step)}`),
-          el("td", { class: "num" }, loss == null ? "–" : Number(loss).toFixed(4)),
+          { dataset: { job: jobId(j) } },
+          el("td", {}, jobId(j), el("span", { class: "id" }, [j.dataset_id, j.base_model].filter(Boolean).join(" · "))),
+          el("td", { title: j.error || "" }, el("span", { class: `state ${st}` }, st)),
+          el("td", {}, j.max_steps ? progressBar(j.step || 0, j.max_steps, "steps") : `step ${int(j.step || 0)}`),
+          el("td", { class: "num" }, j.loss == null ? "–" : Number(j.loss).toFixed(4)),
+          el("td", { class: "num" }, st === "running" ? duration(j.eta_seconds) : "–"),
         );
+        if (shown && jobId(j) === jobId(shown)) row.classList.add("selected");
         row.addEventListener("click", () => {
-          state.selectedJob = id(j);
+          state.selectedJob = jobId(j);
           state.jobsNextPoll = 0;
           tick();
         });
         return row;
       }),
     );
-    const withCurve = jobs.filter((j) => lossPoints(j).length > 1);
-    const job = withCurve.find((j) => id(j) === state.selectedJob) || withCurve[withCurve.length - 1];
-    $("loss-figure").hidden = !job;
-    if (job) {
-      $("loss-title").textContent = id(job);
+    const points = shown ? await lossPoints(shown) : [];
+    $("loss-figure").hidden = points.length === 0;
+    if (points.length) {
+      $("loss-title").textContent = jobId(shown);
+      const canvas = $("loss-chart");
       chart("loss-chart", {
         type: "line",
-        data: { datasets: [{ label: "loss", data: lossPoints(job), borderColor: ACCENT, pointRadius: 0 }] },
+        data: { datasets: [{ label: "loss", data: points.slice(), borderColor: ACCENT, pointRadius: 2 }] },
         options: {
           ...baseOptions(),
-          scales: { x: { type: "linear", title: { display: true, text: "step" } }, y: { title: { display: true, text: "loss" } } },
+          scales: {
+            x: { type: "linear", title: { display: true, text: "step" }, ticks: { precision: 0 } },
+            y: { title: { display: true, text: "loss" } },
+          },
         },
       });
+      canvas.dataset.points = String(points.length);
     }
   }
 

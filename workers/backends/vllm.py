@@ -45,12 +45,13 @@ no better than eager: eager starts in ~20 s."""
 _PROBE_TOLERANCE = 1e-3
 
 
-def sampling_kwargs(path: str, prompt_len: int, response_ids: list[int]) -> dict[str, Any]:
+def sampling_kwargs(path: str, prompt_len: int, response_ids: list[int], flat: bool = False) -> dict[str, Any]:
     """The `SamplingParams` fields of one scoring request; pure, so tests can check both paths.
 
     Row r of the prompt predicts token r + 1, so the first response token (at position prompt_len) is
     predicted by row prompt_len - 1; with `prompt_logprob_token_ids`, row i of the given ids scores
-    prompt token `prompt_logprob_start + i + 1`.
+    prompt token `prompt_logprob_start + i + 1`. `flat` (vLLM's `flat_logprobs`) returns the prompt
+    log-probs as a few flat lists instead of one dict and one Logprob object per position.
     """
     if prompt_len < 1:
         raise ValueError("a scoring request needs at least one prompt token (e.g. BOS)")
@@ -65,14 +66,14 @@ def sampling_kwargs(path: str, prompt_len: int, response_ids: list[int]) -> dict
             "prompt_logprob_token_ids": [[int(t)] for t in response_ids],
         }
     if path == PATH_PROMPT_LOGPROBS:
-        return {**base, "prompt_logprobs": 0}
+        return {**base, "prompt_logprobs": 0, **({"flat_logprobs": True} if flat else {})}
     raise ValueError(f"unknown vLLM scoring path {path!r}")
 
 
-def build_sampling_params(path: str, prompt_len: int, response_ids: list[int]) -> Any:
+def build_sampling_params(path: str, prompt_len: int, response_ids: list[int], flat: bool = False) -> Any:
     from vllm import SamplingParams
 
-    return SamplingParams(**sampling_kwargs(path, prompt_len, response_ids))
+    return SamplingParams(**sampling_kwargs(path, prompt_len, response_ids, flat))
 
 
 def extract_logprobs(path: str, output: Any, prompt_len: int, response_ids: list[int]) -> list[float]:
@@ -88,6 +89,15 @@ def extract_logprobs(path: str, output: Any, prompt_len: int, response_ids: list
         got = None if positions is None else len(positions)
         raise RuntimeError(f"vLLM returned {got} prompt positions for {prompt_len + len(response_ids)}")
     out: list[float] = []
+    if hasattr(positions, "start_indices"):  # FlatLogprobs: read its lists, build no dict per position
+        ids, lps, starts, ends = positions.token_ids, positions.logprobs, positions.start_indices, positions.end_indices
+        for j, token in enumerate(response_ids):
+            k = prompt_len + j
+            hit = [i for i in range(starts[k], ends[k]) if ids[i] == token]
+            if not hit:
+                raise RuntimeError(f"vLLM returned no log-prob for token {token} at position {k}")
+            out.append(float(lps[hit[0]]))
+        return out
     for j, token in enumerate(response_ids):
         entry = positions[prompt_len + j]
         if entry is None or token not in entry:
@@ -96,13 +106,16 @@ def extract_logprobs(path: str, output: Any, prompt_len: int, response_ids: list
     return out
 
 
-def supports_token_id_fields() -> bool:
-    """Whether the installed vLLM's SamplingParams knows `prompt_logprob_start` / `..._token_ids`."""
+def _sampling_fields() -> set[str]:
     from vllm import SamplingParams
 
     fields = set(getattr(SamplingParams, "__struct_fields__", ()))
-    fields |= set(getattr(SamplingParams, "__dataclass_fields__", {}))
-    return {"prompt_logprob_start", "prompt_logprob_token_ids"} <= fields
+    return fields | set(getattr(SamplingParams, "__dataclass_fields__", {}))
+
+
+def supports_token_id_fields() -> bool:
+    """Whether the installed vLLM's SamplingParams knows `prompt_logprob_start` / `..._token_ids`."""
+    return {"prompt_logprob_start", "prompt_logprob_token_ids"} <= _sampling_fields()
 
 
 def _model_context(model: str) -> int | None:
@@ -156,6 +169,7 @@ class VLLMBackend:
         self.enforce_eager = bool(model_config.enforce_eager)
         parallel = self.llm.llm_engine.vllm_config.parallel_config
         self.tensor_parallel_size = int(parallel.tensor_parallel_size)
+        self.flat = "flat_logprobs" in _sampling_fields()
         self.path, self.path_reason = self._choose_path()
         log.info(
             "vLLM engine for %s up in %.1fs (dtype %s, max_model_len %d, path %s: %s)",
@@ -218,7 +232,7 @@ class VLLMBackend:
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids + r.response_ids) for r in requests]
-        params = [build_sampling_params(path, len(r.prompt_ids), r.response_ids) for r in requests]
+        params = [build_sampling_params(path, len(r.prompt_ids), r.response_ids, self.flat) for r in requests]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [
             extract_logprobs(path, o, len(r.prompt_ids), r.response_ids) for o, r in zip(outputs, requests, strict=True)
