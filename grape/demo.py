@@ -62,7 +62,7 @@ def run_demo(args: argparse.Namespace) -> int:
         for log_path, cmd in commands.items():
             with open(log_path, "wb") as log_file:
                 procs.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT))
-        print(f"gateway on http://127.0.0.1:{port} (API docs at /docs), one worker on {args.model}")
+        print(f"gateway on http://127.0.0.1:{port} (status page at /, API docs at /docs), one worker on {args.model}")
         print(f"logs: {gw_log}, {wk_log}")
 
         def check() -> None:

@@ -103,8 +103,10 @@ def test_compose_parser_rejects_what_the_spec_does_not_allow(docker_compose, tmp
     bad.write_text("services:\n  gateway:\n    image: x\n    replicas_typo: 2\n")
     proc = compose(docker_compose, "-f", str(bad), "config", "-q", env_file=None, cwd=tmp_path)
     assert proc.returncode != 0 and "replicas_typo" in proc.stderr
-    # without an env file the target model and the API keys are required, with a message saying where
-    proc = compose(docker_compose, "-f", str(COMPOSE), "config", "-q", env_file=None, cwd=ROOT)
+    # with nothing set, the target model and the API keys are required, with a message saying where
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    proc = compose(docker_compose, "-f", str(COMPOSE), "config", "-q", env_file=empty, cwd=ROOT)
     assert proc.returncode != 0 and "deploy/grape.env.example" in proc.stderr
 
 

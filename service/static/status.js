@@ -154,8 +154,12 @@
   }
 
   async function refreshSummary(ds) {
-    if (!ds || ds.scored_items === 0) {
-      $("detail").hidden = !ds;
+    const scored = Boolean(ds && ds.scored_items > 0);
+    $("detail").hidden = !ds;
+    $("detail-charts").hidden = !scored;
+    $("sources").hidden = !scored;
+    if (!scored) {
+      state.summaryKey = null;
       if (ds) {
         $("detail-title").textContent = `${ds.name} (${ds.id})`;
         $("detail-note").textContent = "Nothing scored yet: the charts appear with the first scores.";
@@ -167,7 +171,6 @@
     const s = await api(`/v1/datasets/${encodeURIComponent(ds.id)}/summary`);
     if (!s) return;
     state.summaryKey = key;
-    $("detail").hidden = false;
     $("detail-title").textContent = `${ds.name} (${ds.id})`;
     const wins = s.sources.reduce((a, x) => a + x.wins, 0);
     $("detail-note").textContent =
