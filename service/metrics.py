@@ -30,12 +30,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from grape import heartbeats
 from grape.keys import GROUP, Keys, model_key
 from grape.records import DatasetState
 from service.datasets import list_datasets
@@ -87,11 +87,8 @@ async def _read(redis: Redis, keys: Keys) -> Snapshot:
     async for raw in redis.scan_iter(match=f"{dead_prefix}*", count=500, _type="stream"):
         key = _s(raw)
         snap.dead[_queue_of(key[len(dead_prefix) :])] = int(await redis.xlen(key))
-    async for raw in redis.scan_iter(match=keys.workers_pattern(), count=500):
-        beat = await redis.get(raw)
-        if beat:
-            info = orjson.loads(beat)
-            snap.workers[(model_key(str(info.get("model", ""))), str(info.get("task", PRIMARY_TASK)))] += 1
+    for info in await heartbeats.live(redis, keys):
+        snap.workers[(model_key(str(info.get("model", ""))), str(info.get("task", PRIMARY_TASK)))] += 1
     return snap
 
 

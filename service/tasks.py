@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from grape import heartbeats
 from grape.compare import compare as compare_rows
 from grape.keys import Keys, model_key
 from grape.protocol import chunked
@@ -62,11 +63,8 @@ def extra_streams(keys: Keys, meta: Mapping[str, str]) -> list[str]:
 async def _live_workers(redis: Redis, keys: Keys) -> Counter[tuple[str, str]]:
     """Live workers per (task, model key), from their heartbeats."""
     seen: Counter[tuple[str, str]] = Counter()
-    async for key in redis.scan_iter(match=keys.workers_pattern(), count=500):
-        raw = await redis.get(key)
-        if raw:
-            beat = orjson.loads(raw)
-            seen[(beat.get("task", "logprob"), model_key(beat.get("model", "")))] += 1
+    for beat in await heartbeats.live(redis, keys):
+        seen[(beat.get("task", "logprob"), model_key(beat.get("model", "")))] += 1
     return seen
 
 

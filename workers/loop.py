@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,7 +101,7 @@ class Worker:
         self.claim_idle_ms = claim_idle_ms
         self.max_deliveries = max_deliveries
         self.commit_tokens = commit_tokens
-        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.stats = WorkerStats()
         self._stop = threading.Event()
         self._inflight: list[str] = []
