@@ -60,7 +60,8 @@ def watch_training(
     deadline = None if timeout is None else time.monotonic() + timeout
     with tqdm(total=st.get("max_steps"), unit="step", desc=st["state"], dynamic_ncols=True) as bar:
         while True:
-            bar.total = st.get("max_steps")
+            if bar.total is None and st.get("max_steps"):
+                bar.reset(total=st["max_steps"])  # training began: the rate counts steps, not model loading
             bar.n = st.get("step") or 0
             bar.set_description(st["state"], refresh=False)
             loss, lr, eta = st.get("loss"), st.get("learning_rate"), st.get("eta_seconds")

@@ -149,7 +149,10 @@ def test_lora_job_end_to_end_through_the_api(api, worker_factory, trainer_factor
     before = assistant_loss(base, tokenizer, template, records, HP["max_length"])
     tuned = PeftModel.from_pretrained(base, str(out))
     after = assistant_loss(tuned, tokenizer, template, records, HP["max_length"])
-    print(f"\nLoRA job: 3 steps in {elapsed:.1f}s (incl. loading); loss on the selected set {before:.3f} -> {after:.3f}")
+    print(
+        f"\nLoRA job: 3 steps in {elapsed:.1f}s with loading, {st['steps_per_second']:.3f} steps/s, "
+        f"{st['tokens_seen']} tokens; loss on the selected set {before:.3f} -> {after:.3f}"
+    )
     assert after < before - 0.2
 
 
@@ -345,3 +348,32 @@ def test_grape_train_cli_follows_the_job(live_gateway, worker_factory, trainer_f
     assert "2/2" in proc.stderr  # the progress bar reached the last step
     st = http.get(f"/v1/training-jobs/{job_id}").json()
     assert st["state"] == "succeeded" and st["spec"]["lora"]["r"] == 4 and st["spec"]["lora"]["alpha"] == 8
+
+
+def test_accelerate_launcher_runs_jobs_with_trl_shipped_configs(rclient, keys, settings, tmp_path) -> None:
+    from trainer.loop import JobError
+    from trainer.sft import TrainContext
+
+    spec = JobSpec(dataset_id="ds", base_model=MODEL)
+    ctx = TrainContext("job-1", spec, tmp_path / "selection.jsonl", tmp_path / "out", resume=True)
+    loop = TrainerLoop(rclient, keys, settings, name="t8", launcher="accelerate", accelerate_config="zero3")
+    loop.num_processes = 8
+    cmd = loop.command(ctx)
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    cfg = Path(cmd[cmd.index("--config_file") + 1])
+    assert (cfg.parent.parent.name, cfg.name) == ("trl", "zero3.yaml") and "zero_stage: 3" in cfg.read_text()
+    assert cmd[cmd.index("--num_processes") + 1] == "8"
+    job_args = ["--job", "job-1", "--trainer", "t8", "--data", str(ctx.data_path), "--output-dir", str(ctx.output_dir)]
+    assert cmd[cmd.index("trainer.sft") - 1 :] == ["-m", "trainer.sft", *job_args, "--resume"]
+
+    own = tmp_path / "cluster.yaml"
+    own.write_text("distributed_type: MULTI_GPU\nnum_processes: 8\n")
+    loop = TrainerLoop(rclient, keys, settings, launcher="accelerate", accelerate_config=str(own))
+    assert loop.command(ctx)[4] == str(own)
+    with pytest.raises(JobError, match="zero3"):  # an unknown name is refused at start, listing TRL's configs
+        TrainerLoop(rclient, keys, settings, launcher="accelerate", accelerate_config="zero9")
+    assert TrainerLoop(rclient, keys, settings, launcher="process").command(ctx)[:3] == [
+        sys.executable,
+        "-m",
+        "trainer.sft",
+    ]

@@ -150,8 +150,10 @@ class JobProgressCallback(TrainerCallback):
         if fields:
             self._hset(**{k: float(v) for k, v in fields.items()})
         numbers = {k: v for k, v in logs.items() if isinstance(v, int | float) and k != "step"}
-        text = ", ".join(f"{k} {v:.4g}" for k, v in fields.items())
-        msg = f"step {state.global_step}: {text}" if text else f"step {state.global_step}"
+        if fields:
+            msg = f"step {state.global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in fields.items())
+        else:  # the end-of-training summary (train_runtime, train_loss, ...)
+            msg = f"step {state.global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in numbers.items())
         self._log(msg, step=state.global_step, **numbers)
         return control
 

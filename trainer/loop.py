@@ -120,7 +120,8 @@ class TrainerLoop:
     def stop(self, *_: Any) -> None:
         """Stop claiming; a running job saves a checkpoint after its current step and is queued again."""
         if not self._stop.is_set():
-            log.info("trainer %s: stopping; handing back job %s", self.name, self.current)
+            held = f"; handing back job {self.current} after its current step" if self.current else ""
+            log.info("trainer %s: stopping%s", self.name, held)
         self._stop.set()
         job = self.current
         if job is not None:
@@ -250,6 +251,11 @@ class TrainerLoop:
 
         resume = self.r.hget(self.keys.job(job_id), "resume") == b"1"
         out = self.output_dir(job_id, spec)
+        if not resume and checkpoint_dirs(out):
+            raise JobError(
+                f"output_dir {out} already holds checkpoints of another run: give the job another output_dir "
+                "(or resume the job that wrote them)"
+            )
         out.mkdir(parents=True, exist_ok=True)
         self.r.hset(self.keys.job(job_id), mapping={"output_dir": str(out), "resume": ""})
         data = out / SELECTION_FILE

@@ -66,7 +66,14 @@ def to_rows(records: list[dict[str, Any]], template: Template) -> list[dict[str,
     ]
 
 
-def sft_config_kwargs(spec: JobSpec, output_dir: str | Path, *, cuda: bool) -> dict[str, Any]:
+def has_accelerator() -> bool:
+    import torch
+
+    acc = getattr(torch, "accelerator", None)
+    return bool(acc.is_available()) if acc is not None else torch.cuda.is_available()
+
+
+def sft_config_kwargs(spec: JobSpec, output_dir: str | Path, *, accelerator: bool) -> dict[str, Any]:
     """SFTConfig arguments of a job: its hyperparameters, the job's own settings, TRL's defaults elsewhere."""
     hp = spec.hyperparameters
     kw: dict[str, Any] = {
@@ -91,7 +98,9 @@ def sft_config_kwargs(spec: JobSpec, output_dir: str | Path, *, cuda: bool) -> d
         "include_num_input_tokens_seen": "non_padding",
         "report_to": "none",
         "disable_tqdm": True,
-        "bf16": hp.bf16 if hp.bf16 is not None else (None if cuda else False),
+        # without a GPU: CPU training (gloo when several processes), fp32 unless bf16 is asked
+        "bf16": hp.bf16 if hp.bf16 is not None else (None if accelerator else False),
+        "use_cpu": not accelerator,
     }
     from trl import SFTConfig
 
@@ -115,7 +124,6 @@ def sft_config_kwargs(spec: JobSpec, output_dir: str | Path, *, cuda: bool) -> d
 
 def build_trainer(ctx: TrainContext, callbacks: list[Any] | None = None) -> tuple[Any, dict[str, Any]]:
     """The SFTTrainer of a job, and facts about it (template used, records, format)."""
-    import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -127,14 +135,14 @@ def build_trainer(ctx: TrainContext, callbacks: list[Any] | None = None) -> tupl
     hp = spec.hyperparameters
     model_path = resolve_model(spec.base_model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    original_template = tokenizer.chat_template
     if hp.chat_template_path:
         tokenizer.chat_template = Path(hp.chat_template_path).read_text(encoding="utf-8")
+    original_template = tokenizer.chat_template  # what the saved tokenizer keeps
     template = resolve_template(tokenizer, spec.template)
     records = load_records(ctx.data_path)
     if not records:
         raise ValueError(f"the selected set {ctx.data_path} is empty: nothing to train on")
-    kw = sft_config_kwargs(spec, ctx.output_dir, cuda=torch.cuda.is_available())
+    kw = sft_config_kwargs(spec, ctx.output_dir, accelerator=has_accelerator())
     if template is Template.chat:
         kw["assistant_only_loss"] = hp.assistant_only_loss
         if hp.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):

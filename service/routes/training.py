@@ -48,7 +48,9 @@ async def training_job_logs(
     redis: RedisDep,
     keys: KeysDep,
     follow: Annotated[bool, Query(description="Keep streaming new records until the job ends.")] = False,
-    after: Annotated[str, Query(pattern=r"^\d{1,19}-\d{1,19}$", description="Only records after this record id.")] = "0-0",
+    after: Annotated[
+        str, Query(pattern=r"^\d{1,19}-\d{1,19}$", description="Only records after this record id.")
+    ] = "0-0",
 ) -> StreamingResponse:
     await svc.get_job(redis=redis, keys=keys, job_id=job_id)  # 404 before the stream starts
     lines = svc.log_lines(redis=redis, keys=keys, job_id=job_id, follow=follow, after=after)
