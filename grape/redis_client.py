@@ -1,5 +1,5 @@
 """Redis clients for every process, with the same retry policy: a Redis restart or a dropped
-connection is retried with backoff for about half a minute instead of failing the request or the worker."""
+connection is retried with backoff for about five seconds instead of failing the request or the worker."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _retry_kwargs(asynchronous: bool) -> dict:
     else:
         from redis.retry import Retry
     return {
-        "retry": Retry(ExponentialBackoff(cap=5.0, base=0.1), retries=10),
+        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=6),
         "retry_on_error": _RETRY_ON,
         "health_check_interval": 15,
         "socket_keepalive": True,
