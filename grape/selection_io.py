@@ -53,17 +53,25 @@ def scored_pages(
             for n in needs:
                 pipe.hmget(keys.task_results(dataset_id, n), ids)
             raw_items, raw_scores, *extra = pipe.execute()
-        page = [
-            ScoredItem(
-                orjson.loads(it),
-                orjson.loads(sc),
-                {n: orjson.loads(x[j]) for n, x in zip(needs, extra, strict=True) if x[j] is not None},
-            )
-            for j, (it, sc) in enumerate(zip(raw_items, raw_scores, strict=True))
-            if it is not None and sc is not None
-        ]
+        page = build_page(raw_items, raw_scores, needs, extra)
         if page:
             yield page
+
+
+def build_page(
+    raw_items: list[Any], raw_scores: list[Any], needs: tuple[str, ...], extra: list[list[Any]]
+) -> list[ScoredItem]:
+    """ScoredItems from one page of HMGET answers (items, logprob scores, each extra task's results);
+    items without scores are left out. Shared by the sync (trainer) and async (gateway) readers."""
+    return [
+        ScoredItem(
+            orjson.loads(it),
+            orjson.loads(sc),
+            {n: orjson.loads(x[j]) for n, x in zip(needs, extra, strict=True) if x[j] is not None},
+        )
+        for j, (it, sc) in enumerate(zip(raw_items, raw_scores, strict=True))
+        if it is not None and sc is not None
+    ]
 
 
 def selection_records(

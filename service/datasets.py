@@ -14,6 +14,7 @@ from grape import heartbeats
 from grape.keys import Keys, model_key
 from grape.protocol import INGEST_LUA, chunked, ingest_args
 from grape.records import DatasetState
+from grape.selection_io import build_page
 from grape.settings import Settings
 from grape.strategies import STRATEGIES, ScoredItem, SelectParams
 from grape.strategies.grape import candidate_score
@@ -246,15 +247,7 @@ async def scored_items(
             pipe.hmget(keys.scores(dataset_id), ids)
             raw_items, raw_scores = await pipe.execute()
         extra = await task_svc.extra_results(redis, keys, dataset_id, needs, ids)
-        page = [
-            ScoredItem(
-                orjson.loads(it),
-                orjson.loads(sc),
-                {n: orjson.loads(x[j]) for n, x in zip(needs, extra, strict=True) if x[j] is not None},
-            )
-            for j, (it, sc) in enumerate(zip(raw_items, raw_scores, strict=True))
-            if it is not None and sc is not None
-        ]
+        page = build_page(raw_items, raw_scores, needs, extra)
         if page:
             yield page
 
