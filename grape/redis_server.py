@@ -46,7 +46,8 @@ class EmbeddedRedis:
         config_file: Path | None = None,
     ) -> None:
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="grape-redis-")
-        self.dir = Path(directory or self._tmp.name)  # type: ignore[union-attr]
+        # absolute: redis-server chdirs into --dir before it opens --logfile
+        self.dir = Path(directory or self._tmp.name).resolve()  # type: ignore[union-attr]
         self.port = port or free_port()
         self.appendonly = appendonly
         self.config_file = config_file
