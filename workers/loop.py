@@ -156,7 +156,12 @@ class Worker:
                     if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                         break
                     continue
-                self._process(entries)
+                try:
+                    self._process(entries)
+                except redis.ConnectionError as exc:
+                    # what was not written stays pending and is reclaimed after GRAPE_CLAIM_IDLE_MS
+                    log.warning("Redis unreachable while writing results (%s); the chunks will be redelivered", exc)
+                    self._stop.wait(2)
                 idle_since = time.monotonic()
         finally:
             self._stop.set()
