@@ -20,6 +20,17 @@ class ApiError(RuntimeError):
         self.detail = detail
 
 
+def _checked(resp: httpx.Response) -> httpx.Response:
+    """The response, or ApiError with the gateway's JSON detail (its text when the body is not JSON)."""
+    if resp.status_code < 400:
+        return resp
+    try:
+        detail = resp.json()
+    except ValueError:
+        detail = resp.text
+    raise ApiError(resp.status_code, detail)
+
+
 class GrapeClient:
     def __init__(
         self,
@@ -63,13 +74,7 @@ class GrapeClient:
                 wait = delay
             else:
                 if resp.status_code not in RETRY_STATUSES or time.monotonic() > deadline:
-                    if resp.status_code >= 400:
-                        try:
-                            detail = resp.json()
-                        except ValueError:
-                            detail = resp.text
-                        raise ApiError(resp.status_code, detail)
-                    return resp
+                    return _checked(resp)
                 retry_after = resp.headers.get("Retry-After", "")
                 wait = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else delay
                 if self.on_wait:
@@ -157,7 +162,7 @@ class GrapeClient:
         with self.http.stream("GET", f"/v1/datasets/{dataset_id}/selection", params=params) as resp:
             if resp.status_code >= 400:
                 resp.read()
-                raise ApiError(resp.status_code, resp.json())
+                _checked(resp)
             for line in resp.iter_lines():
                 if line.strip():
                     yield orjson.loads(line)
@@ -165,14 +170,7 @@ class GrapeClient:
     # training jobs ---------------------------------------------------------------------------------
     def create_training_job(self, body: dict[str, Any]) -> dict[str, Any]:
         """One attempt, no retry: a lost answer must not start the same training twice."""
-        resp = self.http.post("/v1/training-jobs", json=body)
-        if resp.status_code >= 400:
-            try:
-                detail = resp.json()
-            except ValueError:
-                detail = resp.text
-            raise ApiError(resp.status_code, detail)
-        return resp.json()
+        return _checked(self.http.post("/v1/training-jobs", json=body)).json()
 
     def training_job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/training-jobs/{job_id}").json()
@@ -188,7 +186,7 @@ class GrapeClient:
         with self.http.stream("GET", f"/v1/training-jobs/{job_id}/logs", params=params, timeout=None) as resp:
             if resp.status_code >= 400:
                 resp.read()
-                raise ApiError(resp.status_code, resp.json())
+                _checked(resp)
             for line in resp.iter_lines():
                 if line.strip():
                     yield orjson.loads(line)

@@ -24,6 +24,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from grape.redis_client import as_str as _s
+
 CANCEL = "cancel"
 REQUEUE = "requeue"
 LOG_MAXLEN = 10_000
@@ -164,10 +166,6 @@ class JobSpec(JobRequest):
 _FLOATS = ("created", "started", "finished", "epoch", "loss", "learning_rate", "grad_norm", "eta_seconds")
 _FLOATS += ("progress_at", "cancel_requested", "steps_per_second")
 _INTS = ("step", "max_steps", "tokens_seen", "attempts", "train_records", "max_attempts")
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def decode_job(raw: dict[Any, Any]) -> dict[str, Any]:

@@ -25,6 +25,11 @@ def _retry_kwargs(asynchronous: bool) -> dict:
     }
 
 
+def as_str(v: object) -> str:
+    """A Redis reply (bytes, or already str with decode_responses) as text."""
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
 def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, **_retry_kwargs(False))
 

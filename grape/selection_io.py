@@ -16,6 +16,7 @@ import orjson
 import redis
 
 from grape.keys import Keys
+from grape.redis_client import as_str as _s
 from grape.strategies import STRATEGIES, ScoredItem, SelectParams, strategy_needs
 
 PAGE = 500
@@ -23,10 +24,6 @@ PAGE = 500
 
 class SelectionError(ValueError):
     """The selection cannot be made: unknown dataset, unknown strategy, or its scores were not requested."""
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def dataset_meta(r: redis.Redis, keys: Keys, dataset_id: str) -> dict[str, str]:

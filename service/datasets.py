@@ -14,6 +14,7 @@ from grape import heartbeats
 from grape.keys import Keys, model_key
 from grape.protocol import INGEST_LUA, chunked, ingest_args
 from grape.records import DatasetState
+from grape.redis_client import as_str as _s
 from grape.selection_io import build_page
 from grape.settings import Settings
 from grape.strategies import STRATEGIES, ScoredItem, SelectParams
@@ -31,10 +32,6 @@ from service.schemas import (
 )
 
 PAGE = 500
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 async def create_dataset(*, redis: Redis, keys: Keys, body: DatasetCreate) -> DatasetPublic:
@@ -75,12 +72,7 @@ async def dataset_status(*, redis: Redis, keys: Keys, dataset_id: str) -> Datase
     cands = int(st.get("candidates", 0))
     scored_c, failed_c = int(st.get("scored_candidates", 0)), int(st.get("failed_candidates", 0))
     tokens = int(st.get("tokens", 0))
-    if items == 0:
-        state = DatasetState.empty
-    elif scored + failed >= items:
-        state = DatasetState.done
-    else:
-        state = DatasetState.scoring
+    state = task_svc.task_state(items, scored, failed)
     throughput = eta = None
     start, last = st.get("t_start"), st.get("t_last")
     if start is not None and last is not None and last > start and scored_c:

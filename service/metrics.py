@@ -28,7 +28,6 @@ import asyncio
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -38,6 +37,7 @@ from redis.exceptions import RedisError, ResponseError
 from grape import heartbeats
 from grape.keys import GROUP, Keys, model_key
 from grape.records import DatasetState
+from grape.redis_client import as_str as _s
 from service.datasets import list_datasets
 from service.schemas import DatasetPublic
 
@@ -55,10 +55,6 @@ class Snapshot:
     queues: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  # (model, task) -> (len, pending)
     dead: dict[tuple[str, str], int] = field(default_factory=dict)
     workers: Counter[tuple[str, str]] = field(default_factory=Counter)
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def _queue_of(suffix: str) -> tuple[str, str]:

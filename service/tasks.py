@@ -21,6 +21,7 @@ from grape.compare import compare as compare_rows
 from grape.keys import Keys, model_key
 from grape.protocol import chunked
 from grape.records import DatasetState
+from grape.redis_client import as_str as _s
 from grape.settings import Settings
 from grape.strategies import STRATEGIES, ScoredItem, SelectParams
 from grape.strategies.ifd import ifd
@@ -36,10 +37,6 @@ from service.errors import NotFound, Unprocessable
 from service.schemas import ComparisonPublic, DatasetCreate, ScoresRequest, TaskProgress
 
 PAGE = 500
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def task_meta(body: DatasetCreate) -> dict[str, str]:
@@ -68,7 +65,7 @@ async def _live_workers(redis: Redis, keys: Keys) -> Counter[tuple[str, str]]:
     return seen
 
 
-def _state(items: int, scored: int, failed: int) -> DatasetState:
+def task_state(items: int, scored: int, failed: int) -> DatasetState:
     if items == 0:
         return DatasetState.empty
     return DatasetState.done if scored + failed >= items else DatasetState.scoring
@@ -91,7 +88,7 @@ async def task_progress(
         model = task_model(meta, t)
         out[t.value] = TaskProgress(
             model=model,
-            state=_state(items, scored, failed),
+            state=task_state(items, scored, failed),
             items=items,
             candidates=candidates,
             scored_items=scored,

@@ -31,6 +31,7 @@ from grape.jobs import (
 )
 from grape.keys import Keys
 from grape.records import DatasetState
+from grape.redis_client import as_str as _text
 from grape.settings import Settings
 from grape.strategies import SelectParams
 from service import tasks as task_svc
@@ -142,29 +143,27 @@ async def list_jobs(*, redis: Redis, keys: Keys, limit: int) -> list[TrainingJob
     return out
 
 
-async def cancel_job(*, redis: Redis, keys: Keys, job_id: str) -> TrainingJobPublic:
-    script = redis.register_script(CANCEL_LUA)
-    res = await script(
+async def _move(redis: Redis, keys: Keys, job_id: str, lua: str) -> str:
+    """Run one of the job state-move scripts; its answer, or NotFound when the job does not exist."""
+    res = await redis.register_script(lua)(
         keys=[keys.job(job_id), keys.job_queue(), keys.job_cancel(job_id), keys.job_log(job_id)],
         args=[job_id, f"{time.time():.3f}"],
     )
-    res = res.decode() if isinstance(res, bytes) else res
+    res = _text(res)
     if res == "missing":
         raise NotFound(f"training job {job_id!r} not found")
+    return res
+
+
+async def cancel_job(*, redis: Redis, keys: Keys, job_id: str) -> TrainingJobPublic:
+    res = await _move(redis, keys, job_id, CANCEL_LUA)
     if res not in ("cancelled-now", "cancelling"):
         raise Conflict(f"training job {job_id} is already {res}; only queued or running jobs can be cancelled")
     return await get_job(redis=redis, keys=keys, job_id=job_id)
 
 
 async def resume_job(*, redis: Redis, keys: Keys, job_id: str) -> TrainingJobPublic:
-    script = redis.register_script(RESUME_LUA)
-    res = await script(
-        keys=[keys.job(job_id), keys.job_queue(), keys.job_cancel(job_id), keys.job_log(job_id)],
-        args=[job_id, f"{time.time():.3f}"],
-    )
-    res = res.decode() if isinstance(res, bytes) else res
-    if res == "missing":
-        raise NotFound(f"training job {job_id!r} not found")
+    res = await _move(redis, keys, job_id, RESUME_LUA)
     if res != "queued":
         raise Conflict(f"training job {job_id} is {res}; only failed or cancelled jobs can be resumed")
     return await get_job(redis=redis, keys=keys, job_id=job_id)

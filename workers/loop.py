@@ -346,12 +346,13 @@ class Worker:
                 log.warning("heartbeat failed: %s", exc)
 
     def status(self) -> dict[str, Any]:
+        info = self.backend.info()
         return {
-            **self.backend.info(),
+            **info,
             "name": self.name,
             "model": self.model,
             "task": self.task,
-            "model_path": self.backend.info().get("model"),
+            "model_path": info.get("model"),
             "pid": os.getpid(),
             "chunks": self.stats.chunks,
             "items": self.stats.items,
