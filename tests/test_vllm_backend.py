@@ -19,6 +19,7 @@ from workers.backends.vllm import (
     PATH_PROMPT_LOGPROBS,
     PATH_TOKEN_IDS,
     extract_logprobs,
+    prefix_cache_reads,
     sampling_kwargs,
 )
 
@@ -69,6 +70,42 @@ def test_fallback_path_asks_only_the_actual_tokens():
 def test_requests_that_cannot_be_scored_are_refused(path, prompt_len, response):
     with pytest.raises(ValueError):
         sampling_kwargs(path, prompt_len, response)
+
+
+def test_prefix_cache_reading_is_asked_explicitly():
+    assert "skip_reading_prefix_cache" not in sampling_kwargs(PATH_PROMPT_LOGPROBS, 5, [7])  # vLLM's default
+    assert sampling_kwargs(PATH_PROMPT_LOGPROBS, 5, [7], read_prefix_cache=True)["skip_reading_prefix_cache"] is False
+    assert sampling_kwargs(PATH_TOKEN_IDS, 5, [7], read_prefix_cache=False)["skip_reading_prefix_cache"] is True
+
+
+def test_prefix_cache_reads_stop_before_the_first_scored_row():
+    prompt = list(range(100, 110))  # 10 tokens: the first scored row is 9
+    siblings = [ScoreRequest(prompt, [1, 2, 3]), ScoreRequest(prompt, [4, 5, 6]), ScoreRequest(prompt, [7])]
+    # block 4: a hit is at most 8 tokens (two whole blocks of the shared prompt) <= 9
+    assert prefix_cache_reads(siblings, 4) == [True, True, True]
+    # block 5: the whole 10-token prompt is two blocks, so a hit would cover row 9: nobody may read
+    assert prefix_cache_reads(siblings, 5) == [False, False, False]
+    # responses that begin alike carry a hit past the prompt: those two run whole, the third reads
+    alike = [ScoreRequest(prompt, [1, 2, 3, 9]), ScoreRequest(prompt, [1, 2, 3, 8]), ScoreRequest(prompt, [4, 5])]
+    assert prefix_cache_reads(alike, 4) == [False, False, True]
+    # a duplicate pair shares everything but its last token, which vLLM always recomputes
+    dup = ScoreRequest(prompt, [1, 2, 3])
+    assert prefix_cache_reads([dup, dup], 4) == [False, False]
+    assert prefix_cache_reads([dup], 4) == [True]  # alone in its call: nothing to hit
+    # different prompts share nothing beyond their common start
+    other = ScoreRequest(list(range(100, 105)) + [0] * 5, [1, 2, 3])
+    assert prefix_cache_reads([dup, other], 4) == [True, True]
+
+
+def test_prefix_reuse_is_on_unless_turned_off():
+    require_vllm()
+    from workers.backends.vllm import VLLMBackend
+
+    assert VLLMBackend._prefix_reuse(SimpleNamespace(share_prefix=True, block_size=16), True)[0] is True
+    off, why = VLLMBackend._prefix_reuse(SimpleNamespace(share_prefix=False, block_size=16), True)
+    assert off is False and "share_prefix" in why
+    off, why = VLLMBackend._prefix_reuse(SimpleNamespace(share_prefix=True, block_size=16), False)
+    assert off is False and "prefix cache is off" in why
 
 
 class FakeFlatLogprobs:
@@ -185,6 +222,45 @@ def test_info_on_cpu(vllm_backend):
     assert info["max_model_len"] == vllm_backend.max_model_len == 1024  # the asked length, exactly
     # on CPU the V1 model runner refuses prompt_logprob_token_ids: the probe must have fallen back
     assert info["path"] == PATH_PROMPT_LOGPROBS, info
+    assert info["prefix_reuse"] is True and info["block_size"] == 32, info
+
+
+def test_prefix_cache_reuse_keeps_the_scores_exact(vllm_backend, pool_pairs, monkeypatch):
+    """Candidates of one instruction read their shared prompt from the cache; scores do not move."""
+    from prometheus_client import REGISTRY
+
+    from workers.backends import vllm as vllm_module
+    from workers.metrics import InstrumentedBackend
+
+    _, requests = pool_pairs
+    group = requests[:CANDIDATES]  # one instruction's candidates
+    # two more that share their first 40 response tokens with the first: a hit past their prompt
+    r0 = group[0]
+    alike = [ScoreRequest(r0.prompt_ids, r0.response_ids[:40] + [t]) for t in (11, 12)]
+    batch = group + alike
+    vllm_backend.prefix_reuse = False
+    try:
+        plain = vllm_backend.score(batch)
+    finally:
+        vllm_backend.prefix_reuse = True
+    before, reruns = vllm_backend.cached_tokens, vllm_backend.rerun_requests
+    counted = REGISTRY.get_sample_value("grape_worker_prefix_cache_tokens_total", {"model": "scored"}) or 0.0
+    shared = InstrumentedBackend(vllm_backend, "scored").score(batch)  # as the worker calls it
+    read = vllm_backend.cached_tokens - before
+    assert REGISTRY.get_sample_value("grape_worker_prefix_cache_tokens_total", {"model": "scored"}) == counted + read
+    # every candidate after the first read whole blocks of the prompt; the two alike ones read nothing
+    block, prompt_len = vllm_backend.block_size, len(r0.prompt_ids)
+    assert read >= (len(group) - 1) * block * ((prompt_len - 1) // block) > 0, read
+    assert vllm_backend.rerun_requests == reruns  # the rule kept every hit before the first scored row
+    worst = max(abs(a - b) for s, p in zip(shared, plain, strict=True) for a, b in zip(s, p, strict=True))
+    assert worst < 1e-5, worst
+
+    # were the rule wrong, the engine's own hit count catches it: those requests run again, uncached
+    monkeypatch.setattr(vllm_module, "prefix_cache_reads", lambda reqs, block: [True] * len(reqs))
+    guarded = vllm_backend.score(batch)
+    assert vllm_backend.rerun_requests > reruns
+    worst = max(abs(a - b) for s, p in zip(guarded, plain, strict=True) for a, b in zip(s, p, strict=True))
+    assert worst < 1e-5, worst
 
 
 def test_logprobs_match_hf_per_token(pool_pairs, both_scores):

@@ -34,6 +34,14 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", type=int, default=None, help="vllm: GPUs per engine")
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="vllm: share of GPU memory")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="vllm: scheduler token budget")
+    p.add_argument(
+        "--share-prefix",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compute each instruction prefix once for all its candidates (hf: shared KV cache; vllm: prefix "
+        "cache reads up to the first scored row); --no-share-prefix runs every pair whole",
+    )
+    p.add_argument("--block-size", type=int, default=None, help="vllm: KV cache block (prefixes are shared in blocks)")
     p.add_argument("--name", default=None, help="consumer name (default host-pid)")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
     p.add_argument(
@@ -41,6 +49,30 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     )
     p.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics server")
     return p
+
+
+def backend_config(args: argparse.Namespace, settings: Settings) -> BackendConfig:
+    """The backend's configuration from the command line: engine options only when given."""
+    extra = {
+        k: v
+        for k, v in {
+            "tensor_parallel_size": args.tensor_parallel_size,
+            "gpu_memory_utilization": args.gpu_memory_utilization,
+            "max_num_batched_tokens": args.max_num_batched_tokens,
+            "block_size": args.block_size,
+        }.items()
+        if v is not None
+    }
+    if not args.share_prefix:
+        extra["share_prefix"] = False
+    return BackendConfig(
+        model=resolve_model(args.model, settings.cache_dir),
+        dtype=args.dtype,
+        device=args.device,
+        batch_tokens=args.batch_tokens,
+        max_model_len=args.max_model_len,
+        extra=extra,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,23 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.metrics_port is not None:  # up while the model loads: /healthz answers, /ready says 503
         redis_url = settings.redis_url or DEFAULT_REDIS_URL
         metrics_server = worker_metrics.serve(args.metrics_port, args.metrics_host, redis_url)
-    extra = {
-        k: v
-        for k, v in {
-            "tensor_parallel_size": args.tensor_parallel_size,
-            "gpu_memory_utilization": args.gpu_memory_utilization,
-            "max_num_batched_tokens": args.max_num_batched_tokens,
-        }.items()
-        if v is not None
-    }
-    config = BackendConfig(
-        model=resolve_model(args.model, settings.cache_dir),
-        dtype=args.dtype,
-        device=args.device,
-        batch_tokens=args.batch_tokens,
-        max_model_len=args.max_model_len,
-        extra=extra,
-    )
+    config = backend_config(args, settings)
     if args.task == "embedding":
         from workers.tasks.embedding import Embedder
 

@@ -59,6 +59,11 @@ BATCH_PAIRS = Histogram(
     ["model"],
     buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384),
 )
+PREFIX_CACHE_TOKENS = Counter(
+    "grape_worker_prefix_cache_tokens",
+    "Pair tokens the backend read from its prefix cache instead of computing them (vLLM's shared prompts).",
+    ["model"],
+)
 READY = Gauge("grape_worker_ready", "1 once the model is loaded and the worker consumes its queue.", ["model"])
 
 
@@ -87,12 +92,15 @@ class InstrumentedBackend:
 
     def score(self, requests: list[Any]) -> list[list[float]]:
         start = time.perf_counter()
+        cached = getattr(self._backend, "cached_tokens", 0)
         BATCHES.labels(self._model).inc()
         try:
             out = self._backend.score(requests)
         except Exception:
             BATCH_ERRORS.labels(self._model).inc()
             raise
+        finally:
+            PREFIX_CACHE_TOKENS.labels(self._model).inc(getattr(self._backend, "cached_tokens", 0) - cached)
         BATCH_SECONDS.labels(self._model).observe(time.perf_counter() - start)
         BATCH_PAIRS.labels(self._model).observe(len(requests))
         return out

