@@ -57,6 +57,10 @@ def grape_picks(scores: list[list[float]], owners: list[int]) -> dict[int, int]:
     return {item: i for item, (_, i) in best.items()}
 
 
+def path_label(info: dict) -> str:
+    return info.get("path", "") + (" + prefix cache" if info.get("prefix_reuse") else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -121,7 +125,7 @@ def main() -> None:
             agree = sum(picks[k] == ref_picks[k] for k in picks)
         info = backend.info()
         rows.append(
-            (name, info.get("path", ""), len(requests), pair_tokens, start_s, secs, pair_tokens / secs, diff, agree)
+            (name, path_label(info), len(requests), pair_tokens, start_s, secs, pair_tokens / secs, diff, agree)
         )
         if hasattr(backend, "close"):
             backend.close()
