@@ -322,3 +322,32 @@ def test_empty_response_and_too_long_pair(vllm_backend, pool_pairs):
     too_long = ScoreRequest(r.prompt_ids, longest.response_ids + [r.response_ids[0]])
     with pytest.raises(ValueError, match="too long"):
         vllm_backend.score([too_long])
+
+
+def test_a_vllm_worker_scores_a_dataset_through_the_queue(api, worker_factory, vllm_backend, model_path):
+    """A worker on the vLLM engine, fed by the real queue: exact scores, and an instruction's candidates
+    reach the engine together, so they share their prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import create, load_pool, wait_done
+    from tests.test_scoring_exact import direct_mean_logprob
+
+    items = load_pool(3, start=20, max_chars=400, candidates=4)
+    ds = create(api)
+    assert api.post(f"/v1/datasets/{ds}/items", json={"items": items}).status_code == 202
+    before = vllm_backend.cached_tokens
+    worker_factory(backend=vllm_backend)
+    wait_done(api, ds)
+    assert vllm_backend.cached_tokens > before
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="float32").eval()
+    checked = 0
+    for item in items:
+        got = api.get(f"/v1/datasets/{ds}/items/{item['id']}").json()
+        assert got["state"] == "scored", got
+        for cand, scored in zip(item["candidates"], got["candidates"], strict=True):
+            want = direct_mean_logprob(model, tok, item["instruction"], cand["response"])
+            assert abs(scored["mean"] - want) < 1e-3, (item["id"], cand["source"], scored["mean"], want)
+            checked += 1
+    assert checked == 12

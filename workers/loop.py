@@ -25,6 +25,7 @@ import redis
 from grape import heartbeats
 from grape.keys import GROUP, Keys
 from grape.protocol import HANDBACK_LUA, RESULTS_LUA, ItemResult, results_args
+from grape.redis_client import as_str
 from workers import metrics as worker_metrics
 from workers.backends.base import ScoringBackend
 from workers.tasks import load_task
@@ -183,7 +184,7 @@ class Worker:
             count=self.read_count,
         )
         # the cursor walks a long pending list across calls instead of rescanning its head
-        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else cursor
+        self._claim_cursor = as_str(cursor)
         for entry_id, fields in claimed:
             if fields is None:
                 continue
@@ -204,11 +205,8 @@ class Worker:
 
     @staticmethod
     def _entry(entry_id: Any, fields: dict[Any, Any], deliveries: int) -> Entry:
-        def s(v: Any) -> str:
-            return v.decode() if isinstance(v, bytes) else v
-
-        f = {s(k): v for k, v in fields.items()}
-        return Entry(s(entry_id), s(f["ds"]), orjson.loads(f["items"]), deliveries)
+        f = {as_str(k): v for k, v in fields.items()}
+        return Entry(as_str(entry_id), as_str(f["ds"]), orjson.loads(f["items"]), deliveries)
 
     # processing ----------------------------------------------------------------------------------
     def _process(self, entries: list[Entry]) -> None:
@@ -229,7 +227,7 @@ class Worker:
         meta = self._meta.get(entry.dataset)
         if meta is None:
             raw = self.r.hgetall(self.keys.dataset(entry.dataset))
-            meta = {k.decode(): v.decode() for k, v in raw.items()} if raw else None
+            meta = {as_str(k): as_str(v) for k, v in raw.items()} if raw else None
             if meta is not None:
                 self._meta[entry.dataset] = meta
         if meta is None:
