@@ -58,8 +58,8 @@ async def _meta(redis: Redis, keys: Keys, dataset_id: str) -> dict[str, str]:
     return {_s(k): _s(v) for k, v in raw.items()}
 
 
-async def live_workers(redis: Redis, keys: Keys, model: str) -> int:
-    beats = await heartbeats.live(redis, keys)
+def live_workers(beats: list[dict[str, Any]], model: str) -> int:
+    """Workers of every task on `model`, from their heartbeats."""
     return sum(1 for b in beats if model_key(b.get("model", "")) == model_key(model))
 
 
@@ -80,8 +80,9 @@ async def dataset_status(*, redis: Redis, keys: Keys, dataset_id: str) -> Datase
         throughput = tokens / elapsed
         remaining = max(cands - scored_c - failed_c, 0)
         eta = remaining / (scored_c / elapsed)
+    beats = await heartbeats.live(redis, keys)
     tasks = await task_svc.task_progress(
-        redis=redis, keys=keys, dataset_id=dataset_id, meta=meta, items=items, candidates=cands
+        redis=redis, keys=keys, dataset_id=dataset_id, meta=meta, items=items, candidates=cands, beats=beats
     )
     if state is DatasetState.done and any(t.state is not DatasetState.done for t in tasks.values()):
         state = DatasetState.scoring  # done only when every requested task is
@@ -101,7 +102,7 @@ async def dataset_status(*, redis: Redis, keys: Keys, dataset_id: str) -> Datase
         tokens_scored=tokens,
         throughput_tokens_per_s=throughput,
         eta_seconds=eta,
-        workers=await live_workers(redis, keys, meta["target_model"]),
+        workers=live_workers(beats, meta["target_model"]),
         scores=task_svc.dataset_scores(meta),
         scorer_model=task_svc.task_model(meta, "rating"),
         embedding_model=task_svc.task_model(meta, "embedding"),

@@ -57,10 +57,10 @@ def extra_streams(keys: Keys, meta: Mapping[str, str]) -> list[str]:
     return [keys.task_stream(t, task_model(meta, t)) for t in extra_tasks(meta)]
 
 
-async def _live_workers(redis: Redis, keys: Keys) -> Counter[tuple[str, str]]:
+def _live_workers(beats: list[dict[str, Any]]) -> Counter[tuple[str, str]]:
     """Live workers per (task, model key), from their heartbeats."""
     seen: Counter[tuple[str, str]] = Counter()
-    for beat in await heartbeats.live(redis, keys):
+    for beat in beats:
         seen[(beat.get("task", "logprob"), model_key(beat.get("model", "")))] += 1
     return seen
 
@@ -72,15 +72,25 @@ def task_state(items: int, scored: int, failed: int) -> DatasetState:
 
 
 async def task_progress(
-    *, redis: Redis, keys: Keys, dataset_id: str, meta: Mapping[str, str], items: int, candidates: int
+    *,
+    redis: Redis,
+    keys: Keys,
+    dataset_id: str,
+    meta: Mapping[str, str],
+    items: int,
+    candidates: int,
+    beats: list[dict[str, Any]] | None = None,
 ) -> dict[str, TaskProgress]:
-    """Per requested task: its model, counters and state (every accepted item is queued for each)."""
+    """Per requested task: its model, counters and state (every accepted item is queued for each).
+
+    `beats`: the live workers' heartbeats when the caller has read them already.
+    """
     tasks = tasks_for(dataset_scores(meta))
     async with redis.pipeline(transaction=False) as pipe:
         for t in tasks:
             pipe.hgetall(keys.task_stats(dataset_id, t))
         raws = await pipe.execute()
-    workers = await _live_workers(redis, keys)
+    workers = _live_workers(await heartbeats.live(redis, keys) if beats is None else beats)
     out: dict[str, TaskProgress] = {}
     for t, raw in zip(tasks, raws, strict=True):
         st = {_s(k): float(_s(v)) for k, v in raw.items()}
