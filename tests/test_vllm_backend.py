@@ -19,7 +19,7 @@ from workers.backends.vllm import (
     PATH_PROMPT_LOGPROBS,
     PATH_TOKEN_IDS,
     extract_logprobs,
-    prefix_cache_reads,
+    prefix_cache_classes,
     sampling_kwargs,
 )
 
@@ -78,23 +78,34 @@ def test_prefix_cache_reading_is_asked_explicitly():
     assert sampling_kwargs(PATH_TOKEN_IDS, 5, [7], read_prefix_cache=False)["skip_reading_prefix_cache"] is True
 
 
-def test_prefix_cache_reads_stop_before_the_first_scored_row():
+def test_prefix_cache_classes_keep_hits_before_the_first_scored_row():
     prompt = list(range(100, 110))  # 10 tokens: the first scored row is 9
-    siblings = [ScoreRequest(prompt, [1, 2, 3]), ScoreRequest(prompt, [4, 5, 6]), ScoreRequest(prompt, [7])]
-    # block 4: a hit is at most 8 tokens (two whole blocks of the shared prompt) <= 9
-    assert prefix_cache_reads(siblings, 4) == [True, True, True]
-    # block 5: the whole 10-token prompt is two blocks, so a hit would cover row 9: nobody may read
-    assert prefix_cache_reads(siblings, 5) == [False, False, False]
-    # responses that begin alike carry a hit past the prompt: those two run whole, the third reads
+    siblings = [ScoreRequest(prompt, [1, 2, 3]), ScoreRequest(prompt, [4, 5, 6]), ScoreRequest(prompt, [7, 8])]
+    # block 4: a hit is at most 8 tokens (two whole blocks of the shared prompt) <= 9: one class
+    assert prefix_cache_classes(siblings, 4) == [0, 0, 0]
+    # block 5: the whole 10-token prompt is two blocks, so any sibling's hit would cover row 9
+    assert sorted(prefix_cache_classes(siblings, 5)) == [0, 1, 2]
+    # responses that begin alike carry a hit past the prompt: those two go under different salts, and
+    # the third shares the prompt with either
     alike = [ScoreRequest(prompt, [1, 2, 3, 9]), ScoreRequest(prompt, [1, 2, 3, 8]), ScoreRequest(prompt, [4, 5])]
-    assert prefix_cache_reads(alike, 4) == [False, False, True]
-    # a duplicate pair shares everything but its last token, which vLLM always recomputes
+    a, b, c = prefix_cache_classes(alike, 4)
+    assert a != b and c in (a, b)
+    # alike but only up to before the block boundary (token 12): harmless, one class
+    assert prefix_cache_classes([ScoreRequest(prompt, [1, 9]), ScoreRequest(prompt, [1, 8])], 4) == [0, 0]
+    # a duplicate shares everything but its last token, which vLLM always recomputes
     dup = ScoreRequest(prompt, [1, 2, 3])
-    assert prefix_cache_reads([dup, dup], 4) == [False, False]
-    assert prefix_cache_reads([dup], 4) == [True]  # alone in its call: nothing to hit
+    assert sorted(prefix_cache_classes([dup, dup], 4)) == [0, 1]
+    # a conversation containing another whole (prompt + response) would be hit past the shorter's prompt
+    longer = ScoreRequest(prompt + [1, 2, 3, 50, 51], [60, 61])
+    assert len(set(prefix_cache_classes([dup, longer], 4))) == 2
     # different prompts share nothing beyond their common start
     other = ScoreRequest(list(range(100, 105)) + [0] * 5, [1, 2, 3])
-    assert prefix_cache_reads([dup, other], 4) == [True, True]
+    assert prefix_cache_classes([dup, other], 4) == [0, 0]
+    # many instructions: classes are per conflict, not per instruction
+    many = [ScoreRequest([k] * 10, [k, t]) for k in range(5) for t in range(3)]
+    assert prefix_cache_classes(many, 4) == [0] * 15
+    with pytest.raises(ValueError):
+        prefix_cache_classes(siblings, 0)
 
 
 def test_prefix_reuse_is_on_unless_turned_off():
@@ -248,7 +259,8 @@ def test_prefix_cache_reuse_keeps_the_scores_exact(vllm_backend, pool_pairs, mon
     shared = InstrumentedBackend(vllm_backend, "scored").score(batch)  # as the worker calls it
     read = vllm_backend.cached_tokens - before
     assert REGISTRY.get_sample_value("grape_worker_prefix_cache_tokens_total", {"model": "scored"}) == counted + read
-    # every candidate after the first read whole blocks of the prompt; the two alike ones read nothing
+    # every candidate but the first read whole blocks of its prompt: the alike ones went under salts of
+    # their own, where one of the others' copies of the prompt may be cached too
     block, prompt_len = vllm_backend.block_size, len(r0.prompt_ids)
     assert read >= (len(group) - 1) * block * ((prompt_len - 1) // block) > 0, read
     assert vllm_backend.rerun_requests == reruns  # the rule kept every hit before the first scored row
@@ -256,7 +268,7 @@ def test_prefix_cache_reuse_keeps_the_scores_exact(vllm_backend, pool_pairs, mon
     assert worst < 1e-5, worst
 
     # were the rule wrong, the engine's own hit count catches it: those requests run again, uncached
-    monkeypatch.setattr(vllm_module, "prefix_cache_reads", lambda reqs, block: [True] * len(reqs))
+    monkeypatch.setattr(vllm_module, "prefix_cache_classes", lambda reqs, block: [0] * len(reqs))
     guarded = vllm_backend.score(batch)
     assert vllm_backend.rerun_requests > reruns
     worst = max(abs(a - b) for s, p in zip(guarded, plain, strict=True) for a, b in zip(s, p, strict=True))

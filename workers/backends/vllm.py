@@ -16,15 +16,16 @@ Two ways to ask for those log-probs, chosen once when the engine starts:
 
 Each instruction prefix is computed once per call, with the engine's prefix cache. vLLM skips the cache
 for requests that ask prompt log-probs (`SamplingParams.skip_reading_prefix_cache` defaults to True
-then), because rows served from the cache get no log-prob. We turn reading back on where it is provably
-harmless: a cache hit is whole blocks and never longer than what the request shares with another
-sequence in the cache, so a request may read it when that bound stays at or before `prompt_len - 1`,
-the first row we score (`prefix_cache_reads`). A per-call `cache_salt` keeps the cache to this call's
-sequences, so the bound is computed over a known set. Candidates of one instruction in one call then
-run their shared prompt once (to within a block); candidates whose responses also begin alike
-(duplicates, a shared opening sentence) read nothing and run whole. `extra={"share_prefix": False}`
-turns this off. A reported hit past the first scored row (`num_cached_tokens`) is never read: that
-request is run again without the cache.
+then), because rows served from the cache get no log-prob. We turn reading back on and make it provably
+harmless: a cache hit is whole blocks of what the request shares with a sequence in the cache (and
+never its last token), so it stays before `prompt_len - 1`, the first row we score, unless the request
+shares more than its prompt up to the next block boundary with another one (responses that begin
+alike, a prompt that ends on a block boundary, a conversation that contains another). `cache_salt`
+separates caches: each call gets fresh salts, so nothing of an earlier call can be hit, and requests
+that would overreach each other go under different salts (`prefix_cache_classes`). Candidates of one
+instruction then run their shared prompt once per class (to within a block), nearly always once.
+`extra={"share_prefix": False}` turns this off. A reported hit past the first scored row
+(`num_cached_tokens`) is never read: that request is run again without the cache.
 
 vLLM needs room for the one sampled token, so a pair may be at most `engine max_model_len - 1` tokens
 long; `self.max_model_len` says so, and a requested `config.max_model_len` is honoured exactly by
@@ -99,31 +100,57 @@ def build_sampling_params(
     return SamplingParams(**sampling_kwargs(path, prompt_len, response_ids, flat, read_prefix_cache))
 
 
-def prefix_cache_reads(requests: list[ScoreRequest], block_size: int) -> list[bool]:
-    """Which requests may read the prefix cache without a hit reaching a row we score.
+def _common_prefix(x: tuple[int, ...], y: tuple[int, ...]) -> int:
+    n = min(len(x), len(y))
+    if x[:n] == y[:n]:
+        return n
+    lo, hi = 0, n  # x[:lo] == y[:lo], x[:hi] != y[:hi]; slice compares run in C
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if x[:mid] == y[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
-    With only these sequences in the cache, request i can hit at most the whole blocks of its longest
-    common prefix with another one, and never its last token (vLLM recomputes it):
-    `block * (min(lcp, len - 1) // block)`. Its first scored row is `prompt_len - 1`, so it may read
-    when that bound is at most `prompt_len - 1`. The longest common prefix with any other sequence is
-    the one with a neighbour in sorted order.
+
+def prefix_cache_classes(requests: list[ScoreRequest], block_size: int) -> list[int]:
+    """A cache class per request (its salt): within a class no cache hit reaches a row we score.
+
+    Request i's hit is at most `block * (min(lcp, len_i - 1) // block)` for the longest common prefix
+    `lcp` with another sequence of its class (vLLM always recomputes the last token), so it overreaches
+    exactly when `min(lcp, len_i - 1)` reaches `t_i`, the first block boundary at or past `prompt_len_i`.
+    Those pairs are the conflicts; classes are a greedy colouring of them in sorted order. The sequences
+    sharing i's first t_i tokens are neighbours of i in sorted order, so finding them is a short walk.
     """
     if block_size < 1:
         raise ValueError("block_size must be positive")
     seqs = [tuple(r.prompt_ids) + tuple(r.response_ids) for r in requests]
     order = sorted(range(len(seqs)), key=seqs.__getitem__)
-    lcp = [0] * len(seqs)
-    for a, b in zip(order, order[1:], strict=False):
-        x, y = seqs[a], seqs[b]
-        n = min(len(x), len(y))
-        k = 0
-        while k < n and x[k] == y[k]:
-            k += 1
-        lcp[a], lcp[b] = max(lcp[a], k), max(lcp[b], k)
-    return [
-        block_size * (min(lcp[i], len(seqs[i]) - 1) // block_size) <= len(r.prompt_ids) - 1
-        for i, r in enumerate(requests)
-    ]
+    # adjacent[k]: common prefix of the sequences at sorted positions k and k + 1
+    adjacent = [_common_prefix(seqs[a], seqs[b]) for a, b in zip(order, order[1:], strict=False)]
+    conflicts: list[set[int]] = [set() for _ in seqs]
+    for k, i in enumerate(order):
+        t = -(-len(requests[i].prompt_ids) // block_size) * block_size
+        if len(seqs[i]) - 1 < t:
+            continue  # too short to be hit past its prompt
+        for step in (-1, 1):
+            shared, j = len(seqs[i]), k
+            while 0 <= j + step < len(order):
+                shared = min(shared, adjacent[min(j, j + step)])
+                if shared < t:
+                    break
+                j += step
+                conflicts[i].add(order[j])
+                conflicts[order[j]].add(i)
+    classes = [-1] * len(seqs)
+    for i in order:
+        taken = {classes[j] for j in conflicts[i]}
+        c = 0
+        while c in taken:
+            c += 1
+        classes[i] = c
+    return classes
 
 
 def extract_logprobs(path: str, output: Any, prompt_len: int, response_ids: list[int]) -> list[float]:
@@ -307,25 +334,24 @@ class VLLMBackend:
         from vllm.inputs import TokensPrompt
 
         reuse = self.prefix_reuse if reuse is None else reuse
-        reads = prefix_cache_reads(requests, self.block_size) if reuse else [False] * len(requests)
-        # a fresh salt per call: no block of an earlier call can be hit, so `reads` was computed over
+        # fresh salts per call: no block of an earlier call can be hit, so the classes were computed over
         # everything this call can find in the cache
-        salt = f"grape-{os.getpid()}-{next(self._calls)}"
-        prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids + r.response_ids, cache_salt=salt) for r in requests]
-        params = [
-            build_sampling_params(
-                path, len(r.prompt_ids), r.response_ids, self.flat, read if self.prefix_reuse else None
-            )
-            for r, read in zip(requests, reads, strict=True)
+        call = f"grape-{os.getpid()}-{next(self._calls)}"
+        classes = prefix_cache_classes(requests, self.block_size) if reuse else [0] * len(requests)
+        prompts = [
+            TokensPrompt(prompt_token_ids=r.prompt_ids + r.response_ids, cache_salt=f"{call}-{c}")
+            for r, c in zip(requests, classes, strict=True)
         ]
+        read = reuse if self.prefix_reuse else None  # None: vLLM's default (no reading)
+        params = [build_sampling_params(path, len(r.prompt_ids), r.response_ids, self.flat, read) for r in requests]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         out: list[list[float]] = []
         rerun: list[int] = []
-        for i, (o, r, read) in enumerate(zip(outputs, requests, reads, strict=True)):
+        for i, (o, r) in enumerate(zip(outputs, requests, strict=True)):
             cached = o.num_cached_tokens
-            if read:
+            if reuse:
                 self.cached_tokens += cached or 0
-            if read and (cached is None or cached > len(r.prompt_ids) - 1):
+            if reuse and (cached is None or cached > len(r.prompt_ids) - 1):
                 rerun.append(i)  # rows before the hit got no log-prob: never read them
                 out.append([])
                 continue
