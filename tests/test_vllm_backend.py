@@ -13,6 +13,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from workers.backends.base import BackendConfig, ScoreRequest
 from workers.backends.vllm import (
@@ -106,6 +108,27 @@ def test_prefix_cache_classes_keep_hits_before_the_first_scored_row():
     assert prefix_cache_classes(many, 4) == [0] * 15
     with pytest.raises(ValueError):
         prefix_cache_classes(siblings, 0)
+
+
+_tokens = st.lists(st.integers(0, 2), min_size=1, max_size=9)  # a 3-token vocabulary: prefixes collide
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_tokens, _tokens), min_size=1, max_size=12), st.integers(1, 5))
+def test_no_class_lets_a_hit_reach_a_scored_row(pairs, block):
+    """The invariant itself, on random colliding sequences: within a class, the longest hit vLLM could
+    serve any request (whole blocks of its longest common prefix with another member, never its last
+    token) stays before the request's first scored row."""
+    requests = [ScoreRequest(p, r) for p, r in pairs]
+    classes = prefix_cache_classes(requests, block)
+    for i, (ri, ci) in enumerate(zip(requests, classes, strict=True)):
+        si = ri.prompt_ids + ri.response_ids
+        for j, (rj, cj) in enumerate(zip(requests, classes, strict=True)):
+            if i == j or ci != cj:
+                continue
+            sj = rj.prompt_ids + rj.response_ids
+            lcp = next((k for k, (a, b) in enumerate(zip(si, sj, strict=False)) if a != b), min(len(si), len(sj)))
+            assert block * (min(lcp, len(si) - 1) // block) <= len(ri.prompt_ids) - 1, (i, j, classes)
 
 
 def test_prefix_reuse_is_on_unless_turned_off():
