@@ -21,6 +21,7 @@ from service.routes import metrics as metrics_routes
 from service.routes import status as status_page
 from service.routes import summary as summary_routes
 from service.routes import training as training_routes
+from service.routes import workers as worker_routes
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(summary_routes.router)
     app.include_router(training_routes.router)
+    app.include_router(worker_routes.router)
     app.include_router(metrics_routes.router)
     app.include_router(status_page.router)
     app.mount("/static", status_page.static_files(), name="static")

@@ -20,6 +20,8 @@ the work.
     grape_queue_pending{model, task}         chunks delivered to a worker and not yet acknowledged
     grape_queue_dead_letters{model, task}    chunks in the dead-letter stream
     grape_workers{model, task}               live workers (heartbeat keys)
+    grape_worker_backend{worker, model, task, backend, path, dtype, prefix_reuse}
+                                             1 per live worker: what it scores with (also GET /v1/workers)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import asyncio
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -55,6 +58,7 @@ class Snapshot:
     queues: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  # (model, task) -> (len, pending)
     dead: dict[tuple[str, str], int] = field(default_factory=dict)
     workers: Counter[tuple[str, str]] = field(default_factory=Counter)
+    beats: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _queue_of(suffix: str) -> tuple[str, str]:
@@ -83,7 +87,8 @@ async def _read(redis: Redis, keys: Keys) -> Snapshot:
     async for raw in redis.scan_iter(match=f"{dead_prefix}*", count=500, _type="stream"):
         key = _s(raw)
         snap.dead[_queue_of(key[len(dead_prefix) :])] = int(await redis.xlen(key))
-    for info in await heartbeats.live(redis, keys):
+    snap.beats = await heartbeats.live(redis, keys)
+    for info in snap.beats:
         snap.workers[(model_key(str(info.get("model", ""))), str(info.get("task", PRIMARY_TASK)))] += 1
     return snap
 
@@ -150,6 +155,23 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     for (model, task), n in sorted(snap.workers.items()):
         workers.add_metric([model, task], n)
     yield workers
+    backend = GaugeMetricFamily(
+        "grape_worker_backend",
+        "1 per live worker, labelled with what it scores with: backend, path taken, dtype, prefix reuse.",
+        labels=["worker", "model", "task", "backend", "path", "dtype", "prefix_reuse"],
+    )
+    for b in sorted(snap.beats, key=lambda b: str(b.get("name", ""))):
+        labels = [b.get("name"), model_key(str(b.get("model", ""))), b.get("task", PRIMARY_TASK)]
+        labels += [b.get("backend"), b.get("path"), b.get("dtype"), b.get("prefix_reuse")]
+        backend.add_metric([_label(v) for v in labels], 1)
+    yield backend
+
+
+def _label(value: Any) -> str:
+    """A heartbeat field as a label value: missing is empty, booleans as Prometheus writes them."""
+    if value is None:
+        return ""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 class _Families:

@@ -145,6 +145,29 @@ class Health(BaseModel):
     version: str
 
 
+class WorkerPublic(BaseModel):
+    """A live scoring worker, from its heartbeat; a backend may report more fields than these."""
+
+    model_config = {"extra": "allow"}
+
+    name: str
+    model: str
+    task: str = "logprob"
+    backend: str | None = None
+    dtype: str | None = None
+    path: str | None = Field(None, description="the scoring path the backend took (e.g. vLLM's prompt_logprobs)")
+    path_reason: str | None = None
+    prefix_reuse: bool | None = Field(None, description="vLLM: instruction prompts read from its prefix cache")
+    items: int = 0
+    tokens: int = 0
+    uptime_s: float = 0.0
+    heartbeat: float = Field(0.0, description="unix time of its last heartbeat")
+
+
+class WorkerList(BaseModel):
+    workers: list[WorkerPublic]
+
+
 class SourceSummary(BaseModel):
     source: str = Field(description="Who wrote the candidates (the `source` of the uploaded candidates).")
     candidates: int = Field(description="Scored candidates from this source.")

@@ -71,6 +71,20 @@ def test_gateway_metrics_follow_a_dataset_from_queue_to_scores(api, worker_facto
     assert value(after, "grape_queue_pending", **model) == 0
     assert value(after, "grape_workers", **model) == 1
     assert value(after, "grape_datasets", state="done") == 1
+    # what each live worker scores with: on /metrics and on GET /v1/workers
+    (worker,) = api.get("/v1/workers").json()["workers"]
+    assert worker["model"] == MODEL and worker["task"] == "logprob" and worker["backend"] == "hf"
+    assert worker["path"] == hf_backend.info()["path"] and worker["dtype"] == hf_backend.info()["dtype"]
+    backend_labels = {
+        "worker": worker["name"],
+        "model": MODEL,
+        "task": "logprob",
+        "backend": "hf",
+        "path": worker["path"],
+        "dtype": worker["dtype"],
+        "prefix_reuse": "",  # the hf backend shares prefixes by itself; the label is vLLM's
+    }
+    assert value(after, "grape_worker_backend", **backend_labels) == 1
 
     # the worker's own counters (this process's registry: the worker ran in a thread here)
     from prometheus_client import REGISTRY, generate_latest

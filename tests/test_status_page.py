@@ -113,6 +113,11 @@ def test_status_page_shows_progress_and_wins_while_scoring(chromium, redis_url, 
             assert seen == sorted(seen) and len(seen) >= 3, f"progress seen by the page: {seen}"
             assert any(0 < v < total for v in seen)
             assert page.eval(f"{row}.querySelector('.state').textContent") == "done"
+            # the live worker and what it scores with
+            page.wait_for("document.querySelector('#workers tr[data-worker]') !== null", 20)
+            cells = page.eval("[...document.querySelectorAll('#workers tr[data-worker] td')].map((c) => c.textContent)")
+            assert cells[1:5] == [MODEL, "logprob", "hf", "shared-prefix+response-rows-projection"], cells
+            assert page.eval("document.getElementById('workers-section').hidden") is False
 
             # the wins chart: one bar per source, the bars add up to one win per instruction
             page.wait_for("document.getElementById('wins-chart').dataset.wins === '6'", 30)

@@ -3,6 +3,7 @@
 // GET /healthz                      version and Redis reachability
 // GET /v1/datasets                  every dataset with its counters (progress, throughput, ETA, workers)
 // GET /v1/datasets/{id}/summary     wins per source and score histograms of the selected dataset
+// GET /v1/workers                   live workers: backend, scoring path, dtype, progress
 // GET /v1/training-jobs             training jobs, when the gateway has that API (404: the section stays hidden)
 //
 // When the gateway has API keys, /v1 answers 401 until a key is given: the page asks for one and keeps
@@ -151,6 +152,27 @@
     tbody.replaceChildren(...rows);
     $("datasets-empty").hidden = datasets.length > 0;
     $("datasets").hidden = datasets.length === 0;
+  }
+
+  function renderWorkers(workers) {
+    const rows = workers.map((w) => {
+      const path = (w.path || "–") + (w.prefix_reuse ? " + prefix cache" : "");
+      return el(
+        "tr",
+        { dataset: { worker: w.name } },
+        el("td", {}, w.name),
+        el("td", {}, w.model),
+        el("td", {}, w.task),
+        el("td", {}, w.backend || "–"),
+        el("td", { title: w.path_reason || "" }, path),
+        el("td", {}, w.dtype || "–"),
+        el("td", { class: "num" }, int(w.items)),
+        el("td", { class: "num" }, int(w.tokens)),
+        el("td", { class: "num" }, duration(w.uptime_s)),
+      );
+    });
+    $("workers").querySelector("tbody").replaceChildren(...rows);
+    $("workers-section").hidden = workers.length === 0;
   }
 
   async function refreshSummary(ds) {
@@ -346,6 +368,7 @@
       const datasets = (r && r.datasets) || [];
       state.selected = pickSelected(datasets);
       renderDatasets(datasets);
+      renderWorkers(((await api("/v1/workers")) || {}).workers || []);
       await refreshSummary(datasets.find((d) => d.id === state.selected));
       await refreshJobs();
       $("updated").textContent = `Last update ${new Date().toLocaleTimeString()}.`;
