@@ -30,8 +30,7 @@ from service.schemas import (
     ItemPublic,
     Rejected,
 )
-
-PAGE = 500
+from service.store import dataset_meta, id_pages
 
 
 async def create_dataset(*, redis: Redis, keys: Keys, body: DatasetCreate) -> DatasetPublic:
@@ -51,20 +50,13 @@ async def create_dataset(*, redis: Redis, keys: Keys, body: DatasetCreate) -> Da
     return await dataset_status(redis=redis, keys=keys, dataset_id=ds)
 
 
-async def _meta(redis: Redis, keys: Keys, dataset_id: str) -> dict[str, str]:
-    raw = await redis.hgetall(keys.dataset(dataset_id))
-    if not raw:
-        raise NotFound(f"dataset {dataset_id!r} not found")
-    return {_s(k): _s(v) for k, v in raw.items()}
-
-
 def live_workers(beats: list[dict[str, Any]], model: str) -> int:
     """Workers of every task on `model`, from their heartbeats."""
     return sum(1 for b in beats if model_key(b.get("model", "")) == model_key(model))
 
 
 async def dataset_status(*, redis: Redis, keys: Keys, dataset_id: str) -> DatasetPublic:
-    meta = await _meta(redis, keys, dataset_id)
+    meta = await dataset_meta(redis, keys, dataset_id)
     raw = await redis.hgetall(keys.stats(dataset_id))
     st = {_s(k): float(_s(v)) for k, v in raw.items()}
     items = int(st.get("items", 0))
@@ -130,7 +122,7 @@ async def ingest(
     items: list[dict[str, Any]],
     rejected: list[Rejected],
 ) -> IngestResult:
-    meta = await _meta(redis, keys, dataset_id)
+    meta = await dataset_meta(redis, keys, dataset_id)
     if not items and rejected:
         raise Unprocessable(f"no item accepted: {len(rejected)} rejected", rejected=[r.model_dump() for r in rejected])
     script = redis.register_script(INGEST_LUA)
@@ -173,7 +165,7 @@ async def ingest(
 
 
 async def get_item(*, redis: Redis, keys: Keys, dataset_id: str, item_id: str) -> ItemPublic:
-    await _meta(redis, keys, dataset_id)
+    await dataset_meta(redis, keys, dataset_id)
     raw = await redis.hget(keys.items(dataset_id), item_id)
     if raw is None:
         raise NotFound(f"item {item_id!r} not found in dataset {dataset_id!r}")
@@ -215,7 +207,7 @@ async def get_item(*, redis: Redis, keys: Keys, dataset_id: str, item_id: str) -
 
 
 async def list_failures(*, redis: Redis, keys: Keys, dataset_id: str, limit: int) -> list[FailurePublic]:
-    await _meta(redis, keys, dataset_id)
+    await dataset_meta(redis, keys, dataset_id)
     out: list[FailurePublic] = []
     async for k, v in redis.hscan_iter(keys.failed(dataset_id), count=500):
         out.append(FailurePublic(id=_s(k), error=_s(v)))
@@ -229,12 +221,7 @@ async def scored_items(
 ) -> AsyncIterator[list[ScoredItem]]:
     """Pages of scored items in upload order; unscored and failed items are left out. `needs`: extra
     task results (grape.tasks) to attach, where an item has them."""
-    start = 0
-    while True:
-        ids = await redis.lrange(keys.order(dataset_id), start, start + PAGE - 1)
-        if not ids:
-            return
-        start += len(ids)
+    async for ids in id_pages(redis, keys, dataset_id):
         async with redis.pipeline(transaction=False) as pipe:
             pipe.hmget(keys.items(dataset_id), ids)
             pipe.hmget(keys.scores(dataset_id), ids)
@@ -249,7 +236,7 @@ async def selection_lines(
     *, redis: Redis, keys: Keys, dataset_id: str, strategy: str, params: SelectParams
 ) -> AsyncIterator[bytes]:
     """NDJSON records ready for TRL's SFTTrainer; streams page by page for per-instruction strategies."""
-    meta = await _meta(redis, keys, dataset_id)
+    meta = await dataset_meta(redis, keys, dataset_id)
     needs = tuple(task_svc.check_strategies(meta, [strategy], dataset_id))
     select = STRATEGIES.get(strategy)
     if getattr(select, "per_item", False):
@@ -264,7 +251,7 @@ async def selection_lines(
 
 
 async def delete_dataset(*, redis: Redis, keys: Keys, dataset_id: str) -> None:
-    await _meta(redis, keys, dataset_id)
+    await dataset_meta(redis, keys, dataset_id)
     await redis.delete(
         keys.dataset(dataset_id),
         keys.items(dataset_id),

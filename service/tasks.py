@@ -33,10 +33,9 @@ from grape.tasks import (
     task_model,
     tasks_for,
 )
-from service.errors import NotFound, Unprocessable
+from service.errors import Unprocessable
 from service.schemas import ComparisonPublic, DatasetCreate, ScoresRequest, TaskProgress
-
-PAGE = 500
+from service.store import dataset_meta, id_pages, read_meta
 
 
 def task_meta(body: DatasetCreate) -> dict[str, str]:
@@ -134,10 +133,9 @@ async def catch_up(
     script only knew the tasks of `before`). A duplicate entry is harmless: results are idempotent."""
     if not accepted:
         return
-    raw = await redis.hgetall(keys.dataset(dataset_id))
-    if not raw:
+    meta = await read_meta(redis, keys, dataset_id)
+    if meta is None:
         return
-    meta = {_s(k): _s(v) for k, v in raw.items()}
     known = set(extra_tasks(before))
     for t in extra_tasks(meta):
         if t not in known:
@@ -145,12 +143,7 @@ async def catch_up(
 
 
 async def _stored_items(redis: Redis, keys: Keys, dataset_id: str) -> Any:
-    start = 0
-    while True:
-        ids = await redis.lrange(keys.order(dataset_id), start, start + PAGE - 1)
-        if not ids:
-            return
-        start += len(ids)
+    async for ids in id_pages(redis, keys, dataset_id):
         raws = await redis.hmget(keys.items(dataset_id), ids)
         yield [orjson.loads(x) for x in raws if x is not None]
 
@@ -160,10 +153,7 @@ async def request_scores(
 ) -> list[str]:
     """Add score kinds to a dataset and queue its stored items for the tasks that are new. Returns the
     tasks queued. Models can be chosen only for a task not requested before."""
-    raw = await redis.hgetall(keys.dataset(dataset_id))
-    if not raw:
-        raise NotFound(f"dataset {dataset_id!r} not found")
-    meta = {_s(k): _s(v) for k, v in raw.items()}
+    meta = await dataset_meta(redis, keys, dataset_id)
     try:
         wanted = normalize_scores([*dataset_scores(meta), *body.scores])
     except ValueError as exc:
@@ -232,10 +222,7 @@ async def candidate_extras(
 
 async def check_selection(*, redis: Redis, keys: Keys, dataset_id: str, strategy: str) -> None:
     """Before a selection starts streaming: the dataset exists, the strategy is known and has its scores."""
-    raw = await redis.hgetall(keys.dataset(dataset_id))
-    if not raw:
-        raise NotFound(f"dataset {dataset_id!r} not found")
-    check_strategies({_s(k): _s(v) for k, v in raw.items()}, [strategy], dataset_id)
+    check_strategies(await dataset_meta(redis, keys, dataset_id), [strategy], dataset_id)
 
 
 def check_strategies(meta: Mapping[str, str], names: Iterable[str], dataset_id: str) -> list[str]:
@@ -264,10 +251,7 @@ async def compare(
 ) -> ComparisonPublic:
     from service.datasets import dataset_status, scored_items
 
-    raw = await redis.hgetall(keys.dataset(dataset_id))
-    if not raw:
-        raise NotFound(f"dataset {dataset_id!r} not found")
-    meta = {_s(k): _s(v) for k, v in raw.items()}
+    meta = await dataset_meta(redis, keys, dataset_id)
     if not strategies:
         raise Unprocessable("strategies: name at least one, e.g. ?strategies=grape,longest")
     if len(set(strategies)) != len(strategies):

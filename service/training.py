@@ -35,13 +35,14 @@ from grape.redis_client import as_str as _text
 from grape.settings import Settings
 from grape.strategies import SelectParams
 from service import tasks as task_svc
-from service.datasets import _meta, dataset_status, selection_lines
+from service.datasets import dataset_status, selection_lines
 from service.errors import Busy, Conflict, NotFound, Unprocessable
+from service.store import dataset_meta
 from service.training_schemas import TrainingJobCreate, TrainingJobCreated, TrainingJobPublic
 
 
 async def create_job(*, redis: Redis, keys: Keys, settings: Settings, body: TrainingJobCreate) -> TrainingJobCreated:
-    meta = await _meta(redis, keys, body.dataset_id)
+    meta = await dataset_meta(redis, keys, body.dataset_id)
     task_svc.check_strategies(meta, [body.strategy], body.dataset_id)
     ds = await dataset_status(redis=redis, keys=keys, dataset_id=body.dataset_id)
     if ds.state is not DatasetState.done:
