@@ -19,6 +19,7 @@ ENTRY_POINTS = {
     "serve": "service.main:main",
     "worker": "workers.main:main",
     "trainer": "trainer.main:main",
+    "evaluator": "evaluator.main:main",
 }
 
 
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("serve", "run the HTTP gateway"),
         ("worker", "run a scoring worker"),
         ("trainer", "run a fine-tuning job runner (TRL)"),
+        ("evaluator", "run an evaluation job runner (lm-evaluation-harness)"),
     ):
         sp = sub.add_parser(name, help=help_, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
@@ -236,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     from grape.train_cli import add_train_parser
 
     add_train_parser(sub, default_url=_default_url())
+    from grape.eval_cli import add_eval_parser
+
+    add_eval_parser(sub, default_url=_default_url())
+    from grape.experiment_cli import add_experiment_parser
+
+    add_experiment_parser(sub, default_url=_default_url())
     return p
 
 

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -125,11 +126,14 @@ class GrapeClient:
         items: Iterable[dict[str, Any]],
         *,
         batch: int = 500,
+        max_bytes: int = 4 * 2**20,
         on_batch: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Upload in NDJSON batches; returns totals, with rejected indices counted across the whole file."""
-        totals: dict[str, Any] = {"accepted": 0, "duplicates": 0, "rejected": []}
+        """Upload in NDJSON batches of at most `batch` items and about `max_bytes` (under the gateway's
+        GRAPE_MAX_BODY_BYTES); returns totals, with rejected indices counted across the whole file."""
+        totals: dict[str, Any] = {"accepted": 0, "duplicates": 0, "rejected": [], "rejected_total": 0}
         buf: list[dict[str, Any]] = []
+        size = 0
         offset = 0
 
         def flush() -> None:
@@ -138,15 +142,22 @@ class GrapeClient:
             totals["accepted"] += res["accepted"]
             totals["duplicates"] += res["duplicates"]
             totals["rejected"] += [{**r, "index": r["index"] + offset} for r in res["rejected"]]
+            totals["rejected_total"] += res.get("rejected_total", len(res["rejected"]))
             if on_batch:
                 on_batch(len(buf), res)
             offset += len(buf)
             buf.clear()
 
         for it in items:
+            line = len(orjson.dumps(it)) + 1
+            if buf and size + line > max_bytes:
+                flush()
+                size = 0
             buf.append(it)
+            size += line
             if len(buf) >= batch:
                 flush()
+                size = 0
         if buf:
             flush()
         return totals
@@ -155,7 +166,11 @@ class GrapeClient:
         return self._request("GET", f"/v1/datasets/{dataset_id}").json()
 
     def item(self, dataset_id: str, item_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/v1/datasets/{dataset_id}/items/{item_id}").json()
+        # any characters may be in an item id: encode every one the path would read otherwise ('.' too, so a
+        # client never collapses an id like `..` as a path segment)
+        return self._request(
+            "GET", f"/v1/datasets/{dataset_id}/items/{quote(item_id, safe='').replace('.', '%2E')}"
+        ).json()
 
     def selection(self, dataset_id: str, **params: Any) -> Iterator[dict[str, Any]]:
         params = {k: v for k, v in params.items() if v is not None}
@@ -190,6 +205,35 @@ class GrapeClient:
             for line in resp.iter_lines():
                 if line.strip():
                     yield orjson.loads(line)
+
+    # experiments -----------------------------------------------------------------------------------
+    def create_experiment(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One attempt, no retry: a lost answer must not start the same experiment twice."""
+        return _checked(self.http.post("/v1/experiments", json=body)).json()
+
+    def experiment(self, exp_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/experiments/{exp_id}").json()
+
+    def experiments(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/experiments").json()["experiments"]
+
+    def cancel_experiment(self, exp_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/experiments/{exp_id}/cancel").json()
+
+    def experiment_selection(self, exp_id: str, arm: int) -> list[dict[str, Any]]:
+        text = self._request("GET", f"/v1/experiments/{exp_id}/arms/{arm}/selection").content
+        return [orjson.loads(line) for line in text.splitlines() if line.strip()]
+
+    # evaluations -----------------------------------------------------------------------------------
+    def create_evaluation(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One attempt, no retry: a lost answer must not queue the same evaluation twice."""
+        return _checked(self.http.post("/v1/evaluations", json=body)).json()
+
+    def evaluation(self, eval_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/evaluations/{eval_id}").json()
+
+    def cancel_evaluation(self, eval_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/evaluations/{eval_id}/cancel").json()
 
     def export(self, dataset_id: str, path: str | Path, **params: Any) -> int:
         n = 0

@@ -28,16 +28,26 @@ def _summary(name: str, pairs: Sequence[tuple[ScoredItem, int]], sources: list[s
     }
 
 
-def compare(rows: Sequence[ScoredItem], strategies: Mapping[str, Strategy], params: SelectParams) -> dict[str, Any]:
+def compare(
+    rows: Sequence[ScoredItem],
+    strategies: Mapping[str, Strategy],
+    params: SelectParams,
+    max_sources: int | None = None,
+) -> dict[str, Any]:
     """Run each strategy on the same rows with the same parameters and summarize.
 
     - `pool`: every scored pair (the reference row: what choosing at random among all pairs would give).
     - `strategies`: per strategy, pairs selected, instructions covered, mean response length (target
       tokens and characters) and each source's share of the selected pairs.
     - `overlap[a][b]`: pairs selected by both a and b (`overlap[a][a]` is a's count).
+    - `sources`: the sources whose shares are shown, by name: all of them, or the `max_sources` with the
+      most candidates in the pool (so the answer stays small on a pool with a source per pair);
+      `sources_total` counts them all.
     """
     by_id = {row.item["id"]: row for row in rows}
-    sources = sorted({c["source"] for row in rows for c in row.item["candidates"]})
+    in_pool = Counter(c["source"] for row in rows for c in row.item["candidates"])
+    ranked = sorted(in_pool, key=lambda s: (-in_pool[s], s))
+    sources = sorted(ranked if max_sources is None else ranked[:max_sources])
     picked: dict[str, set[tuple[str, int]]] = {}
     summaries = []
     for name, select in strategies.items():
@@ -46,7 +56,14 @@ def compare(rows: Sequence[ScoredItem], strategies: Mapping[str, Strategy], para
         summaries.append(_summary(name, [(by_id[i], c) for i, c in pairs], sources))
     pool = _summary("pool", [(row, i) for row in rows for i in range(len(row.scores))], sources)
     overlap = {a: {b: len(picked[a] & picked[b]) for b in picked} for a in picked}
-    return {"items": len(rows), "sources": sources, "pool": pool, "strategies": summaries, "overlap": overlap}
+    return {
+        "items": len(rows),
+        "sources": sources,
+        "sources_total": len(in_pool),
+        "pool": pool,
+        "strategies": summaries,
+        "overlap": overlap,
+    }
 
 
 def format_table(result: Mapping[str, Any]) -> str:

@@ -9,6 +9,9 @@ the dead trainer with `REAP_LUA`: a running job is failed with the reason, or qu
 its last checkpoint when the job asked for it (`auto_resume`, at most `max_attempts` runs). Every state
 change is one script, so two processes never both move a job.
 
+A job that is not running can be deleted (`DELETE_LUA`): its hash, log and flags go at once, and its id is
+added to `Keys.jobs_deleted`, from which trainers remove the job's directory (`GRAPE_TRAIN_DIR/<job id>`).
+
 Cancel sets a flag (`Keys.job_cancel`) that the trainer's callback reads after every optimizer step: it
 saves a checkpoint and stops. The same flag with the value `requeue` is how a trainer shutting down
 (SIGTERM) hands its job back: checkpoint, then queued again with `resume`.
@@ -16,14 +19,15 @@ saves a checkpoint and stops. The same flag with the value `requeue` is how a tr
 
 from __future__ import annotations
 
+import math
 import time
 from enum import StrEnum
-from pathlib import PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from grape.chat_templates import NAME_PATTERN
 from grape.redis_client import as_str as _s
 
 CANCEL = "cancel"
@@ -43,98 +47,163 @@ class JobState(StrEnum):
 
 TERMINAL = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled})
 
-RESERVED_HYPERPARAMETERS = frozenset(
-    {"output_dir", "resume_from_checkpoint", "push_to_hub", "hub_token", "hub_model_id", "logging_dir"}
-)
-"""SFTConfig fields the job sets itself (`output_dir` is a job field; resume is a job action)."""
+OPERATOR_ONLY: dict[str, str] = {
+    "output_dir": "a job always writes to GRAPE_TRAIN_DIR/<job id> on its trainer",
+    "resume_from_checkpoint": "POST /v1/training-jobs/{id}/resume continues a job from its own checkpoints",
+    "trust_remote_code": "the operator's GRAPE_TRUST_REMOTE_CODE_MODELS, per allowed model",
+    "model_init_kwargs": "set by the trainer (dtype: hyperparameters.dtype)",
+    "chat_template_path": "name a template in hyperparameters.chat_template",
+    "report_to": "the operator's GRAPE_TRAIN_REPORT_TO on grape trainer",
+    "logging_dir": "logs go to the job's own directory and to GET /v1/training-jobs/{id}/logs",
+    "save_strategy": "a job checkpoints every save_steps",
+    "use_cpu": "the trainer uses its accelerator when it has one",
+    "deepspeed": "the operator's grape trainer --launcher accelerate --accelerate-config",
+    "fsdp": "the operator's grape trainer --launcher accelerate --accelerate-config",
+    "fsdp_config": "the operator's grape trainer --launcher accelerate --accelerate-config",
+    "dataloader_num_workers": "the operator's GRAPE_TRAIN_DATALOADER_WORKERS",
+    "dataset_num_proc": "set by the trainer",
+    "push_to_hub": "jobs never push to a hub",
+    "hub_token": "jobs never push to a hub",
+    "hub_model_id": "jobs never push to a hub",
+}
+"""SFTConfig fields a request may not set, and where they come from instead (named in the 422)."""
+
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+SCHEDULERS += ("inverse_sqrt",)
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop", "ademamix")
+OPTIMIZERS += ("adamw_torch_8bit", "adamw_torch_4bit", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit")
+OPTIMIZERS += ("paged_adamw_32bit", "lion_8bit", "lion_32bit", "paged_lion_8bit", "paged_lion_32bit")
+MAX_LENGTH_CAP = 131_072
+"""Absolute cap of `max_length`; the trainer also refuses a length beyond the base model's context."""
+
+_TARGET_MODULE = r"^[A-Za-z0-9_.]{1,100}$"
+_BOUNDED = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class LoraSpec(BaseModel):
     """A LoRA adapter (peft `LoraConfig`) instead of full fine-tuning."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _BOUNDED
 
-    r: int = Field(16, ge=1, le=4096, description="Rank of the update matrices.")
-    alpha: int = Field(32, ge=1, description="Scale numerator (peft `lora_alpha`); the update is scaled by alpha/r.")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input (peft `lora_dropout`).")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description='Module names to adapt (e.g. ["q_proj", "v_proj"]), or "all-linear".'
+    r: int = Field(16, ge=1, le=1024, description="Rank of the update matrices.")
+    alpha: int = Field(
+        32, ge=1, le=16384, description="Scale numerator (peft `lora_alpha`); the update is scaled by alpha/r."
     )
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input (peft `lora_dropout`).")
+    target_modules: (
+        Annotated[list[Annotated[str, Field(pattern=_TARGET_MODULE)]], Field(min_length=1, max_length=64)]
+        | Literal["all-linear"]
+    ) = Field("all-linear", description='Module names to adapt (e.g. ["q_proj", "v_proj"]), or "all-linear".')
 
 
 class Hyperparameters(BaseModel):
-    """TRL `SFTConfig` fields. The common ones are typed here; any other `SFTConfig` field may be given
-    too (passed through; a name `SFTConfig` does not have fails the job, naming it). Unset: TRL's default."""
+    """The TRL `SFTConfig` fields a request may set: an allow-list, each typed and bounded. Any other name is
+    refused (422 naming it); what touches code, files, the network or the machine is the operator's
+    (`OPERATOR_ONLY`). Unset optional fields keep TRL's default."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = _BOUNDED
 
     learning_rate: float | None = Field(
-        None, gt=0, description="Peak learning rate; default 2e-5 (TRL's) for full fine-tuning, 1e-4 with LoRA."
+        None, gt=0, le=1, description="Peak learning rate; default 2e-5 (TRL's) for full fine-tuning, 1e-4 with LoRA."
     )
-    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the selected set (when max_steps is -1).")
-    max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1: num_train_epochs decides.")
-    per_device_train_batch_size: int = Field(8, ge=1, description="Sequences per device per micro-batch.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    num_train_epochs: float = Field(
+        1.0, gt=0, le=1000, description="Passes over the selected set (when max_steps is -1)."
+    )
+    max_steps: int = Field(-1, ge=-1, le=1_000_000, description="Optimizer steps; -1: num_train_epochs decides.")
+    per_device_train_batch_size: int = Field(8, ge=1, le=1024, description="Sequences per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
     max_length: int | None = Field(
-        1024, ge=8, description="Tokens per sequence (longer ones are truncated); with packing, the block length."
+        1024,
+        ge=8,
+        le=MAX_LENGTH_CAP,
+        description="Tokens per sequence (longer ones are truncated); with packing, the block length. At most the "
+        "base model's context (checked by the trainer); null: the model's context.",
     )
-    packing: bool = Field(False, description="Pack several sequences into each max_length block (TRL BFD packing).")
+    packing: bool = Field(False, description="Pack several sequences into each max_length block.")
+    packing_strategy: Literal["bfd", "bfd_split", "wrapped"] = Field("bfd", description="TRL's packing strategy.")
     assistant_only_loss: bool = Field(
         True,
-        description="Loss on the assistant turn only (the selected response). False trains on prompt tokens too.",
+        description="Loss on the assistant turn only (the selected response); for a plain-template dataset, on the "
+        "completion only (TRL completion_only_loss). False trains on prompt tokens too.",
     )
-    lr_scheduler_type: str = Field("linear", description="transformers scheduler name: linear, cosine, constant...")
-    warmup_steps: float = Field(0, ge=0, description="Warm-up steps; a value below 1 is a fraction of the run.")
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)
-    seed: int = Field(42)
-    logging_steps: float = Field(1, gt=0, description="Loss / learning rate reported every N steps.")
-    save_steps: float = Field(500, gt=0, description="Checkpoint every N steps (a value below 1: a fraction).")
-    save_total_limit: int | None = Field(None, ge=1, description="Checkpoints kept; older ones are deleted.")
-    bf16: bool | None = Field(None, description="bf16 mixed precision; default TRL's (on unless fp16).")
+    loss_type: Literal["nll", "dft"] = Field("nll", description="TRL's loss: nll, or dft (dynamic fine-tuning).")
+    lr_scheduler_type: Literal[SCHEDULERS] = Field("linear", description="Learning-rate schedule.")  # type: ignore[valid-type]
+    warmup_steps: float = Field(
+        0, ge=0, le=1_000_000, description="Warm-up steps; a value below 1 is a fraction of the run (a ratio)."
+    )
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, ge=0, le=10_000, description="Gradient clipping norm; 0: no clipping.")
+    optim: Literal[OPTIMIZERS] | None = Field(  # type: ignore[valid-type]
+        None, description="Optimizer (transformers `optim`); default TRL's. The 8-bit ones need bitsandbytes."
+    )
+    adam_beta1: float | None = Field(None, ge=0, lt=1)
+    adam_beta2: float | None = Field(None, ge=0, lt=1)
+    adam_epsilon: float | None = Field(None, gt=0, le=1)
+    neftune_noise_alpha: float | None = Field(None, gt=0, le=100, description="NEFTune embedding noise.")
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    logging_steps: float = Field(
+        1, gt=0, le=1_000_000, description="Loss / learning rate reported every N steps (below 1: a fraction)."
+    )
+    save_steps: float = Field(
+        500, gt=0, le=1_000_000, description="Checkpoint every N steps (a value below 1: a fraction)."
+    )
+    save_total_limit: int | None = Field(None, ge=1, le=1000, description="Checkpoints kept; older ones deleted.")
+    bf16: bool | None = Field(None, description="bf16 mixed precision; default TRL's (on unless fp16), off on CPU.")
+    fp16: bool | None = Field(None, description="fp16 mixed precision (GPUs).")
     gradient_checkpointing: bool | None = Field(None, description="Recompute activations; default TRL's (on).")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "float32", description="dtype the weights are loaded in (TRL's default; bf16 comes from mixed precision)."
     )
-    chat_template_path: str | None = Field(
+    chat_template: str | None = Field(
         None,
-        description="A Jinja chat template (file on the trainers) with {% generation %} markers, for models "
-        "whose template grape cannot make training-compatible itself.",
+        pattern=NAME_PATTERN,
+        description="A training chat template by name (with {% generation %} markers), for models whose template "
+        "grape cannot make training-compatible itself: one grape or TRL ships, or NAME.jinja in the operator's "
+        "GRAPE_CHAT_TEMPLATE_DIR. Never a path.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _allowed_names(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [k for k in data if k not in cls.model_fields]
+            if unknown:
+                why = "; ".join(f"{k}: {OPERATOR_ONLY[k]}" for k in unknown if k in OPERATOR_ONLY)
+                raise ValueError(
+                    f"not allowed in a request: {', '.join(map(str, unknown[:10]))}"
+                    + (f" ({why})" if why else "")
+                    + f"; the allowed settings are {', '.join(cls.model_fields)}"
+                )
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> Hyperparameters:
-        reserved = sorted(RESERVED_HYPERPARAMETERS & set(self.model_extra or {}))
-        if reserved:
-            raise ValueError(f"{', '.join(reserved)}: set by the job itself, not a hyperparameter")
         if self.max_steps == 0:
             raise ValueError("max_steps: 0 steps trains nothing; give -1 (epochs decide) or a positive number")
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16: choose one mixed precision")
         return self
 
 
 class JobRequest(BaseModel):
     """What a client asks: which selection, which model, how to train it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _BOUNDED
 
     dataset_id: str = Field(min_length=1, max_length=200, description="A dataset whose scoring is done.")
     strategy: str = Field("grape", min_length=1, max_length=200, description="Selection strategy (see /selection).")
     k: int = Field(1, ge=1, le=1000, description="Responses kept per instruction.")
     reduce: Literal["mean", "sum"] = Field("mean", description="grape: rank by mean or summed log-probability.")
-    n: int | None = Field(None, ge=0, description="Budget (pairs) of pool-wide strategies.")
+    n: int | None = Field(None, ge=0, le=100_000_000, description="Budget (pairs) of pool-wide strategies.")
     tau: float = Field(0.9, ge=-1, le=1, description="deita: cosine similarity threshold.")
-    seed: int = Field(0, description="random: the seed of the selection.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="random: the seed of the selection.")
     base_model: str | None = Field(
         None,
         min_length=1,
         max_length=500,
-        description="Model to fine-tune: `smollm2-135m`, a local path or a hub id; default the dataset's target "
-        "model (GRAPE selects what fits that model).",
-    )
-    output_dir: str | None = Field(
-        None,
-        max_length=500,
-        description="Directory under the trainers' GRAPE_TRAIN_DIR (relative); default: the job id.",
+        description="Model to fine-tune, one of the operator's allowed models (GRAPE_ALLOWED_MODELS; by default "
+        "the bundled `smollm2-135m` and the models live workers serve); default the dataset's target model "
+        "(GRAPE selects what fits that model).",
     )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     lora: LoraSpec | None = Field(None, description="Train a LoRA adapter; null: full fine-tuning.")
@@ -143,22 +212,31 @@ class JobRequest(BaseModel):
     )
     max_attempts: int = Field(3, ge=1, le=100, description="Runs in all with auto_resume; then the job fails.")
 
-    @field_validator("output_dir")
-    @classmethod
-    def _relative(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        p = PurePosixPath(v)
-        if not v.strip() or p.is_absolute() or ".." in p.parts or "\\" in v:
-            raise ValueError("a relative directory under GRAPE_TRAIN_DIR, without '..'")
-        return v
-
 
 class JobSpec(JobRequest):
     """A job as stored and run: the request with the gateway's defaults filled in."""
 
     base_model: str
     template: str = Field("auto", description="The dataset's prompt template (auto, chat, plain).")
+    selection_ref: str | None = Field(
+        None,
+        description="Server-only (experiments): train on the selection stored for this experiment arm "
+        "(`exp-…/<arm>`, grape.experiments) instead of running the strategy.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_legacy(cls, data: Any) -> Any:
+        """Specs stored by earlier versions may hold fields a request can no longer set (`output_dir`,
+        pass-through hyperparameters such as `report_to`): they are dropped here, never used."""
+        if not isinstance(data, dict):
+            return data
+        data = {k: v for k, v in data.items() if k in cls.model_fields}
+        for name, model in (("hyperparameters", Hyperparameters), ("lora", LoraSpec)):
+            sub = data.get(name)
+            if isinstance(sub, dict):
+                data[name] = {k: v for k, v in sub.items() if k in model.model_fields}
+        return data
 
 
 # ---- the record ------------------------------------------------------------------------------------------
@@ -176,9 +254,11 @@ def decode_job(raw: dict[Any, Any]) -> dict[str, Any]:
         if v == "":
             out[k] = None
         elif k in _FLOATS:
-            out[k] = float(v)
+            x = float(v)
+            out[k] = x if math.isfinite(x) else None  # a diverged loss (nan) is "unknown", never a bad reply
         elif k in _INTS:
-            out[k] = int(float(v))
+            x = float(v)
+            out[k] = int(x) if math.isfinite(x) else None
         elif k in ("spec", "checkpoints"):
             out[k] = orjson.loads(v)
         else:
@@ -315,6 +395,21 @@ redis.call('LPUSH', KEYS[2], ARGV[1])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 't', ARGV[2], 'level', 'info',
   'msg', 'queued again to resume from its last checkpoint')
 return 'queued'
+"""
+
+
+DELETE_LUA = """
+-- KEYS: job, jobs zset, queue, log, cancel flag, deleted zset   ARGV: id, now
+-- a running job is refused (cancel it first); anything else goes, even a record that cannot be decoded
+if redis.call('EXISTS', KEYS[1]) == 0 and not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 'missing' end
+local st = redis.call('HGET', KEYS[1], 'state')
+if st == 'running' then return 'running' end
+redis.call('LREM', KEYS[3], 0, ARGV[1])
+redis.call('DEL', KEYS[1], KEYS[4], KEYS[5])
+redis.call('ZREM', KEYS[2], ARGV[1])
+-- trainers remove the job's directory when they see it here (trainer.loop.TrainerLoop.remove_deleted)
+redis.call('ZADD', KEYS[6], ARGV[2], ARGV[1])
+return 'deleted'
 """
 
 

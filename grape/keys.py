@@ -7,7 +7,7 @@
 {p}:ds:{id}:scores                hash   item id -> per-candidate scores JSON
 {p}:ds:{id}:failed                hash   item id -> reason
 {p}:ds:{id}:stats                 hash   counters (items, candidates, scored, failed, tokens, t_first, t_last)
-{p}:q:{model}                     stream work queue of one target model; entry = one chunk of item ids
+{p}:q:{model}                     stream work queue of one target model (model_key); entry = one chunk of item ids
 {p}:dead:{model}                  stream chunks that failed too often, with the reason
 {p}:ds:{id}:{result}              hash   extra tasks (grape.tasks): unconditioned, ratings, embeddings
 {p}:ds:{id}:{result}:failed       hash   item id -> reason, per extra task
@@ -18,25 +18,71 @@
 {p}:jobs                          zset   training job id -> creation time
 {p}:jobs:queue                    list   queued training job ids (LPUSH in, BLMOVE out from the right)
 {p}:jobs:claimed:{trainer}        list   jobs a trainer took from the queue and runs (reaped when it dies)
+{p}:jobs:deleted                  zset   deleted job id -> time (trainers remove its directory; kept a day)
 {p}:job:{id}                      hash   training job record (grape.jobs): spec, state, progress, checkpoints
 {p}:job:{id}:log                  stream training job log records
 {p}:job:{id}:cancel               string "cancel" (stop, save, cancelled) or "requeue" (stop, save, queue again)
 {p}:trainer:{name}                string trainer heartbeat JSON, with a TTL
+{p}:evals                         zset   evaluation id -> creation time
+{p}:evals:queue                   list   queued evaluation ids (LPUSH in, BLMOVE out from the right)
+{p}:evals:claimed:{evaluator}     list   evaluations an evaluator took from the queue and runs
+{p}:evals:tasks                   set    lm-eval task names the evaluators can run (published at start)
+{p}:eval:{id}                     hash   evaluation record (grape.evaluations): spec, state, results
+{p}:eval:{id}:log                 stream evaluation log records
+{p}:eval:{id}:cancel              string "cancel" (stop lm-eval, cancelled) or "requeue" (stop, queue again)
+{p}:evaluator:{name}              string evaluator heartbeat JSON, with a TTL
+{p}:evaluators                    zset   evaluator name -> time of its last heartbeat
+{p}:experiments                   zset   experiment id -> creation time
+{p}:experiments:active            set    experiments not finished yet (the driver advances these)
+{p}:exp:{id}                      string experiment record JSON (grape.experiments)
+{p}:exp:{id}:lock                 string held by the process advancing the experiment (short TTL)
+{p}:exp:{id}:arm:{i}              string the selection arm i trains on, NDJSON (kept: it is part of the result)
 """
 
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass
 
 GROUP = "scorers"
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._/-]+")
+# Ids the gateway makes (service.datasets, service.training): a fixed prefix and 12 hex digits. Checked at
+# the edge so a path segment like `ds-1:items` can never name another key of the layout below.
+DATASET_ID = re.compile(r"ds-[0-9a-f]{12}")
+JOB_ID = re.compile(r"job-[0-9a-f]{12}")
+
+# characters a model name may keep in its queue key as they are (no ':', the key separator; no '%')
+_SAFE = re.compile(r"[A-Za-z0-9._/-]+")
+
+
+def new_dataset_id() -> str:
+    return f"ds-{uuid.uuid4().hex[:12]}"
+
+
+def new_job_id() -> str:
+    return f"job-{uuid.uuid4().hex[:12]}"
+
+
+def is_dataset_id(value: str) -> bool:
+    return DATASET_ID.fullmatch(value) is not None
+
+
+def is_job_id(value: str) -> bool:
+    return JOB_ID.fullmatch(value) is not None
 
 
 def model_key(model: str) -> str:
-    """The queue name of a target model: the name as given, minus characters awkward in keys."""
-    return _UNSAFE.sub("_", model.strip())
+    """The queue name of a target model, one to one: a name of only `[A-Za-z0-9._/-]` is kept as it is
+    (the keys of existing deployments do not move); any other name is percent-encoded (UTF-8, `%XX`),
+    so it contains a `%` that no kept name has. `org/model:v1` -> `org/model%3Av1`, `org/model_v1` stays.
+    Surrounding whitespace is not part of a name (the API strips it too)."""
+    name = model.strip()
+    if _SAFE.fullmatch(name):
+        return name
+    return "".join(
+        ch if _SAFE.fullmatch(ch) else "".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass")) for ch in name
+    )
 
 
 @dataclass(frozen=True)
@@ -120,5 +166,56 @@ class Keys:
     def job_cancel(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:cancel"
 
+    def jobs_deleted(self) -> str:
+        return f"{self.prefix}:jobs:deleted"
+
     def trainer(self, name: str) -> str:
         return f"{self.prefix}:trainer:{name}"
+
+    # experiments (grape.experiments) -------------------------------------------------------------
+    def experiments(self) -> str:
+        return f"{self.prefix}:experiments"
+
+    def experiments_active(self) -> str:
+        return f"{self.prefix}:experiments:active"
+
+    def experiment(self, exp_id: str) -> str:
+        return f"{self.prefix}:exp:{exp_id}"
+
+    def experiment_lock(self, exp_id: str) -> str:
+        return f"{self.prefix}:exp:{exp_id}:lock"
+
+    def experiment_selection(self, exp_id: str, arm: int) -> str:
+        return f"{self.prefix}:exp:{exp_id}:arm:{arm}"
+
+    # evaluations (grape.evaluations) ------------------------------------------------------------
+    def evaluations(self) -> str:
+        return f"{self.prefix}:evals"
+
+    def eval_queue(self) -> str:
+        return f"{self.prefix}:evals:queue"
+
+    def eval_claimed(self, evaluator: str) -> str:
+        return f"{self.prefix}:evals:claimed:{evaluator}"
+
+    def eval_claimed_pattern(self) -> str:
+        return f"{self.prefix}:evals:claimed:*"
+
+    def eval_tasks(self) -> str:
+        return f"{self.prefix}:evals:tasks"
+
+    def evaluation(self, eval_id: str) -> str:
+        return f"{self.prefix}:eval:{eval_id}"
+
+    def eval_log(self, eval_id: str) -> str:
+        return f"{self.prefix}:eval:{eval_id}:log"
+
+    def eval_cancel(self, eval_id: str) -> str:
+        return f"{self.prefix}:eval:{eval_id}:cancel"
+
+    def evaluator(self, name: str) -> str:
+        return f"{self.prefix}:evaluator:{name}"
+
+    def evaluators(self) -> str:
+        """zset: evaluator name -> time of its last heartbeat (so nobody has to SCAN the keyspace)."""
+        return f"{self.prefix}:evaluators"

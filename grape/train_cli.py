@@ -36,7 +36,7 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
     for pair in args.hp or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--hp {pair!r}: give KEY=VALUE (an SFTConfig field)")
+            raise ValueError(f"--hp {pair!r}: give KEY=VALUE (an allowed training setting, grape.jobs.Hyperparameters)")
         hp[key] = _value(value)
     body: dict[str, Any] = {
         "dataset_id": args.dataset_id,
@@ -50,8 +50,6 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
         body["n"] = args.n
     if args.base_model:
         body["base_model"] = args.base_model
-    if args.output_dir:
-        body["output_dir"] = args.output_dir
     if args.lora_r is not None:
         lora: dict[str, Any] = {"r": args.lora_r, "alpha": args.lora_alpha or 2 * args.lora_r}
         if args.lora_dropout is not None:
@@ -118,8 +116,12 @@ def add_train_parser(sub: Any, *, default_url: str) -> argparse.ArgumentParser:
     t.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (default 2 x r)")
     t.add_argument("--lora-dropout", type=float, default=None)
     t.add_argument("--lora-target-modules", default=None, help="comma-separated module names, or all-linear")
-    t.add_argument("--hp", action="append", metavar="KEY=VALUE", help="any other SFTConfig field (repeatable)")
-    t.add_argument("--output-dir", default=None, help="directory under the trainers' GRAPE_TRAIN_DIR")
+    t.add_argument(
+        "--hp",
+        action="append",
+        metavar="KEY=VALUE",
+        help="another allowed training setting (repeatable), e.g. optim=sgd, chat_template=chatml; see the README",
+    )
     t.add_argument("--auto-resume", action="store_true", help="resume from the last checkpoint if a trainer dies")
     t.add_argument("--detach", action="store_true", help="print the job id and return at once")
     t.add_argument("--interval", type=float, default=1.0, help="seconds between status polls")

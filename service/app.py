@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError as RedisOOM
@@ -14,9 +16,13 @@ from grape import __version__
 from grape.keys import Keys
 from grape.redis_client import connect_async
 from grape.settings import DEFAULT_REDIS_URL, Settings, get_settings
-from service.auth import ApiKeyMiddleware
-from service.errors import ApiError, Busy
+from service.auth import ApiKeyMiddleware, LocalHostMiddleware
+from service.deps import Slots
+from service.errors import ApiError, Busy, SafeJSONResponse
+from service.limits import BodyLimitMiddleware, FollowLimitMiddleware
 from service.routes import datasets, health
+from service.routes import evaluations as evaluation_routes
+from service.routes import experiments as experiment_routes
 from service.routes import metrics as metrics_routes
 from service.routes import status as status_page
 from service.routes import summary as summary_routes
@@ -29,7 +35,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.redis = connect_async(settings.redis_url or DEFAULT_REDIS_URL)
+        app.state.redis = connect_async(
+            settings.redis_url or DEFAULT_REDIS_URL,
+            max_connections=settings.redis_max_connections,
+            pool_timeout=settings.redis_pool_timeout_s,
+        )
         try:
             yield
         finally:
@@ -43,11 +53,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.keys = Keys(settings.key_prefix)
+    app.state.upload_slots = Slots(settings.max_concurrent_uploads)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Busy) else None
-        return JSONResponse({"detail": exc.message, **exc.extra}, status_code=exc.status, headers=headers)
+        return SafeJSONResponse({"detail": exc.message, **exc.extra}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer echoes every offending input: a large bad body would come back larger, and a
+        # value that cannot be encoded would turn into a 500. Here: where and why, for the first few only.
+        errors = exc.errors()
+        shown = [_error(e) for e in errors[: settings.max_rejections]]
+        return SafeJSONResponse({"detail": shown, "errors_total": len(errors)}, status_code=422)
 
     @app.exception_handler(RedisOOM)
     async def redis_full(_: Request, exc: RedisOOM) -> JSONResponse:
@@ -60,14 +79,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         detail = "the queue store (Redis) is unreachable; retry later"
         return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "5"})
 
+    # the last added runs first: Host check (local mode), API key, body limits, log-follow limit, routes
+    app.add_middleware(FollowLimitMiddleware, limit=settings.max_log_followers, keyed=bool(settings.keys_list()))
+    app.add_middleware(
+        BodyLimitMiddleware, upload_limit=settings.max_body_bytes, request_limit=settings.max_request_bytes
+    )
     app.add_middleware(ApiKeyMiddleware, keys=settings.keys_list())
+    if not settings.keys_list():
+        app.add_middleware(LocalHostMiddleware, allowed={settings.host, *settings.allowed_hosts_list()})
 
     app.include_router(health.router)
     app.include_router(datasets.router)
     app.include_router(summary_routes.router)
     app.include_router(training_routes.router)
+    app.include_router(evaluation_routes.router)
+    app.include_router(experiment_routes.router)  # its lifespan runs the experiment driver
     app.include_router(worker_routes.router)
     app.include_router(metrics_routes.router)
     app.include_router(status_page.router)
     app.mount("/static", status_page.static_files(), name="static")
     return app
+
+
+def _error(err: Any) -> dict[str, Any]:
+    """One validation error without the input it was about, its texts cut short."""
+    loc = [p if isinstance(p, int) else str(p)[:100] for p in err.get("loc", ())]
+    return {"loc": loc, "msg": str(err.get("msg", ""))[:500], "type": str(err.get("type", ""))}

@@ -1,7 +1,9 @@
-"""Bearer-token API keys for every /v1 route.
+"""Bearer-token API keys for every /v1 route, and the Host check of a gateway without keys.
 
-With no key configured the gateway is for local use (it binds 127.0.0.1 unless told otherwise).
-Keys are compared in constant time and never logged.
+With no key configured the gateway is for local use (it binds 127.0.0.1 unless told otherwise). Such a
+gateway answers only requests addressed to it by a local name (LocalHostMiddleware): a web page on another
+site that makes the browser resolve its own name to 127.0.0.1 (DNS rebinding) sends its own name in
+`Host` and is refused. Keys are compared in constant time and never logged.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.errors import send_error
 
 PROTECTED_PREFIX = "/v1"
 
@@ -58,3 +62,45 @@ async def _unauthorized(send: Send) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def host_name(header: str) -> str:
+    """The name part of a Host header, lower case, without port or brackets: `[::1]:8000` -> `::1`."""
+    value = header.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    name, colon, port = value.rpartition(":")
+    name = name if colon and port.isdigit() else value
+    return name.rstrip(".")
+
+
+class LocalHostMiddleware:
+    """Installed only on a gateway without API keys: a `Host` other than the loopback names, the bind
+    address and GRAPE_ALLOWED_HOSTS is refused (400) on every path. A request with no Host (HTTP/1.0
+    tools) is let through: a browser always sends one."""
+
+    def __init__(self, app: ASGIApp, allowed: set[str]) -> None:
+        self.app = app
+        self.allowed = {host_name(h) for h in allowed} | LOCAL_NAMES
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            host = None
+            for name, value in scope["headers"]:
+                if name == b"host":
+                    host = value.decode("latin-1")
+                    break
+            if host is not None and host_name(host) not in self.allowed:
+                shown = host if len(host) <= 64 else host[:64] + "..."
+                detail = (
+                    f"Host {shown!r} is not served: this gateway has no API keys, so it answers only local names "
+                    "(localhost, 127.0.0.1, [::1], GRAPE_HOST); add the name to GRAPE_ALLOWED_HOSTS, or set "
+                    "GRAPE_API_KEYS"
+                )
+                if scope["type"] == "http":
+                    await send_error(send, 400, detail)
+                return
+        await self.app(scope, receive, send)

@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import orjson
 from redis.asyncio import Redis
 
 from grape import heartbeats
-from grape.keys import Keys, model_key
+from grape.keys import Keys, model_key, new_dataset_id
 from grape.protocol import INGEST_LUA, chunked, ingest_args
 from grape.records import DatasetState
 from grape.redis_client import as_str as _s
 from grape.selection_io import build_page
 from grape.settings import Settings
-from grape.strategies import STRATEGIES, ScoredItem, SelectParams
+from grape.strategies import STRATEGIES, ScoredItem, SelectParams, Strategy
 from grape.strategies.grape import candidate_score
 from service import tasks as task_svc
-from service.errors import Busy, NotFound, Unprocessable
+from service.errors import Busy, NotFound, Unprocessable, shown
 from service.schemas import (
     CandidatePublic,
     DatasetCreate,
@@ -34,7 +34,7 @@ from service.store import dataset_meta, id_pages
 
 
 async def create_dataset(*, redis: Redis, keys: Keys, body: DatasetCreate) -> DatasetPublic:
-    ds = f"ds-{uuid.uuid4().hex[:12]}"
+    ds = new_dataset_id()
     now = time.time()
     meta = {
         "name": body.name,
@@ -121,10 +121,18 @@ async def ingest(
     dataset_id: str,
     items: list[dict[str, Any]],
     rejected: list[Rejected],
+    rejected_total: int | None = None,
 ) -> IngestResult:
+    """Store and queue the valid items. `rejected`: the first rejections (capped); `rejected_total`: all."""
+    n_rejected = len(rejected) if rejected_total is None else rejected_total
     meta = await dataset_meta(redis, keys, dataset_id)
     if not items and rejected:
-        raise Unprocessable(f"no item accepted: {len(rejected)} rejected", rejected=[r.model_dump() for r in rejected])
+        raise Unprocessable(
+            f"no item accepted: {n_rejected} rejected"
+            + (f" (the first {len(rejected)} listed)" if n_rejected > len(rejected) else ""),
+            rejected=[r.model_dump() for r in rejected],
+            rejected_total=n_rejected,
+        )
     script = redis.register_script(INGEST_LUA)
     stream = keys.stream(meta["target_model"])
     backlog = await redis.xlen(stream)
@@ -161,6 +169,7 @@ async def ingest(
         duplicates=len(items) - len(accepted),
         rejected=rejected,
         accepted_candidates=n_cands,
+        rejected_total=n_rejected,
     )
 
 
@@ -168,7 +177,7 @@ async def get_item(*, redis: Redis, keys: Keys, dataset_id: str, item_id: str) -
     await dataset_meta(redis, keys, dataset_id)
     raw = await redis.hget(keys.items(dataset_id), item_id)
     if raw is None:
-        raise NotFound(f"item {item_id!r} not found in dataset {dataset_id!r}")
+        raise NotFound(f"item {shown(item_id)} not found in dataset {dataset_id!r}")
     item = orjson.loads(raw)
     scores_raw = await redis.hget(keys.scores(dataset_id), item_id)
     error = await redis.hget(keys.failed(dataset_id), item_id)
@@ -227,7 +236,7 @@ async def scored_items(
             pipe.hmget(keys.scores(dataset_id), ids)
             raw_items, raw_scores = await pipe.execute()
         extra = await task_svc.extra_results(redis, keys, dataset_id, needs, ids)
-        page = build_page(raw_items, raw_scores, needs, extra)
+        page = await anyio.to_thread.run_sync(build_page, raw_items, raw_scores, needs, extra)  # JSON: CPU work
         if page:
             yield page
 
@@ -239,15 +248,22 @@ async def selection_lines(
     meta = await dataset_meta(redis, keys, dataset_id)
     needs = tuple(task_svc.check_strategies(meta, [strategy], dataset_id))
     select = STRATEGIES.get(strategy)
+    # selecting and encoding is CPU work that grows with the pool: in a worker thread, so the event loop
+    # (and /healthz, and every other request) keeps answering meanwhile
     if getattr(select, "per_item", False):
         async for page in scored_items(redis, keys, dataset_id, needs):
-            yield b"".join(orjson.dumps(p.record()) + b"\n" for p in select(page, params))
+            yield await anyio.to_thread.run_sync(_encode_picks, select, page, params)
         return
     rows: list[ScoredItem] = []
     async for page in scored_items(redis, keys, dataset_id, needs):
         rows.extend(page)
-    for pick in select(rows, params):
-        yield orjson.dumps(pick.record()) + b"\n"
+    picks = await anyio.to_thread.run_sync(lambda: list(select(rows, params)))
+    for start in range(0, len(picks), 500):
+        yield b"".join(orjson.dumps(p.record()) + b"\n" for p in picks[start : start + 500])
+
+
+def _encode_picks(select: Strategy, rows: list[ScoredItem], params: SelectParams) -> bytes:
+    return b"".join(orjson.dumps(p.record()) + b"\n" for p in select(rows, params))
 
 
 async def delete_dataset(*, redis: Redis, keys: Keys, dataset_id: str) -> None:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+from starlette.responses import JSONResponse
+from starlette.types import Send
+
+
+def shown(value: str, limit: int = 64) -> str:
+    """A caller's value quoted for an error message: repr (escapes anything odd), cut to `limit` characters."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
 class ApiError(Exception):
@@ -36,6 +45,10 @@ class TooLarge(ApiError):
     status = 413
 
 
+class UnsupportedType(ApiError):
+    status = 415
+
+
 class Unauthorized(ApiError):
     status = 401
 
@@ -49,3 +62,20 @@ class Busy(ApiError):
         super().__init__(message)
         self.retry_after = retry_after
         self.status = status
+
+
+class SafeJSONResponse(JSONResponse):
+    """An error answer that always encodes: text that is not valid UTF-8 (a lone surrogate) is replaced,
+    never a reason for a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8", "replace")
+
+
+async def send_error(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    """An error answer from ASGI middleware (below FastAPI): `{"detail": ...}` as JSON."""
+    body = SafeJSONResponse({"detail": detail}).body
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})

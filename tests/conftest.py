@@ -27,6 +27,9 @@ from service.app import create_app
 from workers.backends import BackendConfig, load_backend
 from workers.loop import Worker
 
+# TestClient sends `Host: testserver`; a gateway without API keys answers only local names and these
+os.environ.setdefault("GRAPE_ALLOWED_HOSTS", "testserver")
+
 ROOT = Path(__file__).resolve().parents[1]
 POOL = ROOT.parent / "shared" / "data" / "alpaca_eval_pool_dev.jsonl"
 MODEL = "smollm2-135m"

@@ -206,7 +206,7 @@ def test_unknown_chat_template_is_refused_not_trained_on_prompt(model_path) -> N
 
     tok = AutoTokenizer.from_pretrained(model_path)
     tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-    with pytest.raises(TemplateError, match="chat_template_path"):
+    with pytest.raises(TemplateError, match=r"hyperparameters\.chat_template "):
         training_chat_template(tok)
 
 
@@ -214,9 +214,7 @@ def test_cancel_stops_within_a_step_with_a_checkpoint(api, worker_factory, train
     """The job runs in its own training process (launcher `process`), as `grape trainer` runs it."""
     ds = scored_dataset(api, worker_factory, n=2, candidates=2, start=10)
     hp = {**HP, "max_steps": 200, "per_device_train_batch_size": 1, "max_length": 96, "save_steps": 1000}
-    job_id = api.post(
-        "/v1/training-jobs", json={"dataset_id": ds, "hyperparameters": hp, "lora": LORA, "output_dir": "runs/c1"}
-    ).json()["id"]
+    job_id = api.post("/v1/training-jobs", json={"dataset_id": ds, "hyperparameters": hp, "lora": LORA}).json()["id"]
     trainer_factory(launcher="process")
     st = wait_job(api, job_id, ("running", "failed", "succeeded", "cancelled"))
     deadline = time.monotonic() + 600
@@ -235,7 +233,7 @@ def test_cancel_stops_within_a_step_with_a_checkpoint(api, worker_factory, train
     assert at_cancel <= st["step"] <= at_cancel + 2
     assert st["max_steps"] == 200 and st["model_path"] is None
     out = Path(st["output_dir"])
-    assert out == trainer_factory.settings.train_dir.resolve() / "runs" / "c1"
+    assert out == trainer_factory.settings.train_dir.resolve() / job_id  # the job's own directory
     assert [Path(c).name for c in st["checkpoints"]] == [f"checkpoint-{st['step']}"]
     ckpt = Path(st["checkpoints"][0])
     assert (ckpt / "adapter_model.safetensors").exists() and (ckpt / "trainer_state.json").exists()
@@ -264,6 +262,7 @@ def test_jobs_are_refused_until_the_dataset_is_scored_and_the_selection_has_reco
         ({"hyperparameters": {"learning_rate": -1}}, "learning_rate"),
         ({"hyperparameters": {"output_dir": "x"}}, "output_dir"),
         ({"hyperparameters": {"max_steps": 0}}, "max_steps"),
+        ({"hyperparameters": {"report_to": "none"}}, "report_to"),  # allow-listed fields only
         ({"lora": {"r": 0}}, "lora"),
         ({"k": 0}, "k"),
     ]
@@ -283,7 +282,7 @@ def test_jobs_are_refused_until_the_dataset_is_scored_and_the_selection_has_reco
     assert r.status_code == 201, r.text
     job = api.get(f"/v1/training-jobs/{r.json()['id']}").json()
     assert job["base_model"] == MODEL and job["spec"]["template"] == "auto"  # defaults from the dataset
-    assert job["spec"]["hyperparameters"]["optim"] == "sgd"  # any SFTConfig field passes through
+    assert job["spec"]["hyperparameters"]["optim"] == "sgd"  # an allow-listed optimizer
     assert [j["id"] for j in api.get("/v1/training-jobs").json()["jobs"]] == [job["id"]]
 
 

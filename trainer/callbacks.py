@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from enum import StrEnum
 from typing import Any
@@ -37,6 +38,13 @@ class Stop(StrEnum):
 _CODES = {Stop.none: 0, Stop.cancel: 1, Stop.requeue: 2, Stop.lost: 3}
 
 
+def _field(v: Any) -> str:
+    """A progress value as a hash field; a non-finite number (a diverged loss) is stored empty (unknown)."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
 class JobProgressCallback(TrainerCallback):
     def __init__(self, client: redis.Redis, keys: Keys, job_id: str, trainer: str) -> None:
         self.r = client
@@ -49,7 +57,7 @@ class JobProgressCallback(TrainerCallback):
 
     # helpers -------------------------------------------------------------------------------------
     def _hset(self, **fields: Any) -> None:
-        mapping = {k: "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in fields.items()}
+        mapping = {k: _field(v) for k, v in fields.items()}
         try:
             self.r.hset(self.keys.job(self.job_id), mapping=mapping)
         except redis.RedisError as exc:  # progress is best effort; training goes on

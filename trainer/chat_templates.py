@@ -9,33 +9,17 @@ Order of preference:
    rebuilt here with markers around the assistant content and its `<|im_end|>`, keeping the default system
    prompt the original injects. It is used only if it renders exactly what the original renders on probe
    conversations (markers aside); otherwise
-4. an error naming the setting to change (`hyperparameters.chat_template_path`), never a silent run with
-   labels on the prompt.
+4. an error naming the setting to change (`hyperparameters.chat_template`: a template by name, see
+   grape.chat_templates), never a silent run with labels on the prompt.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-PROBE = "\x00probe\x00"
+from grape.chat_templates import CHATML_TRAINING
 
-CHATML_TRAINING = (
-    "{%- for message in messages %}"
-    "{%- if loop.first and messages[0]['role'] != 'system' and default_system %}"
-    "{{- '<|im_start|>system\\n' + default_system + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
-    "{{- '\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-"""ChatML with the assistant content and its end-of-turn token inside the generation markers. The
-`default_system` variable is set by `chatml_training_template` to the original's default system prompt."""
+PROBE = "\x00probe\x00"
 
 
 class TemplateError(ValueError):
@@ -103,7 +87,7 @@ def training_chat_template(tokenizer: Any) -> str:
     if not original:
         raise TemplateError(
             "the base model's tokenizer has no chat template: train on the plain template (dataset template "
-            "'plain'), or give hyperparameters.chat_template_path"
+            "'plain'), or name a training template in hyperparameters.chat_template"
         )
     if has_generation_markers(original):
         return original
@@ -120,6 +104,7 @@ def training_chat_template(tokenizer: Any) -> str:
         return chatml
     raise TemplateError(
         "the base model's chat template has no {% generation %} markers, and neither TRL nor grape knows a "
-        "training variant of it: give hyperparameters.chat_template_path (a Jinja file with the markers around "
-        "the assistant content), or set hyperparameters.assistant_only_loss to false to train on every token"
+        "training variant of it: name one in hyperparameters.chat_template (a template with the markers around "
+        "the assistant content; the operator adds their own as GRAPE_CHAT_TEMPLATE_DIR/NAME.jinja), or set "
+        "hyperparameters.assistant_only_loss to false to train on every token"
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +34,7 @@ from typing import Any, Literal
 import orjson
 import redis
 
+from grape.experiments import write_stored_selection
 from grape.jobs import (
     CANCEL,
     FINISH_LUA,
@@ -45,7 +47,7 @@ from grape.jobs import (
     dead_trainer_reason,
     log_fields,
 )
-from grape.keys import Keys
+from grape.keys import Keys, is_job_id
 from grape.selection_io import write_selection
 from grape.settings import Settings
 from grape.strategies import SelectParams
@@ -53,6 +55,8 @@ from grape.strategies import SelectParams
 log = logging.getLogger(__name__)
 
 Launcher = Literal["inline", "process", "accelerate"]
+DELETED_KEEP_S = 86_400
+"""How long a deleted job's id stays in `Keys.jobs_deleted` for trainers to remove its directory."""
 SELECTION_FILE = "selection.jsonl"
 TRAIN_LOG_FILE = "train.log"
 
@@ -172,8 +176,27 @@ class TrainerLoop:
             try:
                 self.heartbeat()
                 self.reap_dead()
+                self.remove_deleted()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+
+    def remove_deleted(self) -> list[str]:
+        """Remove the directories of deleted jobs (DELETE /v1/training-jobs/{id}) from this trainer's train
+        dir. Every trainer does it for its own disk; an id stays listed for DELETED_KEEP_S. Returns removed ids."""
+        key = self.keys.jobs_deleted()
+        self.r.zremrangebyscore(key, "-inf", time.time() - DELETED_KEEP_S)
+        root = self.settings.training_dir().resolve()
+        removed = []
+        for raw in self.r.zrange(key, 0, 9999):
+            job_id = raw.decode() if isinstance(raw, bytes) else raw
+            if not is_job_id(job_id) or job_id == self.current:
+                continue
+            path = root / job_id
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(job_id)
+                log.info("trainer %s: removed %s of deleted job %s", self.name, path, job_id)
+        return removed
 
     def reap_dead(self) -> dict[str, str]:
         """Jobs held by trainers whose heartbeat is gone: failed, or queued again. Returns job id -> outcome."""
@@ -218,12 +241,12 @@ class TrainerLoop:
         )
         return bool(done)
 
-    def output_dir(self, job_id: str, spec: JobSpec) -> Path:
-        root = self.settings.training_dir().resolve()
-        out = (root / (spec.output_dir or job_id)).resolve()
-        if not out.is_relative_to(root):
-            raise JobError(f"output_dir {spec.output_dir!r} leaves GRAPE_TRAIN_DIR {root}")
-        return out
+    def output_dir(self, job_id: str) -> Path:
+        """The job's own directory, GRAPE_TRAIN_DIR/<job id>: nothing in a request chooses it, and ids are
+        the gateway's (`job-` and 12 hex digits), so two jobs never share one."""
+        if not is_job_id(job_id):
+            raise JobError(f"training job id {job_id!r} is not one the gateway makes (job-<12 hex digits>)")
+        return self.settings.training_dir().resolve() / job_id
 
     def run_job(self, job_id: str) -> None:
         raw = self._start(
@@ -250,12 +273,9 @@ class TrainerLoop:
         from trainer.sft import TrainContext
 
         resume = self.r.hget(self.keys.job(job_id), "resume") == b"1"
-        out = self.output_dir(job_id, spec)
+        out = self.output_dir(job_id)
         if not resume and checkpoint_dirs(out):
-            raise JobError(
-                f"output_dir {out} already holds checkpoints of another run: give the job another output_dir "
-                "(or resume the job that wrote them)"
-            )
+            raise JobError(f"{out} already holds checkpoints of an earlier run of this job: resume the job instead")
         out.mkdir(parents=True, exist_ok=True)
         self.r.hset(self.keys.job(job_id), mapping={"output_dir": str(out), "resume": ""})
         data = out / SELECTION_FILE
@@ -263,6 +283,9 @@ class TrainerLoop:
             with open(data, "rb") as f:
                 n = sum(1 for line in f if line.strip())
             self._log(job_id, f"resuming: reusing the selected set ({n} records) in {data}")
+        elif spec.selection_ref:  # an experiment arm: exactly the selection the experiment stored
+            n = write_stored_selection(self.r, self.keys, spec.selection_ref, data)
+            self._log(job_id, f"experiment selection {spec.selection_ref}: {n} records in {data}")
         else:
             params = SelectParams(k=spec.k, reduce=spec.reduce, n=spec.n, tau=spec.tau, seed=spec.seed)
             n = write_selection(self.r, self.keys, spec.dataset_id, spec.strategy, params, data)
@@ -277,7 +300,7 @@ class TrainerLoop:
         if flag is not None and flag.decode() == REQUEUE:
             self._end(job_id, JobState.queued, f"handed back before training started (trainer {self.name} stopped)")
             return
-        ctx = TrainContext(job_id, spec, data, out, resume=resume, trainer_name=self.name)
+        ctx = TrainContext(job_id, spec, data, out, resume=resume, trainer_name=self.name, settings=self.settings)
         outcome = self._train(ctx)
         ckpts = checkpoint_dirs(out)
         self.r.hset(self.keys.job(job_id), "checkpoints", orjson.dumps(ckpts).decode())
@@ -329,8 +352,16 @@ class TrainerLoop:
                 "REDIS_URL": self.settings.redis_url or env.get("REDIS_URL", ""),
                 "GRAPE_KEY_PREFIX": self.keys.prefix,
                 "GRAPE_CACHE_DIR": str(self.settings.cache_dir),
+                # the operator's training settings, as this trainer has them (flags included)
+                "GRAPE_TRUST_REMOTE_CODE_MODELS": self.settings.trust_remote_code_models,
+                "GRAPE_TRAIN_REPORT_TO": self.settings.train_report_to,
+                "GRAPE_TRAIN_DATALOADER_WORKERS": str(self.settings.train_dataloader_workers),
             }
         )
+        if self.settings.chat_template_dir is not None:
+            env["GRAPE_CHAT_TEMPLATE_DIR"] = str(self.settings.chat_template_dir)
+        else:
+            env.pop("GRAPE_CHAT_TEMPLATE_DIR", None)
         if not env["REDIS_URL"]:
             env.pop("REDIS_URL")
         cmd = self.command(ctx)

@@ -35,14 +35,40 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     p.add_argument(
         "--train-dir", default=None, help=f"checkpoints go here (GRAPE_TRAIN_DIR; {settings.training_dir()})"
     )
+    # the operator's training settings: never a request's
+    p.add_argument(
+        "--chat-template-dir",
+        default=None,
+        help="training chat templates, NAME.jinja, that jobs choose by name (GRAPE_CHAT_TEMPLATE_DIR)",
+    )
+    p.add_argument(
+        "--report-to",
+        default=None,
+        help=f"transformers report_to integrations (GRAPE_TRAIN_REPORT_TO; {settings.train_report_to})",
+    )
+    p.add_argument(
+        "--trust-remote-code-models",
+        default=None,
+        help="comma-separated models whose own Python code may run when loaded (GRAPE_TRUST_REMOTE_CODE_MODELS; "
+        "default none)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     args = build_parser(settings).parse_args(argv)
+    update: dict[str, object] = {}
     if args.train_dir:
-        settings = settings.model_copy(update={"train_dir": Path(args.train_dir)})
+        update["train_dir"] = Path(args.train_dir)
+    if args.chat_template_dir:
+        update["chat_template_dir"] = Path(args.chat_template_dir)
+    if args.report_to:
+        update["train_report_to"] = args.report_to
+    if args.trust_remote_code_models is not None:
+        update["trust_remote_code_models"] = args.trust_remote_code_models
+    if update:
+        settings = settings.model_copy(update=update)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loop = TrainerLoop(
         connect(settings.redis_url or DEFAULT_REDIS_URL),

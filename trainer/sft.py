@@ -24,8 +24,9 @@ from typing import Any
 import orjson
 
 from grape.formatting import plain_prompt, resolve_template
-from grape.jobs import JobSpec
+from grape.jobs import MAX_LENGTH_CAP, JobSpec
 from grape.records import Template
+from grape.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,15 @@ class TrainContext:
     resume: bool = False
     """Resume from the last checkpoint in output_dir, when there is one."""
     trainer_name: str = ""
+    settings: Settings | None = None
+    """The trainer's (operator's) settings; default: from the environment."""
+
+    def operator(self) -> Settings:
+        if self.settings is None:
+            from grape.settings import get_settings
+
+            return get_settings()
+        return self.settings
 
 
 @dataclass
@@ -73,9 +83,18 @@ def has_accelerator() -> bool:
     return bool(acc.is_available()) if acc is not None else torch.cuda.is_available()
 
 
-def sft_config_kwargs(spec: JobSpec, output_dir: str | Path, *, accelerator: bool) -> dict[str, Any]:
-    """SFTConfig arguments of a job: its hyperparameters, the job's own settings, TRL's defaults elsewhere."""
+def sft_config_kwargs(
+    spec: JobSpec, output_dir: str | Path, *, accelerator: bool, settings: Settings | None = None
+) -> dict[str, Any]:
+    """SFTConfig arguments of a job: its allow-listed hyperparameters (grape.jobs.Hyperparameters), the
+    operator's settings for everything that touches code, files, the network or the machine, and the job's
+    own directory. TRL's defaults elsewhere."""
+    if settings is None:
+        from grape.settings import get_settings
+
+        settings = get_settings()
     hp = spec.hyperparameters
+    trust = settings.trusts_remote_code(spec.base_model)
     kw: dict[str, Any] = {
         "output_dir": str(output_dir),
         "learning_rate": hp.learning_rate or (1e-4 if spec.lora else 2e-5),
@@ -85,64 +104,91 @@ def sft_config_kwargs(spec: JobSpec, output_dir: str | Path, *, accelerator: boo
         "gradient_accumulation_steps": hp.gradient_accumulation_steps,
         "max_length": hp.max_length,
         "packing": hp.packing,
+        "packing_strategy": hp.packing_strategy,
+        "loss_type": hp.loss_type,
         "lr_scheduler_type": hp.lr_scheduler_type,
         "warmup_steps": hp.warmup_steps,
         "weight_decay": hp.weight_decay,
         "max_grad_norm": hp.max_grad_norm,
         "seed": hp.seed,
         "logging_steps": hp.logging_steps,
-        "save_strategy": "steps",
         "save_steps": hp.save_steps,
         "save_total_limit": hp.save_total_limit,
-        "model_init_kwargs": {"dtype": hp.dtype},
-        "include_num_input_tokens_seen": "non_padding",
-        "report_to": "none",
-        "disable_tqdm": True,
         # without a GPU: CPU training (gloo when several processes), fp32 unless bf16 is asked
         "bf16": hp.bf16 if hp.bf16 is not None else (None if accelerator else False),
+        # the job's own settings and the operator's: never from a request
+        "save_strategy": "steps",
         "use_cpu": not accelerator,
+        "trust_remote_code": trust,
+        "model_init_kwargs": {"dtype": hp.dtype, "trust_remote_code": trust},
+        "report_to": settings.train_report_to,
+        "dataloader_num_workers": settings.train_dataloader_workers,
+        "push_to_hub": False,
+        "include_num_input_tokens_seen": "non_padding",
+        "disable_tqdm": True,
     }
-    from trl import SFTConfig
-
-    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    for name in ("fp16", "optim", "adam_beta1", "adam_beta2", "adam_epsilon", "neftune_noise_alpha"):
+        value = getattr(hp, name)
+        if value is not None:  # unset: TRL's default
+            kw[name] = value
     if hp.gradient_checkpointing is not None:
-        # transformers 5.2x renamed it; the old name still works, with a warning
+        from trl import SFTConfig
+
+        # transformers 5.2x renamed it in some releases; the old name still works, with a warning
+        known = {f.name for f in dataclasses.fields(SFTConfig)}
         name = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
         kw[name] = hp.gradient_checkpointing
-    extra = dict(hp.model_extra or {})
-    unknown = sorted(set(extra) - known)
-    if unknown:
-        import trl
-
-        raise ValueError(
-            f"hyperparameters.{unknown[0]}: not a field of TRL's SFTConfig (trl {trl.__version__}); "
-            "see https://huggingface.co/docs/trl/sft_trainer"
-        )
-    kw.update(extra)
     return kw
+
+
+def model_context(config: Any) -> int | None:
+    """The longest sequence the model takes (`max_position_embeddings`, also of a nested text config)."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        n = getattr(cfg, "max_position_embeddings", None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def checked_max_length(asked: int | None, context: int | None, model: str) -> int:
+    """The job's max_length: at most the model's context (an error naming both otherwise); unset: the context."""
+    if asked is None:
+        return min(context or MAX_LENGTH_CAP, MAX_LENGTH_CAP)
+    if context is not None and asked > context:
+        raise ValueError(
+            f"hyperparameters.max_length {asked} is longer than the context of {model} ({context} tokens, "
+            "max_position_embeddings): give at most that"
+        )
+    return asked
 
 
 def build_trainer(ctx: TrainContext, callbacks: list[Any] | None = None) -> tuple[Any, dict[str, Any]]:
     """The SFTTrainer of a job, and facts about it (template used, records, format)."""
     from datasets import Dataset
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from grape.chat_templates import load_template
     from grape.models import resolve_model
     from trainer.chat_templates import has_generation_markers, training_chat_template
 
     spec = ctx.spec
     hp = spec.hyperparameters
+    settings = ctx.operator()
     model_path = resolve_model(spec.base_model)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if hp.chat_template_path:
-        tokenizer.chat_template = Path(hp.chat_template_path).read_text(encoding="utf-8")
+    # a model's own Python code (auto_map) runs only for the models the operator trusts
+    trust = settings.trusts_remote_code(spec.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust)
+    context = model_context(AutoConfig.from_pretrained(model_path, trust_remote_code=trust))
+    if hp.chat_template:  # by name, from the operator's directory or grape's / TRL's own: never a path
+        tokenizer.chat_template = load_template(hp.chat_template, settings.chat_template_dir)
     original_template = tokenizer.chat_template  # what the saved tokenizer keeps
     template = resolve_template(tokenizer, spec.template)
     records = load_records(ctx.data_path)
     if not records:
         raise ValueError(f"the selected set {ctx.data_path} is empty: nothing to train on")
-    kw = sft_config_kwargs(spec, ctx.output_dir, accelerator=has_accelerator())
+    kw = sft_config_kwargs(spec, ctx.output_dir, accelerator=has_accelerator(), settings=settings)
+    kw["max_length"] = checked_max_length(hp.max_length, context, spec.base_model)
     if template is Template.chat:
         kw["assistant_only_loss"] = hp.assistant_only_loss
         if hp.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
@@ -248,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         output_dir=Path(args.output_dir),
         resume=args.resume,
         trainer_name=args.trainer,
+        settings=settings,
     )
     outcome = train(ctx, client, keys)
     if int(os.environ.get("RANK", "0")) == 0:

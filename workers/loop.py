@@ -1,21 +1,32 @@
 """The consumer loop: claim chunks from the model's stream, score them, write results + ack atomically.
 
-Delivery is at-least-once. A chunk pending on a dead worker is taken over with XAUTOCLAIM once it has
-been idle `claim_idle_ms`; while a worker scores, a keeper thread re-claims its own entries so a slow
-batch is never mistaken for a dead worker. A chunk seen for the second time is scored item by item,
-writing each result at once, so a poison item that kills workers is isolated: after `max_deliveries`
-it alone is failed and the rest of its chunk is queued again.
+Three threads keep the backend busy: a reader claims chunks, loads their items and tokenizes the next
+batches while the backend computes the current one (`prefetch` batches ahead); the compute thread (the
+caller of `run`) only runs the backend; a writer writes each batch's results as soon as it is scored and
+acks a chunk when the last of its items is written.
+
+Delivery is at-least-once, result writes are idempotent (grape.protocol.RESULTS_LUA): an item is counted
+once however often it is written. A chunk pending on a dead worker is taken over with XAUTOCLAIM once it
+has been idle `claim_idle_ms` (30 s by default); while a worker holds chunks, a keeper thread re-claims
+them six times per idle time, so a slow batch on a live worker is never mistaken for a dead worker. A
+chunk seen for the second time is scored item by item, writing each result at once, so a poison item
+that kills workers is isolated: after `max_deliveries` it alone is failed and the rest of its chunk is
+queued again. On SIGTERM the worker stops claiming, finishes the batch in the backend, writes it, and
+hands every unscored item of its chunks back to the queue as a fresh entry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +37,7 @@ from grape import heartbeats
 from grape.keys import GROUP, Keys
 from grape.protocol import HANDBACK_LUA, RESULTS_LUA, ItemResult, results_args
 from grape.redis_client import as_str
+from grape.settings import DEFAULT_CLAIM_IDLE_MS
 from workers import metrics as worker_metrics
 from workers.backends.base import ScoringBackend
 from workers.tasks import load_task
@@ -35,12 +47,26 @@ log = logging.getLogger(__name__)
 HEARTBEAT_TTL_S = 30
 
 
-@dataclass
+@dataclass(eq=False)
 class Entry:
     id: str
     dataset: str
     item_ids: list[str]
     deliveries: int = 1
+    todo: set[str] | None = None
+    """Ids of its items queued for scoring and not written yet (None until scheduled); the entry is acked
+    when it empties."""
+
+
+@dataclass
+class Batch:
+    """Items the backend scores in one call, as (entry, item, template), tokenized ahead when the task can."""
+
+    parts: list[tuple[Entry, dict[str, Any], str]]
+    prepared: Any = None
+
+
+_END = object()  # ends a queue between the threads
 
 
 @dataclass
@@ -59,13 +85,8 @@ def _slices(work: list[Any], budget: int) -> list[list[Any]]:
     size = 0
     for w in work:
         item = w[1]
-        n = (
-            sum(
-                len(c["response"]) + len(str(item.get("instruction") or item.get("messages")))
-                for c in item["candidates"]
-            )
-            // 4
-        )
+        prompt = len(str(item.get("instruction") or item.get("messages")))
+        n = sum(len(c["response"]) + prompt for c in item["candidates"]) // 4
         if out[-1] and size + n > budget:
             out.append([])
             size = 0
@@ -84,11 +105,12 @@ class Worker:
         *,
         read_count: int = 4,
         block_ms: int = 2000,
-        claim_idle_ms: int = 600_000,
+        claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS,
         max_deliveries: int = 5,
         commit_tokens: int = 65_536,
         name: str | None = None,
         task: str = "logprob",
+        prefetch: int = 2,
     ) -> None:
         self.r = client
         self.keys = keys
@@ -97,6 +119,9 @@ class Worker:
         self.stream = keys.task_stream(self.task, model)
         self.backend = backend
         self._run = load_task(self.task, backend, model)  # [(item, template)] -> [ItemResult]
+        # tasks that can tokenize apart from computing get their tokenizing done by the reader thread
+        self._prepare: Callable[[list[Any]], Any] | None = getattr(self._run, "prepare", None)
+        self._complete: Callable[[Any], list[ItemResult]] | None = getattr(self._run, "complete", None)
         self.read_count = read_count
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
@@ -105,8 +130,11 @@ class Worker:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.stats = WorkerStats()
         self._stop = threading.Event()
-        self._inflight: list[str] = []
         self._lock = threading.Lock()
+        self._held: dict[str, Entry] = {}  # claimed and not acked/handed back: the keeper refreshes them
+        self._ready: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch))  # reader -> compute
+        self._done: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch))  # compute -> writer
+        self._error: BaseException | None = None
         self._write = client.register_script(RESULTS_LUA)
         self._handback = client.register_script(HANDBACK_LUA)
         self._claim_cursor = "0-0"
@@ -114,7 +142,7 @@ class Worker:
 
     # lifecycle -----------------------------------------------------------------------------------
     def stop(self, *_: Any) -> None:
-        """Stop claiming; the chunk in hand is finished and acked before the loop returns."""
+        """Stop claiming; the batch in the backend is finished and written, the rest handed back."""
         if not self._stop.is_set():
             log.info("worker %s: stopping after the current batch", self.name)
         self._stop.set()
@@ -131,18 +159,78 @@ class Worker:
                 raise
 
     def run(self, *, idle_exit_s: float | None = None) -> WorkerStats:
-        """Consume until stopped (or, with `idle_exit_s`, until the queue has been empty that long)."""
+        """Consume until stopped (or, with `idle_exit_s`, until nothing was held for that long)."""
         self.ensure_group()
         keeper = threading.Thread(target=self._keep_alive, name="claim-keeper", daemon=True)
-        keeper.start()
-        idle_since = time.monotonic()
+        reader = threading.Thread(target=self._guard, args=(self._read_loop, idle_exit_s), name="reader", daemon=True)
+        writer = threading.Thread(target=self._guard, args=(self._write_loop,), name="writer", daemon=True)
         heartbeats.publish(self.r, self.keys, self.name, self.status(), HEARTBEAT_TTL_S)
         log.info("worker %s: consuming %s with %s", self.name, self.stream, self.backend.info())
+        keeper.start()
+        reader.start()
+        writer.start()
+        try:
+            self._compute_loop()
+        except BaseException as exc:
+            self._error = self._error or exc
+        finally:
+            self._stop.set()
+            while reader.is_alive():  # unblock a reader waiting for room; what it queued is handed back
+                with contextlib.suppress(queue.Empty):
+                    self._ready.get(timeout=0.1)
+            while writer.is_alive():
+                try:
+                    self._done.put(_END, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            writer.join()
+            if self._error is None:
+                self._hand_back()
+            else:
+                # no hand-back: what is held stays pending with its delivery count and is reclaimed after
+                # the idle time, so a poison chunk still reaches the dead letters
+                with self._lock:
+                    self._held.clear()
+            keeper.join(timeout=5)
+            heartbeats.remove(self.r, self.keys, self.name)
+        if self._error is not None:
+            raise self._error
+        log.info("worker %s: stopped after %s", self.name, self.stats)
+        return self.stats
+
+    def _guard(self, loop: Callable[..., None], *args: Any) -> None:
+        """A thread's loop; an error in it stops the worker and is raised by `run`."""
+        try:
+            loop(*args)
+        except BaseException as exc:
+            log.exception("worker %s: %s failed", self.name, threading.current_thread().name)
+            self._error = self._error or exc
+            self._stop.set()
+
+    @staticmethod
+    def _put(q: queue.Queue[Any], value: Any, force: bool = False, stop: threading.Event | None = None) -> bool:
+        """Put into a bounded queue, giving up when `stop` is set (unless `force`, for the end marker)."""
+        while True:
+            try:
+                q.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                if not force and stop is not None and stop.is_set():
+                    return False
+
+    # reading (reader thread) ---------------------------------------------------------------------
+    def _read_loop(self, idle_exit_s: float | None) -> None:
+        idle_since: float | None = None
         try:
             while not self._stop.is_set():
+                entries = []
                 try:
                     entries = self._claim()
+                    if entries:
+                        self._schedule(entries)
                 except redis.ConnectionError as exc:
+                    self._release([e for e in entries if e.todo is None])
                     # Redis restarting: what we hold stays pending and comes back to us or another worker
                     log.warning("Redis unreachable (%s); retrying", exc)
                     self._stop.wait(2)
@@ -153,27 +241,31 @@ class Worker:
                     log.warning("consumer group missing (Redis lost its data?); creating it again")
                     self.ensure_group()
                     continue
-                if not entries:
-                    if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                if idle_exit_s is not None and not entries:
+                    with self._lock:
+                        busy = bool(self._held)
+                    now = time.monotonic()
+                    idle_since = None if busy else (idle_since or now)
+                    if idle_since is not None and now - idle_since > idle_exit_s:
                         break
-                    continue
-                try:
-                    self._process(entries)
-                except redis.ConnectionError as exc:
-                    # what was not written stays pending and is reclaimed after GRAPE_CLAIM_IDLE_MS
-                    log.warning("Redis unreachable while writing results (%s); the chunks will be redelivered", exc)
-                    self._stop.wait(2)
-                idle_since = time.monotonic()
+                else:
+                    idle_since = None
         finally:
-            self._stop.set()
-            keeper.join(timeout=5)
-            heartbeats.remove(self.r, self.keys, self.name)
-        log.info("worker %s: stopped after %s", self.name, self.stats)
-        return self.stats
+            self._put(self._ready, _END, force=True)
 
-    # reading -------------------------------------------------------------------------------------
+    def _release(self, entries: list[Entry]) -> None:
+        """Stop refreshing entries we could not schedule: they stay pending and are reclaimed after the idle
+        time (by us or another worker), with their delivery count."""
+        with self._lock:
+            for e in entries:
+                self._held.pop(e.id, None)
+
     def _claim(self) -> list[Entry]:
         entries: list[Entry] = []
+        while self._ready.full() and not self._stop.is_set():
+            self._stop.wait(0.01)  # a full pipeline: claim nothing more until the compute thread takes some
+        if self._stop.is_set():
+            return entries
         # reclaim first: old work of dead workers before new work
         cursor, claimed, *_ = self.r.xautoclaim(
             self.stream,
@@ -189,6 +281,13 @@ class Worker:
             if fields is None:
                 continue
             entries.append(self._entry(entry_id, fields, deliveries=self._deliveries(entry_id)))
+        if entries:
+            log.warning(
+                "worker %s: taking over %d chunk(s) left idle %.0f s by a silent worker",
+                self.name,
+                len(entries),
+                self.claim_idle_ms / 1000,
+            )
         if len(entries) < self.read_count:
             block = None if entries else self.block_ms
             got = self.r.xreadgroup(
@@ -197,6 +296,8 @@ class Worker:
             for _, rows in got or []:
                 for entry_id, fields in rows:
                     entries.append(self._entry(entry_id, fields, deliveries=1))
+        with self._lock:
+            self._held.update((e.id, e) for e in entries)
         return entries
 
     def _deliveries(self, entry_id: str) -> int:
@@ -208,87 +309,62 @@ class Worker:
         f = {as_str(k): v for k, v in fields.items()}
         return Entry(as_str(entry_id), as_str(f["ds"]), orjson.loads(f["items"]), deliveries)
 
-    # processing ----------------------------------------------------------------------------------
-    def _process(self, entries: list[Entry]) -> None:
-        with self._lock:
-            self._inflight = [e.id for e in entries]
-        try:
-            fresh = [e for e in entries if e.deliveries <= 1]
-            retried = [e for e in entries if e.deliveries > 1]
-            if fresh:
-                self._score_together(fresh)
-            for e in retried:
-                self._score_carefully(e)
-        finally:
-            with self._lock:
-                self._inflight = []
-
-    def _load(self, entry: Entry) -> tuple[dict[str, str] | None, list[dict[str, Any]]]:
-        meta = self._meta.get(entry.dataset)
-        if meta is None:
-            raw = self.r.hgetall(self.keys.dataset(entry.dataset))
-            meta = {as_str(k): as_str(v) for k, v in raw.items()} if raw else None
-            if meta is not None:
-                self._meta[entry.dataset] = meta
-        if meta is None:
-            return None, []
-        raws = self.r.hmget(self.keys.items(entry.dataset), entry.item_ids) if entry.item_ids else []
-        return meta, [orjson.loads(x) for x in raws if x is not None]
-
-    def _score_together(self, entries: list[Entry]) -> None:
-        """Normal path: all items of all entries in one backend call (one large batch)."""
-        work: list[tuple[Entry, dict[str, Any], str]] = []
+    def _load(self, entries: list[Entry]) -> list[tuple[dict[str, str] | None, list[dict[str, Any]]]]:
+        """Each entry's dataset settings and items, in one round trip for all of them."""
+        pipe = self.r.pipeline(transaction=False)
+        unknown = sorted({e.dataset for e in entries if e.dataset not in self._meta})
+        for ds in unknown:
+            pipe.hgetall(self.keys.dataset(ds))
         for e in entries:
-            meta, items = self._load(e)
+            pipe.hmget(self.keys.items(e.dataset), e.item_ids) if e.item_ids else pipe.echo("")
+        got = pipe.execute()
+        for ds, raw in zip(unknown, got, strict=False):
+            if raw:
+                self._meta[ds] = {as_str(k): as_str(v) for k, v in raw.items()}
+        out = []
+        for e, raws in zip(entries, got[len(unknown) :], strict=True):
+            meta = self._meta.get(e.dataset)
+            items = [orjson.loads(x) for x in raws if x is not None] if meta is not None and e.item_ids else []
+            out.append((meta, items))
+        return out
+
+    def _schedule(self, entries: list[Entry]) -> None:
+        """Turn claimed entries into batches for the compute thread. Fresh entries are scored together, in
+        slices of about `commit_tokens`; a redelivered one item by item (what is already written skipped)."""
+        fresh: list[tuple[Entry, dict[str, Any], str]] = []
+        batches: list[list[tuple[Entry, dict[str, Any], str]]] = []
+        started: set[str] = set()
+        for e, (meta, items) in zip(entries, self._load(entries), strict=True):
             if meta is None:
                 log.warning("entry %s names deleted dataset %s; dropping it", e.id, e.dataset)
-                self._commit(e, [])
+                self._ack(e)
                 continue
-            self.r.hsetnx(self.keys.task_stats(e.dataset, self.task), "t_start", f"{time.time():.3f}")
-            work += [(e, item, meta.get("template", "auto")) for item in items]
-        # scored in slices of about `commit_tokens`: each slice's results are written at once (progress,
-        # and less to redo after a crash); the entries are acked when all their items are written
-        written: set[tuple[str, str]] = set()
-        for part in _slices(work, self.commit_tokens):
-            if self._stop.is_set():
-                break  # SIGTERM: what is not scored yet is handed back below
-            results = self._run([(item, tpl) for _, item, tpl in part])
-            by_ds: dict[str, list[ItemResult]] = {}
-            for (e, _, _), res in zip(part, results, strict=True):
-                by_ds.setdefault(e.dataset, []).append(res)
-            for ds, res in by_ds.items():
-                # a dataset deleted while we scored: do not recreate its keys
-                if self.r.exists(self.keys.dataset(ds)):
-                    self._write_results(ds, "", res)
-                written.update((ds, r.item_id) for r in res)
-        for e in entries:
-            rest = [i for i in e.item_ids if (e.dataset, i) not in written]
-            loaded = {item["id"] for w_e, item, _ in work if w_e is e}
-            rest = [i for i in rest if i in loaded]
-            if rest:
-                self._handback(keys=[self.stream], args=[GROUP, e.id, e.dataset, orjson.dumps(rest)])
-                log.info("handed back %d unscored items of entry %s", len(rest), e.id)
+            started.add(e.dataset)
+            tpl = meta.get("template", "auto")
+            if e.deliveries > 1:
+                if items:
+                    flags = self.r.hmget(self.keys.task_results(e.dataset, self.task), [it["id"] for it in items])
+                    items = [it for it, f in zip(items, flags, strict=True) if f is None]
+                if items and e.deliveries > self.max_deliveries:
+                    self._dead_letter(e, items)
+                    continue
+                batches += [[(e, it, tpl)] for it in items]
             else:
-                self._commit(e, [])
-
-    def _score_carefully(self, entry: Entry) -> None:
-        """A redelivered chunk: skip what is already written, write each item as soon as it is scored."""
-        meta, items = self._load(entry)
-        if meta is None:
-            self._commit(entry, [])
-            return
-        done = set()
-        if items:
-            flags = self.r.hmget(self.keys.task_results(entry.dataset, self.task), [it["id"] for it in items])
-            done = {it["id"] for it, f in zip(items, flags, strict=True) if f is not None}
-        todo = [it for it in items if it["id"] not in done]
-        if todo and entry.deliveries > self.max_deliveries:
-            self._dead_letter(entry, todo)
-            return
-        tpl = meta.get("template", "auto")
-        for item in todo:
-            self._write_results(entry.dataset, "", self._run([(item, tpl)]))
-        self._commit(entry, [])
+                fresh += [(e, it, tpl) for it in items]
+            if not items:
+                self._ack(e)
+                continue
+            with self._lock:
+                e.todo = {it["id"] for it in items}
+        if started:
+            pipe = self.r.pipeline(transaction=False)
+            for ds in started:
+                pipe.hsetnx(self.keys.task_stats(ds, self.task), "t_start", f"{time.time():.3f}")
+            pipe.execute()
+        for parts in _slices(fresh, self.commit_tokens) + batches:
+            prepared = self._prepare([(item, tpl) for _, item, tpl in parts]) if self._prepare else None
+            if not self._put(self._ready, Batch(parts, prepared), stop=self._stop):
+                return  # stopping: what is not queued is handed back by `run`
 
     def _dead_letter(self, entry: Entry, todo: list[dict[str, Any]]) -> None:
         """The first unscored item is the one workers die on: fail it, queue the rest again."""
@@ -305,15 +381,89 @@ class Worker:
         if rest:
             # requeue as a fresh entry: HSETNX finds them stored, so re-add the stream entry directly
             self.r.xadd(self.stream, {"ds": entry.dataset, "items": orjson.dumps([it["id"] for it in rest])})
-        self._commit(entry, [])
+        self._ack(entry)
         log.error("dead-lettered item %s of dataset %s", poison["id"], entry.dataset)
 
-    def _commit(self, entry: Entry, results: list[ItemResult]) -> None:
-        self._write_results(entry.dataset, entry.id, results)
+    # computing (the caller's thread) -------------------------------------------------------------
+    def _compute_loop(self) -> None:
+        while True:
+            batch = self._ready.get()
+            if batch is _END:
+                return
+            if self._stop.is_set():
+                continue  # stopping: not scored, its items are handed back
+            if self._complete is not None:
+                results = self._complete(batch.prepared)
+            else:
+                results = self._run([(item, tpl) for _, item, tpl in batch.parts])
+            while self._error is None:  # also on SIGTERM: what was scored is written
+                try:
+                    self._done.put((batch, results), timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+
+    # writing (writer thread) ---------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        while True:
+            got = self._done.get()
+            if got is _END:
+                return
+            batch, results = got
+            by_ds: dict[str, list[ItemResult]] = {}
+            for (e, _, _), res in zip(batch.parts, results, strict=True):
+                by_ds.setdefault(e.dataset, []).append(res)
+            for ds, res in by_ds.items():
+                self._retrying(lambda ds=ds, res=res: self._write_results(ds, "", res, only_if_dataset=True))
+            finished: dict[str, Entry] = {}
+            with self._lock:
+                for e, item, _ in batch.parts:
+                    assert e.todo is not None
+                    e.todo.discard(item["id"])
+                    if not e.todo:
+                        finished[e.id] = e
+            for e in finished.values():
+                self._retrying(lambda e=e: self._ack(e))
+
+    def _retrying(self, write: Callable[[], Any]) -> Any:
+        """Redis down: results wait for it (idempotent writes), until the worker is stopped."""
+        delay = 0.5
+        while True:
+            try:
+                return write()
+            except redis.ConnectionError as exc:
+                if self._stop.is_set() and delay > 4:
+                    raise
+                log.warning("Redis unreachable while writing results (%s); retrying in %.1f s", exc, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 10)
+
+    def _hand_back(self) -> None:
+        """After a stop: every unscored item of every held chunk goes back to the queue, atomically."""
+        with self._lock:
+            held, self._held = list(self._held.values()), {}
+        for e in held:
+            if e.todo is None:
+                continue  # never scheduled: left pending, reclaimed after the idle time
+            rest = [i for i in e.item_ids if i in e.todo]
+            if rest:
+                self._handback(keys=[self.stream], args=[GROUP, e.id, e.dataset, orjson.dumps(rest)])
+                log.info("handed back %d unscored items of entry %s", len(rest), e.id)
+            else:
+                self._ack(e)
+
+    def _ack(self, entry: Entry) -> None:
+        self._write_results(entry.dataset, entry.id, [])
+        with self._lock:
+            self._held.pop(entry.id, None)
         self.stats.chunks += 1
 
-    def _write_results(self, dataset: str, entry_id: str, results: list[ItemResult]) -> None:
+    def _write_results(
+        self, dataset: str, entry_id: str, results: list[ItemResult], only_if_dataset: bool = False
+    ) -> None:
         k = self.keys
+        if only_if_dataset and not self.r.exists(k.dataset(dataset)):
+            return  # a dataset deleted while we scored: do not recreate its keys
         self._write(
             keys=[
                 k.task_results(dataset, self.task),
@@ -331,11 +481,12 @@ class Worker:
 
     # keeper thread -------------------------------------------------------------------------------
     def _keep_alive(self) -> None:
-        period = max(0.2, min(HEARTBEAT_TTL_S / 3, self.claim_idle_ms / 3000))
+        # six refreshes per idle time: a live worker's entries never look idle, even if a few refreshes fail
+        period = max(0.05, min(HEARTBEAT_TTL_S / 3, self.claim_idle_ms / 6000))
         while not self._stop.wait(period):
             try:
                 with self._lock:
-                    inflight = list(self._inflight)
+                    inflight = list(self._held)
                 if inflight:
                     # resets the idle time of our own entries: we are alive, just slow
                     self.r.xclaim(self.stream, GROUP, self.name, min_idle_time=0, message_ids=inflight, justid=True)

@@ -71,6 +71,7 @@ def backend_config(args: argparse.Namespace, settings: Settings) -> BackendConfi
         device=args.device,
         batch_tokens=args.batch_tokens,
         max_model_len=args.max_model_len,
+        cpu_threads=settings.vllm_cpu_threads,
         extra=extra,
     )
 

@@ -60,9 +60,13 @@ def _result(p: Prepared, logprobs: list[list[float]]) -> ItemResult:
     return ItemResult(p.item_id, len(p.requests), scores=scores)
 
 
-def score_items(backend: ScoringBackend, items: list[tuple[dict[str, Any], str]]) -> list[ItemResult]:
-    """Score (item, template) pairs; results come back in the same order."""
-    prepared = [prepare(backend, item, template) for item, template in items]
+def prepare_items(backend: ScoringBackend, items: list[tuple[dict[str, Any], str]]) -> list[Prepared | ItemResult]:
+    """Tokenize and check (item, template) pairs: the CPU half of scoring, run ahead of the backend."""
+    return [prepare(backend, item, template) for item, template in items]
+
+
+def complete(backend: ScoringBackend, prepared: list[Prepared | ItemResult]) -> list[ItemResult]:
+    """Run the backend on what `prepare_items` made; results in the same order."""
     todo = [p for p in prepared if isinstance(p, Prepared)]
     done: dict[str, ItemResult] = {}
     if todo:
@@ -81,3 +85,8 @@ def score_items(backend: ScoringBackend, items: list[tuple[dict[str, Any], str]]
                 except Exception as one:  # noqa: BLE001
                     done[p.item_id] = ItemResult(p.item_id, len(p.requests), error=f"scoring failed: {one}")
     return [p if isinstance(p, ItemResult) else done[p.item_id] for p in prepared]
+
+
+def score_items(backend: ScoringBackend, items: list[tuple[dict[str, Any], str]]) -> list[ItemResult]:
+    """Score (item, template) pairs; results come back in the same order."""
+    return complete(backend, prepare_items(backend, items))

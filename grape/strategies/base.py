@@ -59,7 +59,10 @@ class Pick:
 class Strategy(Protocol):
     """`rows` in upload order; picks in the strategy's order. Optional attributes: `per_item = True` when
     each instruction is decided alone (the service then streams page by page), `needs` = the extra
-    tasks whose results the strategy reads (grape.tasks; they arrive in `ScoredItem.extra`)."""
+    tasks whose results the strategy reads (grape.tasks; they arrive in `ScoredItem.extra`),
+    `per_instruction = True` when, without a budget `n`, it picks responses for every instruction it can
+    serve (grape, source:, random): experiments then give such arms the same instructions (pool-wide
+    strategies, longest, deita, ifd, rank pairs across the pool and take their own top `n`)."""
 
     def __call__(self, rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]: ...
 

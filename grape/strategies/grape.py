@@ -28,3 +28,4 @@ def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
 
 
 select.per_item = True  # type: ignore[attr-defined]  # streams: one instruction at a time
+select.per_instruction = True  # type: ignore[attr-defined]  # picks a response for each instruction (experiments)

@@ -32,3 +32,6 @@ def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
                 return
             kept += 1
             yield Pick(row.item, cand, u, kept)
+
+
+select.per_instruction = True  # type: ignore[attr-defined]  # without `n`: k responses for every instruction

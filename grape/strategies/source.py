@@ -29,5 +29,6 @@ def named(name: str) -> Strategy:
         return select_source(name, rows, params)
 
     select.per_item = True  # type: ignore[attr-defined]
+    select.per_instruction = True  # type: ignore[attr-defined]
     select.source = name  # type: ignore[attr-defined]
     return select

@@ -2,16 +2,17 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from grape.strategies import STRATEGIES, SelectParams
 from service import datasets as svc
 from service import tasks as task_svc
-from service.deps import KeysDep, RedisDep, SettingsDep
+from service.deps import DatasetId, KeysDep, RedisDep, SettingsDep, upload_slot
 from service.errors import TooLarge, Unprocessable
-from service.ingest import parse_upload
+from service.ingest import parse_upload, upload_type
+from service.model_access import check_model
 from service.schemas import (
     ComparisonPublic,
     DatasetCreate,
@@ -24,12 +25,15 @@ from service.schemas import (
     ScoresQueued,
     ScoresRequest,
 )
+from service.store import dataset_meta
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` (before it is all in memory)."""
+    """The body, refused with 413 as soon as it passes `limit` (before it is all in memory). The body
+    limit middleware (service.limits) has already checked it against the same limit; this is the
+    route's own guard."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise TooLarge(f"body is {declared} bytes, limit {limit} (GRAPE_MAX_BODY_BYTES); split the upload")
@@ -50,12 +54,19 @@ _UPLOAD_DOC = {
             "application/json": {"schema": ItemsIn.model_json_schema(ref_template="#/components/schemas/{model}")},
             "application/x-ndjson": {"schema": {"type": "string", "description": "One item object per line."}},
         },
-    }
+    },
+    "responses": {
+        "413": {"description": "Body over GRAPE_MAX_BODY_BYTES, or items over GRAPE_MAX_ITEMS_PER_REQUEST."},
+        "415": {"description": "Content-Type is neither application/json nor application/x-ndjson."},
+        "429": {"description": "Queue past GRAPE_MAX_QUEUE_CHUNKS, or GRAPE_MAX_CONCURRENT_UPLOADS being read."},
+    },
 }
 
 
 @router.post("", response_model=DatasetPublic, status_code=status.HTTP_201_CREATED)
-async def create_dataset(body: DatasetCreate, redis: RedisDep, keys: KeysDep) -> DatasetPublic:
+async def create_dataset(body: DatasetCreate, redis: RedisDep, keys: KeysDep, settings: SettingsDep) -> DatasetPublic:
+    # the target model is one the operator allows (GRAPE_ALLOWED_MODELS): jobs train it by default
+    await check_model(redis=redis, keys=keys, settings=settings, name=body.target_model, field="target_model")
     return await svc.create_dataset(redis=redis, keys=keys, body=body)
 
 
@@ -65,12 +76,12 @@ async def list_datasets(redis: RedisDep, keys: KeysDep) -> DatasetList:
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
-async def get_dataset(dataset_id: str, redis: RedisDep, keys: KeysDep) -> DatasetPublic:
+async def get_dataset(dataset_id: DatasetId, redis: RedisDep, keys: KeysDep) -> DatasetPublic:
     return await svc.dataset_status(redis=redis, keys=keys, dataset_id=dataset_id)
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_dataset(dataset_id: str, redis: RedisDep, keys: KeysDep) -> Response:
+async def delete_dataset(dataset_id: DatasetId, redis: RedisDep, keys: KeysDep) -> Response:
     await svc.delete_dataset(redis=redis, keys=keys, dataset_id=dataset_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -83,24 +94,43 @@ async def delete_dataset(dataset_id: str, redis: RedisDep, keys: KeysDep) -> Res
     summary="Upload items (JSON {items: [...]} or NDJSON)",
 )
 async def upload_items(
-    dataset_id: str, request: Request, redis: RedisDep, keys: KeysDep, settings: SettingsDep
+    dataset_id: DatasetId, request: Request, redis: RedisDep, keys: KeysDep, settings: SettingsDep
 ) -> IngestResult:
-    body = await read_body(request, settings.max_body_bytes)
-    # parsing and validating thousands of items is CPU work: off the event loop, so status calls stay quick
-    items, rejected = await run_in_threadpool(parse_upload, body, request.headers.get("content-type", ""), settings)
+    ctype = upload_type(request.headers.get("content-type", ""))  # 415 before anything is read
+    await dataset_meta(redis, keys, dataset_id)  # 404 before the body is read
+    with upload_slot(request, settings):  # 429 past GRAPE_MAX_CONCURRENT_UPLOADS: bounds the memory of parsing
+        body = await read_body(request, settings.max_body_bytes)
+        # parsing and validating thousands of items is CPU work: off the event loop, so status calls stay quick
+        items, rejected, n_rejected = await run_in_threadpool(parse_upload, body, ctype, settings)
+        del body
     return await svc.ingest(
-        redis=redis, keys=keys, settings=settings, dataset_id=dataset_id, items=items, rejected=rejected
+        redis=redis,
+        keys=keys,
+        settings=settings,
+        dataset_id=dataset_id,
+        items=items,
+        rejected=rejected,
+        rejected_total=n_rejected,
     )
 
 
-@router.get("/{dataset_id}/items/{item_id}", response_model=ItemPublic)
-async def get_item(dataset_id: str, item_id: str, redis: RedisDep, keys: KeysDep) -> ItemPublic:
+@router.get("/{dataset_id}/items/{item_id:path}", response_model=ItemPublic)
+async def get_item(
+    dataset_id: DatasetId,
+    item_id: Annotated[
+        str, Path(description="The item id, percent-encoded: any characters, `/` included (as %2F or as is).")
+    ],
+    redis: RedisDep,
+    keys: KeysDep,
+) -> ItemPublic:
+    """One item with its candidates and scores. Item ids may hold any characters: percent-encode the id in
+    the path (`a/b?c` -> `a%2Fb%3Fc`); a `/` may also be sent as is."""
     return await svc.get_item(redis=redis, keys=keys, dataset_id=dataset_id, item_id=item_id)
 
 
 @router.get("/{dataset_id}/failures", response_model=FailureList)
 async def list_failures(
-    dataset_id: str, redis: RedisDep, keys: KeysDep, limit: Annotated[int, Query(ge=1, le=100_000)] = 1000
+    dataset_id: DatasetId, redis: RedisDep, keys: KeysDep, limit: Annotated[int, Query(ge=1, le=100_000)] = 1000
 ) -> FailureList:
     return FailureList(failures=await svc.list_failures(redis=redis, keys=keys, dataset_id=dataset_id, limit=limit))
 
@@ -111,7 +141,7 @@ async def list_failures(
     responses={200: {"content": {"application/x-ndjson": {}}, "description": "One SFT record per line."}},
 )
 async def selection(
-    dataset_id: str,
+    dataset_id: DatasetId,
     redis: RedisDep,
     keys: KeysDep,
     strategy: str = "grape",
@@ -141,7 +171,7 @@ async def selection(
 
 @router.post("/{dataset_id}/scores", response_model=ScoresQueued, status_code=status.HTTP_202_ACCEPTED)
 async def request_scores(
-    dataset_id: str, body: ScoresRequest, redis: RedisDep, keys: KeysDep, settings: SettingsDep
+    dataset_id: DatasetId, body: ScoresRequest, redis: RedisDep, keys: KeysDep, settings: SettingsDep
 ) -> ScoresQueued:
     """Ask for more score kinds; the items already stored are queued for the tasks that are new."""
     queued = await task_svc.request_scores(redis=redis, keys=keys, settings=settings, dataset_id=dataset_id, body=body)
@@ -151,9 +181,10 @@ async def request_scores(
 
 @router.get("/{dataset_id}/compare", response_model=ComparisonPublic)
 async def compare(
-    dataset_id: str,
+    dataset_id: DatasetId,
     redis: RedisDep,
     keys: KeysDep,
+    settings: SettingsDep,
     strategies: Annotated[str, Query(description="Comma-separated, e.g. grape,longest,deita,ifd,random")],
     k: Annotated[int, Query(ge=1, le=1000)] = 1,
     reduce: Literal["mean", "sum"] = "mean",
@@ -162,10 +193,11 @@ async def compare(
     seed: int = 0,
 ) -> ComparisonPublic:
     """Per strategy on the scored pool: pairs selected, mean response length, share of each source, and
-    the pairwise overlap (pairs selected by both)."""
+    the pairwise overlap (pairs selected by both). At most GRAPE_MAX_COMPARE_STRATEGIES strategies."""
     return await task_svc.compare(
         redis=redis,
         keys=keys,
+        settings=settings,
         dataset_id=dataset_id,
         strategies=[s.strip() for s in strategies.split(",") if s.strip()],
         params=SelectParams(k=k, reduce=reduce, n=n, tau=tau, seed=seed),

@@ -7,7 +7,7 @@ from typing import Literal
 from fastapi import APIRouter
 
 from service import summary as svc
-from service.deps import KeysDep, RedisDep
+from service.deps import DatasetId, KeysDep, RedisDep, SettingsDep
 from service.schemas import DatasetSummary
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -15,7 +15,13 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 @router.get("/{dataset_id}/summary", response_model=DatasetSummary)
 async def dataset_summary(
-    dataset_id: str, redis: RedisDep, keys: KeysDep, reduce: Literal["mean", "sum"] = "mean"
+    dataset_id: DatasetId,
+    redis: RedisDep,
+    keys: KeysDep,
+    settings: SettingsDep,
+    reduce: Literal["mean", "sum"] = "mean",
 ) -> DatasetSummary:
     """How often GRAPE (k=1) selects each source, and histograms of all and of the selected scores."""
-    return await svc.dataset_summary(redis=redis, keys=keys, dataset_id=dataset_id, reduce=reduce)
+    return await svc.dataset_summary(
+        redis=redis, keys=keys, dataset_id=dataset_id, reduce=reduce, max_sources=settings.max_report_sources
+    )

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import StreamingResponse
 
 from service import training as svc
-from service.deps import KeysDep, RedisDep, SettingsDep
+from service.deps import JobId, KeysDep, RedisDep, SettingsDep
 from service.training_schemas import TrainingJobCreate, TrainingJobCreated, TrainingJobList, TrainingJobPublic
 
 router = APIRouter(prefix="/v1/training-jobs", tags=["training"])
@@ -25,11 +25,11 @@ async def create_training_job(
 async def list_training_jobs(
     redis: RedisDep, keys: KeysDep, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
 ) -> TrainingJobList:
-    return TrainingJobList(jobs=await svc.list_jobs(redis=redis, keys=keys, limit=limit))
+    return await svc.list_jobs(redis=redis, keys=keys, limit=limit)
 
 
 @router.get("/{job_id}", response_model=TrainingJobPublic)
-async def get_training_job(job_id: str, redis: RedisDep, keys: KeysDep) -> TrainingJobPublic:
+async def get_training_job(job_id: JobId, redis: RedisDep, keys: KeysDep) -> TrainingJobPublic:
     return await svc.get_job(redis=redis, keys=keys, job_id=job_id)
 
 
@@ -44,7 +44,7 @@ async def get_training_job(job_id: str, redis: RedisDep, keys: KeysDep) -> Train
     },
 )
 async def training_job_logs(
-    job_id: str,
+    job_id: JobId,
     redis: RedisDep,
     keys: KeysDep,
     follow: Annotated[bool, Query(description="Keep streaming new records until the job ends.")] = False,
@@ -58,12 +58,20 @@ async def training_job_logs(
 
 
 @router.post("/{job_id}/cancel", response_model=TrainingJobPublic, status_code=status.HTTP_202_ACCEPTED)
-async def cancel_training_job(job_id: str, redis: RedisDep, keys: KeysDep) -> TrainingJobPublic:
+async def cancel_training_job(job_id: JobId, redis: RedisDep, keys: KeysDep) -> TrainingJobPublic:
     """A queued job is cancelled at once; a running one stops after its current step, saving a checkpoint."""
     return await svc.cancel_job(redis=redis, keys=keys, job_id=job_id)
 
 
 @router.post("/{job_id}/resume", response_model=TrainingJobPublic, status_code=status.HTTP_202_ACCEPTED)
-async def resume_training_job(job_id: str, redis: RedisDep, keys: KeysDep) -> TrainingJobPublic:
+async def resume_training_job(job_id: JobId, redis: RedisDep, keys: KeysDep) -> TrainingJobPublic:
     """Queue a failed or cancelled job again; it resumes from its last checkpoint when one exists."""
     return await svc.resume_job(redis=redis, keys=keys, job_id=job_id)
+
+
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, responses={409: {"description": "Running."}})
+async def delete_training_job(job_id: JobId, redis: RedisDep, keys: KeysDep) -> Response:
+    """Remove a job that is not running (409 while it runs: cancel it first): its record and log at once;
+    trainers then remove its directory, GRAPE_TRAIN_DIR/<job id>, with its checkpoints and model."""
+    await svc.delete_job(redis=redis, keys=keys, job_id=job_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

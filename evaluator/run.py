@@ -1,0 +1,71 @@
+"""`python -m evaluator.run SPEC OUT`: one evaluation in a process of its own, started by `grape evaluator`.
+
+A process per evaluation so that cancel and shutdown can stop lm-eval at any point (kill the process), and
+a model's memory goes with it. It reads the EvalSpec JSON in SPEC and writes OUT: the record of lm-eval's
+answer, or {"error": ...} with lm-eval's reason (exit code 1). It runs in GRAPE_EVAL_TASK_DIR, so the
+relative `data_files` of the operator's task YAML files are relative to that directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+import orjson
+
+PR_SET_PDEATHSIG = 1
+PARENT_ENV = "GRAPE_EVALUATOR_PID"
+
+
+def die_with_parent() -> None:
+    """Linux: be killed when the evaluator that started us dies (even by SIGKILL), so a dead evaluator
+    leaves no orphan burning the CPU its successor needs."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return  # not Linux: the evaluator kills us on every way out it survives
+    parent = os.environ.get(PARENT_ENV)
+    if parent and os.getppid() != int(parent):  # it died before prctl took effect
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
+    p = argparse.ArgumentParser(prog="python -m evaluator.run")
+    p.add_argument("spec", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--task-dir", type=Path, default=None)
+    p.add_argument("--cache-dir", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    from evaluator.harness import evaluate
+    from grape.evaluations import EvalSpec
+
+    spec = EvalSpec.model_validate_json(args.spec.read_bytes())
+    try:
+        record = evaluate(
+            spec,
+            task_dir=args.task_dir,
+            backend=args.backend,
+            device=args.device,
+            dtype=args.dtype,
+            cache_dir=args.cache_dir,
+        )
+    except Exception as exc:  # noqa: BLE001 - lm-eval's reason, whatever it is, is the evaluation's error
+        traceback.print_exc()
+        args.out.write_bytes(orjson.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        return 1
+    args.out.write_bytes(orjson.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

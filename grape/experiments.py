@@ -1,0 +1,229 @@
+"""Experiments: one model trained per selection strategy on an equal budget, each evaluated, with the base.
+
+Shared by the gateway (which creates and advances experiments), the trainer (which trains an arm on the
+selection the experiment stored) and the CLI (which prints the table). Torch-free.
+
+An experiment is one JSON record (`Keys.experiment`), advanced under a short lock (`Keys.experiment_lock`)
+by whichever gateway process gets there first, so every step is idempotent and a gateway restart loses
+nothing. The selection each arm trains on is stored beside it (`Keys.experiment_selection`, NDJSON):
+what exactly was trained on is part of the result.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import uuid
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import redis
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from grape.jobs import Hyperparameters, LoraSpec
+from grape.keys import Keys
+
+TASK_NAME = r"^[A-Za-z0-9_.\-]{1,200}$"
+EXP_ID = re.compile(r"exp-[0-9a-f]{12}")
+
+
+def new_experiment_id() -> str:
+    return f"exp-{uuid.uuid4().hex[:12]}"
+
+
+def is_experiment_id(value: str) -> bool:
+    return EXP_ID.fullmatch(value) is not None
+
+
+class ExperimentState(StrEnum):
+    """Where an experiment is. Terminal states never change again."""
+
+    queued = "queued"  # created; its training jobs are being queued
+    training = "training"  # at least one arm's training job has not ended
+    evaluating = "evaluating"  # every training job ended; evaluations are queued or running
+    succeeded = "succeeded"  # every evaluation ended and at least one arm has results (failed arms say why)
+    failed = "failed"  # no arm could be trained and evaluated (see each arm's error)
+    cancelled = "cancelled"  # stopped on request; what had not finished was cancelled
+
+
+TERMINAL = frozenset({ExperimentState.succeeded, ExperimentState.failed, ExperimentState.cancelled})
+
+# metrics where lower is better (lm-eval's perplexity-like metrics); all others: higher is better
+LOWER_IS_BETTER = frozenset({"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "ter"})
+# which metric of a task the table shows, first found; else the task's first metric
+PRIMARY_METRICS = (
+    "acc",
+    "exact_match",
+    "prompt_level_strict_acc",
+    "acc_norm",
+    "f1",
+    "mc2",
+    "bleu",
+    "word_perplexity",
+    "perplexity",
+)
+
+
+# ---- the request --------------------------------------------------------------------------------------
+
+
+class ArmSpec(BaseModel):
+    """One arm: a selection strategy with its parameters, as the selection API takes them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: str = Field(min_length=1, max_length=200, description="grape, longest, deita, ifd, random, source:X")
+    k: int = Field(1, ge=1, le=1, description="Responses per instruction: an experiment trains one (k=1).")
+    reduce: Literal["mean", "sum"] = Field("mean", description="grape: rank by mean or summed log-probability.")
+    n: int | None = Field(None, ge=1, description="Pool-wide strategies: the budget sets it; give it or leave it.")
+    tau: float = Field(0.9, ge=-1, le=1, description="deita: cosine similarity threshold.")
+    seed: int = Field(0, description="random: the seed of the selection.")
+
+    def label(self) -> str:
+        """A short name for tables: the strategy and its non-default parameters."""
+        extra = [f"{k}={v}" for k, v in self.model_dump(exclude={"strategy", "k", "n"}, exclude_defaults=True).items()]
+        return f"{self.strategy}({', '.join(extra)})" if extra else self.strategy
+
+
+class Budget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pairs: int = Field(ge=1, le=10_000_000, description="Pairs every arm trains on (the same for all).")
+
+
+class EvaluationSpec(BaseModel):
+    """How every model of the experiment is evaluated (lm-evaluation-harness)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str] = Field(min_length=1, max_length=16, description="lm-eval task names (or the evaluators' own).")
+    limit: int | None = Field(None, ge=1, le=100_000, description="Examples per task (lm-eval `limit`).")
+    num_fewshot: int | None = Field(None, ge=0, le=25, description="Few-shot examples (lm-eval `num_fewshot`).")
+    batch_size: int | Literal["auto"] | None = Field(None, description="lm-eval batch size; default the evaluator's.")
+
+    @model_validator(mode="after")
+    def _names(self) -> EvaluationSpec:
+        for t in self.tasks:
+            if not re.match(TASK_NAME, t):
+                raise ValueError(f"tasks: {t!r} is not a task name (letters, digits, _ . -)")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError("tasks: a task is named twice")
+        if isinstance(self.batch_size, int) and not 1 <= self.batch_size <= 1024:
+            raise ValueError("batch_size: an integer from 1 to 1024, or 'auto'")
+        return self
+
+
+class ExperimentRequest(BaseModel):
+    """What a client asks: arms, one budget, shared training settings, how to evaluate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str = Field(min_length=1, max_length=200, description="A dataset whose scoring is done.")
+    base_model: str | None = Field(
+        None, min_length=1, max_length=500, description="Model every arm fine-tunes; default the dataset's target."
+    )
+    arms: list[ArmSpec] = Field(min_length=1, max_length=16, description="One trained model per arm.")
+    budget: Budget
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    lora: LoraSpec | None = Field(None, description="Train LoRA adapters (shared by all arms); null: full fine-tuning.")
+    evaluation: EvaluationSpec
+    include_base: bool = Field(True, description="Evaluate the base model too (the reference row).")
+    seed: int = Field(0, description="Seed of the instructions drawn for the per-instruction arms.")
+
+
+# ---- fairness: the shared instruction subset ----------------------------------------------------------
+
+
+def draw_instructions(common: list[str], pairs: int, seed: int) -> list[str]:
+    """`pairs` instruction ids drawn with `seed` from `common` (in upload order), returned in upload order."""
+    chosen = set(random.Random(f"experiment:{seed}").sample(common, pairs))
+    return [i for i in common if i in chosen]
+
+
+# ---- the stored selection (the trainer's side) ---------------------------------------------------------
+
+
+def selection_ref(exp_id: str, arm: int) -> str:
+    return f"{exp_id}/{arm}"
+
+
+def parse_ref(ref: str) -> tuple[str, int]:
+    exp_id, _, arm = ref.partition("/")
+    if not is_experiment_id(exp_id) or not arm.isdigit():
+        raise ValueError(f"selection_ref {ref!r}: expected exp-…/<arm index>")
+    return exp_id, int(arm)
+
+
+def write_stored_selection(r: redis.Redis, keys: Keys, ref: str, path: str | Path) -> int:
+    """Write an experiment arm's stored selection as NDJSON at `path` (temporary name, then renamed)."""
+    exp_id, arm = parse_ref(ref)
+    raw = r.get(keys.experiment_selection(exp_id, arm))
+    if raw is None:
+        raise ValueError(f"the selection of experiment arm {ref} is not stored (experiment deleted?)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(raw)
+    os.replace(tmp, path)
+    return sum(1 for line in raw.splitlines() if line.strip())
+
+
+# ---- results ------------------------------------------------------------------------------------------
+
+
+def primary_metric(metrics: dict[str, Any]) -> str | None:
+    """The metric a table shows for a task."""
+    for m in PRIMARY_METRICS:
+        if m in metrics:
+            return m
+    return next(iter(metrics), None)
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    return a < b if metric in LOWER_IS_BETTER else a > b
+
+
+def format_table(exp: dict[str, Any]) -> str:
+    """The experiment as a text table: the base model first, then one row per arm; one column per task
+    (its primary metric, value ± stderr); the best value per column marked with *."""
+    tasks = exp["evaluation"]["tasks"]
+    rows: list[tuple[str, dict[str, Any], str]] = []
+    if exp.get("base"):
+        rows.append((f"base ({exp['base_model']})", exp["base"].get("results") or {}, exp["base"].get("eval_state")))
+    for arm in exp["arms"]:
+        rows.append((arm["label"], arm.get("results") or {}, arm.get("state")))
+    best = exp.get("best") or {}
+    top: dict[str, float] = {}  # the best value of each column, the base included
+    for _, results, _ in rows:
+        for t in tasks:
+            metric = (best.get(t) or {}).get("metric")
+            m = (results.get(t) or {}).get(metric) if metric else None
+            if m and (t not in top or better(metric, m["value"], top[t])):
+                top[t] = m["value"]
+    header = ["model", *(f"{t} ({(best.get(t) or {}).get('metric') or '?'})" for t in tasks), "pairs", "loss"]
+    table = [header]
+    for i, (label, results, _state) in enumerate(rows):
+        is_base = bool(exp.get("base")) and i == 0
+        arm = None if is_base else exp["arms"][i - (1 if exp.get("base") else 0)]
+        cells = [label]
+        for t in tasks:
+            metric = (best.get(t) or {}).get("metric")
+            m = (results.get(t) or {}).get(metric) if metric else None
+            if not m:
+                cells.append("–" if is_base or not arm or not arm.get("error") else "failed")
+                continue
+            se = f" ± {m['stderr']:.4f}" if m.get("stderr") is not None else ""
+            star = "*" if m["value"] == top.get(t) else " "
+            cells.append(f"{m['value']:.4f}{se}{star}")
+        cells.append("–" if arm is None or arm.get("pairs_trained") is None else str(arm["pairs_trained"]))
+        cells.append("–" if arm is None or arm.get("final_loss") is None else f"{arm['final_loss']:.4f}")
+        table.append(cells)
+    widths = [max(len(r[c]) for r in table) for c in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in table
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,516 @@
+"""Service functions behind the experiment routes, and the driver that advances experiments.
+
+Creation checks everything that could waste an hour of training (unknown dataset, strategy or task,
+duplicate arms, a dataset still scoring, an arm whose selection is smaller than the budget) and stores
+each arm's selection. Then the experiment is a small state machine over existing pieces, advanced by
+`advance` (idempotent; under a short per-experiment lock): one training job per arm (the ordinary
+training-job record, training on the stored selection), then one evaluation per trained arm and one for
+the base model. The state lives in Redis, so a gateway restart loses nothing: the driver task of any
+gateway (or a GET) takes it up where it was. A dead trainer's job is queued again (auto_resume); a dead
+evaluator's evaluation is handled by the evaluation protocol; an arm whose job or evaluation fails is
+marked failed with the reason, and the other arms go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from grape import experiments as ex
+from grape.evaluations import EvaluationRequest
+from grape.experiments import ArmSpec, ExperimentState
+from grape.jobs import ENQUEUE_LUA, JobSpec, JobState, decode_job, new_job_fields
+from grape.keys import Keys
+from grape.records import DatasetState
+from grape.redis_client import as_str
+from grape.settings import Settings
+from grape.strategies import STRATEGIES, SelectParams
+from service import evaluations as eval_svc
+from service import tasks as task_svc
+from service.datasets import dataset_status, selection_lines
+from service.errors import ApiError, Conflict, NotFound, Unprocessable
+from service.experiment_schemas import ExperimentCreate, ExperimentCreated, ExperimentPublic
+from service.store import dataset_meta
+
+log = logging.getLogger(__name__)
+
+LOCK_MS = 60_000
+EVAL_TERMINAL = ("succeeded", "failed", "cancelled")
+ARM_ACTIVE = ("queued", "training", "evaluating")
+
+
+# ---- creation ------------------------------------------------------------------------------------------
+
+
+def _per_instruction(strategy: str) -> bool:
+    return bool(getattr(STRATEGIES.get(strategy), "per_instruction", False))
+
+
+def _arm_params(arm: ArmSpec, pairs: int) -> SelectParams:
+    """The selection parameters an arm runs with: k=1; pool-wide strategies take `pairs` as their n."""
+    n = None if _per_instruction(arm.strategy) else pairs
+    return SelectParams(k=1, reduce=arm.reduce, n=n, tau=arm.tau, seed=arm.seed)
+
+
+def check_arms(body: ExperimentCreate, meta: dict[str, str]) -> None:
+    """Known strategies with their scores requested, parameters that fit the budget, no arm twice."""
+    seen: dict[str, int] = {}
+    for i, arm in enumerate(body.arms):
+        try:
+            task_svc.check_strategies(meta, [arm.strategy], body.dataset_id)
+        except Unprocessable as exc:
+            raise Unprocessable(f"arms[{i}].{exc.message}") from None
+        if _per_instruction(arm.strategy) and arm.n is not None:
+            raise Unprocessable(
+                f"arms[{i}].n: {arm.strategy} picks a response per instruction; the experiment draws "
+                f"budget.pairs={body.budget.pairs} instructions for it (leave n out)"
+            )
+        if not _per_instruction(arm.strategy) and arm.n not in (None, body.budget.pairs):
+            raise Unprocessable(
+                f"arms[{i}].n: every arm trains on budget.pairs={body.budget.pairs} pairs; leave n out (got {arm.n})"
+            )
+        key = orjson.dumps(_arm_params(arm, body.budget.pairs).__dict__ | {"strategy": arm.strategy}).decode()
+        if key in seen:
+            raise Unprocessable(f"arms[{i}]: the same arm as arms[{seen[key]}] ({arm.label()}); arms must differ")
+        seen[key] = i
+
+
+async def _selection(redis: Redis, keys: Keys, dataset_id: str, arm: ArmSpec, pairs: int) -> list[bytes]:
+    """The arm's whole selection, one NDJSON line per pair (the gateway's own selection code)."""
+    out: list[bytes] = []
+    params = _arm_params(arm, pairs)
+    try:
+        async for chunk in selection_lines(
+            redis=redis, keys=keys, dataset_id=dataset_id, strategy=arm.strategy, params=params
+        ):
+            out.extend(line + b"\n" for line in chunk.split(b"\n") if line)
+    except ValueError as exc:  # a strategy refusing its parameters
+        raise Unprocessable(f"arms: {arm.label()}: {exc}") from None
+    return out
+
+
+async def materialize(redis: Redis, keys: Keys, body: ExperimentCreate) -> tuple[list[list[bytes]], int]:
+    """Each arm's selection, fair by construction: the per-instruction arms get the same `pairs`
+    instructions, drawn with the experiment's seed from those every such arm can serve; pool-wide arms
+    their own top `pairs`. An arm that cannot fill the budget is refused (422 naming it and its size).
+    Returns the selections and how many instructions the per-instruction arms had in common."""
+    pairs = body.budget.pairs
+    full = [await _selection(redis, keys, body.dataset_id, arm, pairs) for arm in body.arms]
+    per = [i for i, arm in enumerate(body.arms) if _per_instruction(arm.strategy)]
+    for i, arm in enumerate(body.arms):
+        if len(full[i]) < pairs:
+            kind = "instructions it can serve" if i in per else "pairs"
+            raise Unprocessable(
+                f"arms[{i}] ({arm.label()}): its selection has {len(full[i])} {kind}, fewer than "
+                f"budget.pairs={pairs}; lower the budget or drop the arm",
+                arm=i,
+                size=len(full[i]),
+            )
+    common: list[str] = []
+    if per:
+        ids = [[orjson.loads(line)["id"] for line in full[i]] for i in per]
+        shared = set(ids[0]).intersection(*map(set, ids[1:]))
+        common = [x for x in dict.fromkeys(ids[0]) if x in shared]  # upload order
+        if len(common) < pairs:
+            smallest = min(per, key=lambda i: len(full[i]))
+            raise Unprocessable(
+                f"arms[{smallest}] ({body.arms[smallest].label()}): only {len(common)} instructions can be served "
+                f"by every per-instruction arm ({', '.join(body.arms[i].label() for i in per)}), fewer than "
+                f"budget.pairs={pairs}; lower the budget or drop the arm",
+                arm=smallest,
+                size=len(common),
+            )
+        drawn = set(ex.draw_instructions(common, pairs, body.seed))
+        for i in per:
+            full[i] = [line for line in full[i] if orjson.loads(line)["id"] in drawn]
+    for i in range(len(full)):
+        full[i] = full[i][:pairs]
+    return full, len(common)
+
+
+async def create_experiment(
+    *, redis: Redis, keys: Keys, settings: Settings, body: ExperimentCreate
+) -> ExperimentCreated:
+    meta = await dataset_meta(redis, keys, body.dataset_id)
+    check_arms(body, meta)
+    ds = await dataset_status(redis=redis, keys=keys, dataset_id=body.dataset_id)
+    if ds.state is not DatasetState.done:
+        raise Conflict(
+            f"dataset_id: dataset {body.dataset_id} is {ds.state.value} ({ds.scored_items + ds.failed_items} of "
+            f"{ds.items} items scored or failed): an experiment needs a fully scored dataset; retry when it is done",
+            dataset_state=ds.state.value,
+        )
+    await eval_svc.check_tasks(redis=redis, keys=keys, tasks=body.evaluation.tasks)
+    selections, common = await materialize(redis, keys, body)
+    exp_id = ex.new_experiment_id()
+    base_model = body.base_model or meta["target_model"]
+    now = time.time()
+    arms = []
+    for i, arm in enumerate(body.arms):
+        params = _arm_params(arm, body.budget.pairs)
+        arms.append(
+            {
+                "index": i,
+                "label": arm.label(),
+                "strategy": arm.strategy,
+                "params": dict(params.__dict__),
+                "per_instruction": _per_instruction(arm.strategy),
+                "selected_pairs": len(selections[i]),
+                "state": "queued",
+                "job_id": f"job-{uuid.uuid4().hex[:12]}",
+                "job_created": False,
+                "results": {},
+            }
+        )
+    record = {
+        "id": exp_id,
+        "state": ExperimentState.queued.value,
+        "dataset_id": body.dataset_id,
+        "base_model": base_model,
+        "template": meta.get("template", "auto"),
+        "created": now,
+        "budget": body.budget.model_dump(),
+        "evaluation": body.evaluation.model_dump(),
+        "include_base": body.include_base,
+        "seed": body.seed,
+        "hyperparameters": body.hyperparameters.model_dump(),
+        "lora": body.lora.model_dump() if body.lora else None,
+        "instructions": common,
+        "arms": arms,
+        "base": {"model": base_model, "results": {}} if body.include_base else None,
+        "best": {},
+        "versions": {},
+    }
+    async with redis.pipeline(transaction=True) as pipe:
+        for i, lines in enumerate(selections):
+            pipe.set(keys.experiment_selection(exp_id, i), b"".join(lines))
+        pipe.set(keys.experiment(exp_id), orjson.dumps(record))
+        pipe.zadd(keys.experiments(), {exp_id: now})
+        pipe.sadd(keys.experiments_active(), exp_id)
+        await pipe.execute()
+    await advance_one(redis=redis, keys=keys, settings=settings, exp_id=exp_id)  # queue the jobs now
+    return ExperimentCreated(id=exp_id, state=ExperimentState.queued)
+
+
+# ---- reading -------------------------------------------------------------------------------------------
+
+
+async def _load(redis: Redis, keys: Keys, exp_id: str) -> dict[str, Any]:
+    raw = await redis.get(keys.experiment(exp_id)) if ex.is_experiment_id(exp_id) else None
+    if raw is None:
+        raise NotFound(f"experiment {exp_id!r} not found")
+    return orjson.loads(raw)
+
+
+async def get_experiment(*, redis: Redis, keys: Keys, settings: Settings, exp_id: str) -> ExperimentPublic:
+    await _load(redis, keys, exp_id)  # 404 first
+    await advance_one(redis=redis, keys=keys, settings=settings, exp_id=exp_id)
+    return ExperimentPublic.model_validate(await _load(redis, keys, exp_id))
+
+
+async def list_experiments(*, redis: Redis, keys: Keys, limit: int) -> list[ExperimentPublic]:
+    ids = [as_str(x) for x in await redis.zrevrange(keys.experiments(), 0, limit - 1)]
+    out = []
+    for exp_id in ids:
+        try:
+            out.append(ExperimentPublic.model_validate(await _load(redis, keys, exp_id)))
+        except NotFound:
+            continue
+    return out
+
+
+async def arm_selection(*, redis: Redis, keys: Keys, exp_id: str, arm: int) -> bytes:
+    exp = await _load(redis, keys, exp_id)
+    if not 0 <= arm < len(exp["arms"]):
+        raise NotFound(f"experiment {exp_id} has arms 0..{len(exp['arms']) - 1}, not {arm}")
+    raw = await redis.get(keys.experiment_selection(exp_id, arm))
+    if raw is None:
+        raise NotFound(f"the selection of arm {arm} of experiment {exp_id} is not stored")
+    return raw
+
+
+# ---- the lock ------------------------------------------------------------------------------------------
+
+_UNLOCK_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+class _Lock:
+    """A short per-experiment lock: one process advances (or cancels) an experiment at a time."""
+
+    def __init__(self, redis: Redis, keys: Keys, exp_id: str) -> None:
+        self.redis, self.key, self.token = redis, keys.experiment_lock(exp_id), uuid.uuid4().hex
+
+    async def acquire(self, wait_s: float = 0.0) -> bool:
+        deadline = time.monotonic() + wait_s
+        while True:
+            if await self.redis.set(self.key, self.token, nx=True, px=LOCK_MS):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+
+    async def release(self) -> None:
+        await self.redis.eval(_UNLOCK_LUA, 1, self.key, self.token)
+
+
+# ---- advancing -----------------------------------------------------------------------------------------
+
+
+async def advance_one(*, redis: Redis, keys: Keys, settings: Settings, exp_id: str) -> None:
+    """Move one experiment as far as it can go now; a no-op when another process holds its lock."""
+    lock = _Lock(redis, keys, exp_id)
+    if not await lock.acquire():
+        return
+    try:
+        exp = await _load(redis, keys, exp_id)
+        before = orjson.dumps(exp)
+        if ExperimentState(exp["state"]) not in ex.TERMINAL:
+            await _advance(redis, keys, settings, exp)
+        if orjson.dumps(exp) != before:
+            await redis.set(keys.experiment(exp_id), orjson.dumps(exp))
+        if ExperimentState(exp["state"]) in ex.TERMINAL:
+            await redis.srem(keys.experiments_active(), exp_id)
+    finally:
+        await lock.release()
+
+
+async def advance_active(*, redis: Redis, keys: Keys, settings: Settings) -> None:
+    for exp_id in [as_str(x) for x in await redis.smembers(keys.experiments_active())]:
+        try:
+            await advance_one(redis=redis, keys=keys, settings=settings, exp_id=exp_id)
+        except NotFound:
+            await redis.srem(keys.experiments_active(), exp_id)
+
+
+async def driver(*, redis: Redis, keys: Keys, settings: Settings, interval_s: float) -> None:
+    """The gateway's background task: advance every unfinished experiment every `interval_s` seconds."""
+    while True:
+        try:
+            await advance_active(redis=redis, keys=keys, settings=settings)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the driver survives Redis hiccups and bad records; logged
+            log.exception("experiment driver: advancing failed; retrying")
+        await asyncio.sleep(interval_s)
+
+
+def _job_spec(exp: dict[str, Any], arm: dict[str, Any]) -> JobSpec:
+    p = arm["params"]
+    return JobSpec(
+        dataset_id=exp["dataset_id"],
+        strategy=arm["strategy"],
+        k=1,
+        reduce=p["reduce"],
+        n=p["n"],
+        tau=p["tau"],
+        seed=p["seed"],
+        base_model=exp["base_model"],
+        template=exp.get("template", "auto"),
+        hyperparameters=exp["hyperparameters"],
+        lora=exp["lora"],
+        auto_resume=True,  # a trainer restart resumes the arm from its last checkpoint
+        max_attempts=3,
+        selection_ref=ex.selection_ref(exp["id"], arm["index"]),
+    )
+
+
+async def _enqueue(redis: Redis, keys: Keys, settings: Settings, exp: dict[str, Any], arm: dict[str, Any]) -> bool:
+    job_id = arm["job_id"]
+    if await redis.exists(keys.job(job_id)):
+        return True  # queued before a crash, not yet recorded
+    now = time.time()
+    args: list[Any] = [job_id, f"{now:.3f}", settings.max_queued_jobs]
+    for k, v in new_job_fields(job_id, _job_spec(exp, arm), now).items():
+        args += [k, v]
+    ok = await redis.register_script(ENQUEUE_LUA)(
+        keys=[keys.job(job_id), keys.jobs(), keys.job_queue(), keys.job_log(job_id)], args=args
+    )
+    return bool(ok)
+
+
+def _eval_body(exp: dict[str, Any], model: str) -> EvaluationRequest:
+    ev = exp["evaluation"]
+    fields = {"model": model, "tasks": ev["tasks"], "limit": ev["limit"], "num_fewshot": ev["num_fewshot"]}
+    if ev.get("batch_size") is not None:
+        fields["batch_size"] = ev["batch_size"]
+    return EvaluationRequest(**fields)
+
+
+async def _start_eval(
+    redis: Redis, keys: Keys, settings: Settings, exp: dict[str, Any], slot: dict, model: str
+) -> None:
+    """Create the evaluation of `model` for `slot` (an arm, or the base). A missing evaluator is waited
+    for (503); any other refusal fails the slot with its reason."""
+    try:
+        slot["eval_id"] = await eval_svc.create_evaluation(
+            redis=redis, keys=keys, settings=settings, body=_eval_body(exp, model), experiment_id=exp["id"]
+        )
+        slot["eval_state"] = "queued"
+        slot.pop("note", None)
+    except ApiError as exc:
+        if exc.status >= 500 or exc.status == 429:
+            slot["note"] = f"waiting to queue the evaluation: {exc.message}"
+            return
+        slot["error"] = f"evaluation refused: {exc.message}"
+        slot["eval_state"] = "failed"
+
+
+async def _poll_eval(redis: Redis, keys: Keys, slot: dict[str, Any]) -> None:
+    try:
+        ev = await eval_svc.get_evaluation(redis=redis, keys=keys, eval_id=slot["eval_id"])
+    except NotFound:
+        slot["eval_state"], slot["error"] = "failed", f"evaluation {slot['eval_id']} disappeared"
+        return
+    data = ev.model_dump(mode="json") if hasattr(ev, "model_dump") else dict(ev)
+    slot["eval_state"] = str(data["state"])
+    if slot["eval_state"] == "succeeded":
+        slot["results"] = {
+            task: {m: {"value": v["value"], "stderr": v.get("stderr")} for m, v in metrics.items()}
+            for task, metrics in (data.get("results") or {}).items()
+        }
+        slot["versions"] = data.get("versions") or {}
+    elif slot["eval_state"] in ("failed", "cancelled"):
+        slot["error"] = f"evaluation {slot['eval_id']} {slot['eval_state']}: {data.get('error') or 'no reason given'}"
+
+
+async def _advance_arm(redis: Redis, keys: Keys, settings: Settings, exp: dict[str, Any], arm: dict) -> None:
+    if not arm["job_created"]:
+        if not await _enqueue(redis, keys, settings, exp, arm):
+            arm["note"] = "waiting: the training queue is full (GRAPE_MAX_QUEUED_JOBS)"
+            return
+        arm["job_created"], arm["state"] = True, "training"
+        arm.pop("note", None)
+    if arm["state"] == "training":
+        raw = await redis.hgetall(keys.job(arm["job_id"]))
+        if not raw:
+            arm["state"], arm["error"] = "failed", f"training job {arm['job_id']} disappeared"
+            return
+        job = decode_job(raw)
+        from service.training import reap_if_dead
+
+        if await reap_if_dead(redis=redis, keys=keys, job=job):  # its trainer died: resumed or failed
+            job = decode_job(await redis.hgetall(keys.job(arm["job_id"])))
+        arm["job_state"] = job["state"]
+        arm["step"], arm["max_steps"] = job.get("step"), job.get("max_steps")
+        arm["pairs_trained"], arm["tokens_trained"] = job.get("train_records"), job.get("tokens_seen")
+        arm["final_loss"] = job.get("loss")
+        if job["state"] == JobState.succeeded:
+            arm["state"] = "evaluating"
+        elif job["state"] in (JobState.failed, JobState.cancelled):
+            arm["state"] = "failed" if job["state"] == JobState.failed else "cancelled"
+            arm["error"] = f"training job {arm['job_id']} {job['state']}: {job.get('error') or 'no reason given'}"
+            return
+    if arm["state"] == "evaluating":
+        if not arm.get("eval_id") and arm.get("eval_state") != "failed":
+            await _start_eval(redis, keys, settings, exp, arm, arm["job_id"])
+        if arm.get("eval_id"):
+            await _poll_eval(redis, keys, arm)
+        if arm.get("eval_state") == "succeeded":
+            arm["state"] = "succeeded"
+        elif arm.get("eval_state") in ("failed", "cancelled"):
+            arm["state"] = arm["eval_state"]
+
+
+async def _advance(redis: Redis, keys: Keys, settings: Settings, exp: dict[str, Any]) -> None:
+    for arm in exp["arms"]:
+        if arm["state"] in ARM_ACTIVE:
+            await _advance_arm(redis, keys, settings, exp, arm)
+    base = exp.get("base")
+    if base is not None and base.get("eval_state") not in EVAL_TERMINAL:
+        if not base.get("eval_id"):
+            await _start_eval(redis, keys, settings, exp, base, exp["base_model"])
+        if base.get("eval_id"):
+            await _poll_eval(redis, keys, base)
+    states = [a["state"] for a in exp["arms"]]
+    if any(s in ("queued", "training") for s in states):
+        exp["state"] = ExperimentState.training.value
+    elif "evaluating" in states or (base is not None and base.get("eval_state") not in EVAL_TERMINAL):
+        exp["state"] = ExperimentState.evaluating.value
+    else:
+        ok = "succeeded" in states
+        exp["state"] = (ExperimentState.succeeded if ok else ExperimentState.failed).value
+        exp["finished"] = time.time()
+        if not ok:
+            exp["error"] = "no arm was trained and evaluated: " + "; ".join(
+                f"arms[{a['index']}]: {a.get('error')}" for a in exp["arms"]
+            )
+    summarize(exp)
+
+
+def summarize(exp: dict[str, Any]) -> None:
+    """Differences from the base, the best arm per task, and the versions used, from the results so far."""
+    base_results = (exp.get("base") or {}).get("results") or {}
+    for arm in exp["arms"]:
+        for task, metrics in (arm.get("results") or {}).items():
+            for m, v in metrics.items():
+                b = (base_results.get(task) or {}).get(m)
+                v["delta_base"] = v["value"] - b["value"] if b else None
+    best: dict[str, Any] = {}
+    for task in exp["evaluation"]["tasks"]:
+        sample = next(
+            (s["results"][task] for s in [exp.get("base") or {}, *exp["arms"]] if (s.get("results") or {}).get(task)),
+            None,
+        )
+        metric = ex.primary_metric(sample) if sample else None
+        if metric is None:
+            continue
+        entry: dict[str, Any] = {"metric": metric}
+        for arm in exp["arms"]:
+            v = ((arm.get("results") or {}).get(task) or {}).get(metric)
+            if v and (entry.get("value") is None or ex.better(metric, v["value"], entry["value"])):
+                entry.update(arm=arm["index"], label=arm["label"], value=v["value"], stderr=v.get("stderr"))
+                entry["delta_base"] = v.get("delta_base")
+        best[task] = entry
+    exp["best"] = best
+    versions: dict[str, str] = {}
+    for slot in [exp.get("base") or {}, *exp["arms"]]:
+        for k, v in (slot.get("versions") or {}).items():
+            versions.setdefault(k, str(v))
+    exp["versions"] = versions
+
+
+# ---- cancel --------------------------------------------------------------------------------------------
+
+
+async def cancel_experiment(*, redis: Redis, keys: Keys, settings: Settings, exp_id: str) -> ExperimentPublic:
+    """Cancel every training job and evaluation of the experiment that has not finished."""
+    await _load(redis, keys, exp_id)
+    lock = _Lock(redis, keys, exp_id)
+    if not await lock.acquire(wait_s=10):
+        raise Conflict(f"experiment {exp_id} is being advanced by another process; retry in a few seconds")
+    try:
+        exp = await _load(redis, keys, exp_id)
+        if ExperimentState(exp["state"]) in ex.TERMINAL:
+            raise Conflict(f"experiment {exp_id} is already {exp['state']}")
+        from service.training import cancel_job
+
+        for arm in exp["arms"]:
+            if arm["state"] not in ARM_ACTIVE:
+                continue
+            if arm["job_created"] and arm["state"] == "training":
+                with contextlib.suppress(Conflict, NotFound):  # ended meanwhile
+                    await cancel_job(redis=redis, keys=keys, job_id=arm["job_id"])
+            await _cancel_eval(redis, keys, arm)
+            arm["state"], arm["error"] = "cancelled", "experiment cancelled"
+        if exp.get("base") and exp["base"].get("eval_state") not in EVAL_TERMINAL:
+            await _cancel_eval(redis, keys, exp["base"])
+        exp["state"], exp["finished"] = ExperimentState.cancelled.value, time.time()
+        await redis.set(keys.experiment(exp_id), orjson.dumps(exp))
+        await redis.srem(keys.experiments_active(), exp_id)
+    finally:
+        await lock.release()
+    return ExperimentPublic.model_validate(exp)
+
+
+async def _cancel_eval(redis: Redis, keys: Keys, slot: dict[str, Any]) -> None:
+    if slot.get("eval_id"):
+        with contextlib.suppress(ApiError):  # ended meanwhile
+            await eval_svc.cancel_evaluation(redis=redis, keys=keys, eval_id=slot["eval_id"])
+    slot["eval_state"] = "cancelled" if slot.get("eval_state") not in EVAL_TERMINAL else slot["eval_state"]

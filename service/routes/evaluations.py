@@ -1,0 +1,69 @@
+"""Evaluations: a base model or a trained one, evaluated on lm-eval tasks by a `grape evaluator` process."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+from fastapi.responses import StreamingResponse
+
+from grape.evaluations import EvalState
+from service import evaluations as svc
+from service.deps import KeysDep, RedisDep, SettingsDep
+from service.evaluation_schemas import EvaluationCreate, EvaluationCreated, EvaluationList, EvaluationPublic
+
+router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
+
+
+@router.post("", response_model=EvaluationCreated, status_code=status.HTTP_201_CREATED)
+async def create_evaluation(
+    body: EvaluationCreate, redis: RedisDep, keys: KeysDep, settings: SettingsDep
+) -> EvaluationCreated:
+    eval_id = await svc.create_evaluation(redis=redis, keys=keys, settings=settings, body=body)
+    return EvaluationCreated(id=eval_id, state=EvalState.queued)
+
+
+@router.get("", response_model=EvaluationList)
+async def list_evaluations(
+    redis: RedisDep,
+    keys: KeysDep,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    experiment_id: Annotated[str | None, Query(max_length=100, description="Only this experiment's.")] = None,
+) -> EvaluationList:
+    evs = await svc.list_evaluations(redis=redis, keys=keys, limit=limit, experiment_id=experiment_id)
+    return EvaluationList(evaluations=evs)
+
+
+@router.get("/{eval_id}", response_model=EvaluationPublic)
+async def get_evaluation(eval_id: str, redis: RedisDep, keys: KeysDep) -> EvaluationPublic:
+    return await svc.get_evaluation(redis=redis, keys=keys, eval_id=eval_id)
+
+
+@router.get(
+    "/{eval_id}/logs",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"application/x-ndjson": {}},
+            "description": 'One record per line: {"id", "t", "level", "msg", "data"?}.',
+        }
+    },
+)
+async def evaluation_logs(
+    eval_id: str,
+    redis: RedisDep,
+    keys: KeysDep,
+    follow: Annotated[bool, Query(description="Keep streaming new records until the evaluation ends.")] = False,
+    after: Annotated[
+        str, Query(pattern=r"^\d{1,19}-\d{1,19}$", description="Only records after this record id.")
+    ] = "0-0",
+) -> StreamingResponse:
+    await svc.get_evaluation(redis=redis, keys=keys, eval_id=eval_id)  # 404 before the stream starts
+    lines = svc.log_lines(redis=redis, keys=keys, eval_id=eval_id, follow=follow, after=after)
+    return StreamingResponse(lines, media_type="application/x-ndjson")
+
+
+@router.post("/{eval_id}/cancel", response_model=EvaluationPublic, status_code=status.HTTP_202_ACCEPTED)
+async def cancel_evaluation(eval_id: str, redis: RedisDep, keys: KeysDep) -> EvaluationPublic:
+    """A queued evaluation is cancelled at once; a running one as soon as its evaluator stops lm-eval."""
+    return await svc.cancel_evaluation(redis=redis, keys=keys, eval_id=eval_id)

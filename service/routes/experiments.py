@@ -1,0 +1,75 @@
+"""Experiments: one model trained per selection strategy on an equal budget, each evaluated with lm-eval."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from typing import Annotated
+
+from fastapi import APIRouter, FastAPI, Path, Query, status
+from fastapi.responses import Response
+
+from service import experiments as svc
+from service.deps import KeysDep, RedisDep, SettingsDep
+from service.experiment_schemas import ExperimentCreate, ExperimentCreated, ExperimentList, ExperimentPublic
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Advance unfinished experiments in the background (inside the app's lifespan: Redis is connected)."""
+    import asyncio
+
+    settings = app.state.settings
+    task = asyncio.create_task(
+        svc.driver(
+            redis=app.state.redis, keys=app.state.keys, settings=settings, interval_s=settings.experiment_poll_s
+        ),
+        name="experiment-driver",
+    )
+    try:
+        yield
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+
+router = APIRouter(prefix="/v1/experiments", tags=["experiments"], lifespan=lifespan)
+ExpId = Annotated[str, Path(max_length=100)]
+
+
+@router.post("", response_model=ExperimentCreated, status_code=status.HTTP_201_CREATED)
+async def create_experiment(
+    body: ExperimentCreate, redis: RedisDep, keys: KeysDep, settings: SettingsDep
+) -> ExperimentCreated:
+    return await svc.create_experiment(redis=redis, keys=keys, settings=settings, body=body)
+
+
+@router.get("", response_model=ExperimentList)
+async def list_experiments(
+    redis: RedisDep, keys: KeysDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> ExperimentList:
+    return ExperimentList(experiments=await svc.list_experiments(redis=redis, keys=keys, limit=limit))
+
+
+@router.get("/{exp_id}", response_model=ExperimentPublic)
+async def get_experiment(exp_id: ExpId, redis: RedisDep, keys: KeysDep, settings: SettingsDep) -> ExperimentPublic:
+    return await svc.get_experiment(redis=redis, keys=keys, settings=settings, exp_id=exp_id)
+
+
+@router.get(
+    "/{exp_id}/arms/{arm}/selection",
+    response_class=Response,
+    responses={200: {"content": {"application/x-ndjson": {}}, "description": "The pairs the arm trained on."}},
+)
+async def arm_selection(
+    exp_id: ExpId, arm: Annotated[int, Path(ge=0, le=1000)], redis: RedisDep, keys: KeysDep
+) -> Response:
+    raw = await svc.arm_selection(redis=redis, keys=keys, exp_id=exp_id, arm=arm)
+    return Response(raw, media_type="application/x-ndjson")
+
+
+@router.post("/{exp_id}/cancel", response_model=ExperimentPublic, status_code=status.HTTP_202_ACCEPTED)
+async def cancel_experiment(exp_id: ExpId, redis: RedisDep, keys: KeysDep, settings: SettingsDep) -> ExperimentPublic:
+    """Cancel the training jobs and evaluations of the experiment that have not finished."""
+    return await svc.cancel_experiment(redis=redis, keys=keys, settings=settings, exp_id=exp_id)

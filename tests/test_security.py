@@ -1,0 +1,427 @@
+"""The gateway edge of the security model (README "Security model"), tried as an outside reviewer would:
+a gateway with GRAPE_API_KEYS set and every request carrying a valid key, so each refusal below is the
+gateway's own rule and not the 401 of a missing key. Real Redis; the real gateway process (uvicorn)
+where the limit lives in the server, the in-process app elsewhere; the real model where items are scored.
+
+The training-job rows of the issue's table are in tests/test_security_training.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import orjson
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from grape.client import GrapeClient
+from grape.keys import Keys, model_key
+from grape.settings import Settings
+from service.app import create_app
+from tests.conftest import MODEL, load_pool, ndjson, start_gateway
+from workers.loop import Worker
+
+KEY = "security-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ANSWER_BOUND = 64 * 1024  # bytes: every refusal below must be at most this long
+ITEM = {"instruction": "Say hi.", "candidates": [{"source": "a", "response": "Hi!"}]}
+
+
+# fixtures ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def secure(redis_url: str, keys: Keys) -> Iterator[TestClient]:
+    """The app in process, with API keys; every request carries a valid one."""
+    s = Settings(redis_url=redis_url, key_prefix=keys.prefix, api_keys=KEY, chunk_pairs=16)
+    with TestClient(create_app(s), headers=AUTH, raise_server_exceptions=False) as client:
+        yield client
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def gateway(redis_url: str, keys: Keys) -> Iterator[tuple[httpx.Client, subprocess.Popen]]:
+    """The real gateway process (uvicorn), with API keys; a client that sends a valid key."""
+    proc, url = start_gateway(redis_url, keys, GRAPE_API_KEYS=KEY, GRAPE_HEADER_TIMEOUT_S="2")
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
+        yield client, proc
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def scored(redis_url: str, hf_backend: Any) -> Iterator[tuple[str, Keys, str]]:
+    """A keyed gateway process with one dataset scored by the real model: (url, keys, dataset id)."""
+    keys = Keys(f"grape-test-{uuid.uuid4().hex[:8]}")
+    rclient = redis.Redis.from_url(redis_url)
+    proc, url = start_gateway(redis_url, keys, GRAPE_API_KEYS=KEY, GRAPE_MAX_LOG_FOLLOWERS="2")
+    worker = Worker(rclient, keys, MODEL, hf_backend, block_ms=200)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
+            ds = c.post("/v1/datasets", json={"name": "victim", "target_model": MODEL}).json()["id"]
+            body = ndjson(load_pool(3, max_chars=120, candidates=3))
+            r = c.post(f"/v1/datasets/{ds}/items", content=body, headers={"Content-Type": "application/x-ndjson"})
+            assert r.status_code == 202, r.text
+            deadline = time.monotonic() + 300
+            while c.get(f"/v1/datasets/{ds}").json()["state"] != "done":
+                assert time.monotonic() < deadline, "the worker did not score the dataset"
+                time.sleep(0.2)
+        yield url, keys, ds
+    finally:
+        worker.stop()
+        thread.join(timeout=120)
+        _stop(proc)
+        stale = list(rclient.scan_iter(match=f"{keys.prefix}:*", count=1000))
+        if stale:
+            rclient.delete(*stale)
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} for {pid}")
+
+
+class HealthProbe:
+    """/healthz, asked every 50 ms from another thread, with its slowest answer time."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.times: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=30) as c:
+            while not self._stop.is_set():
+                t = time.monotonic()
+                assert c.get(f"{self.url}/healthz").status_code == 200
+                self.times.append(time.monotonic() - t)
+                time.sleep(0.05)
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+# ids are ids -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [":items", ":scores", ":stats", ":order", ":failed", ":rating", "/../x"])
+def test_an_id_with_a_key_suffix_names_nothing_and_the_other_dataset_is_untouched(scored, rclient, suffix) -> None:
+    url, keys, ds = scored
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
+        before_sel = c.get(f"/v1/datasets/{ds}/selection").text
+        before_items = rclient.hgetall(keys.items(ds))
+        assert before_sel.count("\n") == 3 and len(before_items) == 3
+        bad = quote(ds + suffix, safe="")
+        r = c.delete(f"/v1/datasets/{bad}")
+        assert r.status_code == 404, r.text
+        assert "/" in suffix or "ds-<12 hex digits>" in r.json()["detail"]
+        for path in ("", "/items/x", "/selection", "/summary", "/failures", "/compare?strategies=grape"):
+            r = c.get(f"/v1/datasets/{bad}{path}")
+            assert r.status_code == 404, (path, r.status_code, r.text)
+        r = c.post(f"/v1/datasets/{bad}/scores", json={"scores": ["length"]})
+        assert r.status_code == 404
+        r = c.post("/v1/training-jobs", json={"dataset_id": ds + suffix})
+        assert r.status_code in (404, 422), r.text
+        # the dataset the suffix pointed at is exactly as it was
+        st = c.get(f"/v1/datasets/{ds}").json()
+        assert st["state"] == "done" and st["scored_items"] == 3
+        assert c.get(f"/v1/datasets/{ds}/selection").text == before_sel
+        assert rclient.hgetall(keys.items(ds)) == before_items
+
+
+def test_job_ids_are_checked_at_the_edge(scored) -> None:
+    url, _, _ = scored
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
+        for bad in ("job-0123456789ab:log", "job-0123456789ab:cancel", "x", "job-0123456789abc"):
+            for method, path in (("GET", ""), ("GET", "/logs"), ("POST", "/cancel"), ("POST", "/resume")):
+                r = c.request(method, f"/v1/training-jobs/{quote(bad, safe='')}{path}")
+                assert r.status_code == 404, (bad, path, r.text)
+        assert c.get("/v1/training-jobs").status_code == 200
+
+
+ODD_IDS = ["a/b", "../up", "//lead/", "q?x#y%z&w=1", "sp ace", "ü/ñ/漢字", "%2F", "%", ".", "..", "tab\there", "\\"]
+
+
+def test_item_ids_with_any_characters_can_be_fetched(gateway) -> None:
+    """On the real server (the in-process TestClient decodes a path twice, so `%252F` would not survive it)."""
+    c, _ = gateway
+    client = GrapeClient(str(c.base_url), api_key=KEY)
+    ds = client.create_dataset("ids", MODEL)["id"]
+    assert client.upload(ds, [{**ITEM, "id": i} for i in ODD_IDS])["accepted"] == len(ODD_IDS)
+    assert [client.item(ds, i)["id"] for i in ODD_IDS] == ODD_IDS  # the bundled client percent-encodes
+    for item_id in ODD_IDS:
+        got = c.get(f"/v1/datasets/{ds}/items/{quote(item_id, safe='').replace('.', '%2E')}")
+        assert got.status_code == 200 and got.json()["id"] == item_id, (item_id, got.text)
+    assert c.get(f"/v1/datasets/{ds}/items/a/b").json()["id"] == "a/b"  # a raw `/` works too
+    assert c.get(f"/v1/datasets/{ds}/items/a%2Fc").status_code == 404
+
+
+def test_model_names_map_to_queues_one_to_one(redis_url, keys, rclient) -> None:
+    assert keys.stream("org/model:v1") != keys.stream("org/model_v1")
+    assert keys.stream("smollm2-135m") == f"{keys.prefix}:q:smollm2-135m"  # safe names keep their keys
+    names = ["org/model:v1", "org/model_v1", "org/model%3Av1", "a b", "a_b", "a%20b", "ü", "%C3%BC", "m", " m "]
+    assert len({model_key(n) for n in names}) == len(names) - 1  # only "m" and " m " are one name
+    assert all(":" not in model_key(n) for n in names)  # the separator of `q:{task}:{model}`
+    s = Settings(redis_url=redis_url, key_prefix=keys.prefix, api_keys=KEY, allowed_models="org/model:v1,org/model_v1")
+    with TestClient(create_app(s), headers=AUTH) as api:
+        for model in ("org/model:v1", "org/model_v1"):
+            r = api.post("/v1/datasets", json={"name": "q", "target_model": model})
+            assert r.status_code == 201, r.text
+            assert api.post(f"/v1/datasets/{r.json()['id']}/items", json={"items": [ITEM]}).status_code == 202
+    assert rclient.xlen(keys.stream("org/model:v1")) == 1
+    assert rclient.xlen(keys.stream("org/model_v1")) == 1
+
+
+# every answer and stored value bounded -------------------------------------------------------------------
+def test_a_body_of_bad_ndjson_lines_gets_a_small_422(gateway) -> None:
+    c, proc = gateway
+    ds = c.post("/v1/datasets", json={"name": "x", "target_model": MODEL}).json()["id"]
+    peak = rss_mb(proc.pid, "VmHWM")
+    for size in (2**20, 8 * 2**20 - 1):  # the issue's 1 MiB, and just under the upload limit
+        t = time.monotonic()
+        r = c.post(
+            f"/v1/datasets/{ds}/items", content=b"x\n" * (size // 2), headers={"Content-Type": "application/x-ndjson"}
+        )
+        assert r.status_code == 422, r.text[:500]
+        assert len(r.content) < ANSWER_BOUND, len(r.content)
+        body = r.json()
+        assert len(body["rejected"]) <= 100 and body["rejected_total"] > 100
+        assert time.monotonic() - t < 10
+    assert rss_mb(proc.pid, "VmHWM") - peak < 200  # was 0.7 GB for the 1 MiB body
+    assert c.get(f"/v1/datasets/{ds}").json()["items"] == 0
+
+
+def test_validation_errors_are_capped_and_never_echo_the_input(secure) -> None:
+    body = {"name": "n", "target_model": MODEL, "scores": list(range(100_000))}  # 100k invalid entries, ~0.6 MB
+    r = secure.post("/v1/datasets", content=orjson.dumps(body), headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    assert len(r.content) < ANSWER_BOUND
+    assert r.json()["errors_total"] >= 100_000 and len(r.json()["detail"]) <= 100
+    secret = "S3CRET-" + "y" * 5000
+    r = secure.post("/v1/datasets", json={"name": secret, "target_model": MODEL})
+    assert r.status_code == 422 and "S3CRET" not in r.text
+
+
+def test_every_route_has_a_body_limit_chunked_or_not(gateway, rclient, keys) -> None:
+    c, _ = gateway
+    ds = c.post("/v1/datasets", json={"name": "x", "target_model": MODEL}).json()["id"]
+    junk = orjson.dumps({"dataset_id": ds, "junk": "j" * (30 * 2**20)})
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(junk), 2**16):
+            yield junk[i : i + 2**16]
+
+    for content in (junk, chunks()):  # with Content-Length, and chunked (no length)
+        r = c.post("/v1/training-jobs", content=content, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413, r.text[:300]
+        assert "GRAPE_MAX_REQUEST_BYTES" in r.json()["detail"]
+    big_upload = ndjson([{**ITEM, "id": f"i{n}", "instruction": "q" * 10_000} for n in range(900)])  # > 8 MiB
+    r = c.post(
+        f"/v1/datasets/{ds}/items",
+        content=(big_upload[i : i + 2**16] for i in range(0, len(big_upload), 2**16)),
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    assert r.status_code == 413 and "GRAPE_MAX_BODY_BYTES" in r.json()["detail"]
+    # nothing was stored: no job, no item, nothing new under the prefix but the dataset itself
+    assert c.get("/v1/training-jobs").json()["jobs"] == []
+    assert rclient.zcard(keys.jobs()) == 0
+    assert c.get(f"/v1/datasets/{ds}").json()["items"] == 0
+    stored = sum(rclient.memory_usage(k) or 0 for k in rclient.scan_iter(match=f"{keys.prefix}:*"))
+    assert stored < 2**20
+
+
+@pytest.mark.parametrize(
+    "bad", [b'"\\ud800"', b'"x\\udfff"', b"NaN", b"Infinity", b"-1e400", b'"\xff"'], ids=lambda b: b.decode("latin-1")
+)
+def test_lone_surrogates_and_non_finite_numbers_are_4xx_not_500(secure, bad) -> None:
+    ds = secure.post("/v1/datasets", json={"name": "x", "target_model": MODEL}).json()["id"]
+    bodies = {
+        "/v1/datasets": b'{"name": %s, "target_model": "smollm2-135m"}',
+        f"/v1/datasets/{ds}/scores": b'{"scores": ["rating"], "scorer_model": %s}',
+        "/v1/training-jobs": b'{"dataset_id": "%s", "tau": %%s}' % ds.encode(),
+    }
+    for path, template in bodies.items():
+        r = secure.post(path, content=template % bad, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, (path, r.status_code, r.text)
+        assert len(r.content) < ANSWER_BOUND
+    line = b'{"id": "1", "instruction": %s, "candidates": [{"response": "r"}]}' % bad
+    for ctype in ("application/x-ndjson", "application/json"):
+        content = line if ctype != "application/json" else b'{"items": [%s]}' % line
+        r = secure.post(f"/v1/datasets/{ds}/items", content=content, headers={"Content-Type": ctype})
+        assert 400 <= r.status_code < 500, r.text
+    assert secure.get(f"/v1/datasets/{ds}").json()["items"] == 0
+    assert secure.get(f"/v1/datasets/{ds}/items/%ED%A0%80").status_code == 404  # a surrogate's UTF-8 in a path
+
+
+def test_compare_is_bounded_and_runs_off_the_event_loop(gateway, rclient, keys) -> None:
+    """A wide pool (64 sources per item), scored by writing scores straight into Redis: this is about the
+    gateway's event loop, not about scoring."""
+    c, _ = gateway
+    ds = c.post("/v1/datasets", json={"name": "wide", "target_model": MODEL}).json()["id"]
+    sources = [f"s{i}" for i in range(64)]
+    items = [
+        {"id": f"i{n}", "instruction": f"q{n}", "candidates": [{"source": s, "response": f"r{n}{s}"} for s in sources]}
+        for n in range(3000)
+    ]
+    for start in range(0, len(items), 1000):
+        body = ndjson(items[start : start + 1000])
+        r = c.post(f"/v1/datasets/{ds}/items", content=body, headers={"Content-Type": "application/x-ndjson"})
+        assert r.json()["accepted"] == 1000
+    scores = [{"logprob_sum": -1.0 - j, "tokens": 3 + j % 5, "prompt_tokens": 9} for j in range(64)]
+    rclient.hset(keys.scores(ds), mapping={it["id"]: orjson.dumps(scores) for it in items})
+
+    t = time.monotonic()
+    many = ",".join(f"source:x{i}" for i in range(601))
+    r = c.get(f"/v1/datasets/{ds}/compare", params={"strategies": many})
+    assert r.status_code == 422 and "GRAPE_MAX_COMPARE_STRATEGIES" in r.json()["detail"]
+    assert time.monotonic() - t < 1
+
+    at_limit = ",".join(["grape", "longest", "random", *(f"source:{s}" for s in sources[:29])])
+    with HealthProbe(str(c.base_url)) as probe:
+        t = time.monotonic()
+        r = c.get(f"/v1/datasets/{ds}/compare", params={"strategies": at_limit, "n": 1000})
+        took = time.monotonic() - t
+        c.get(f"/v1/datasets/{ds}/summary")
+    assert r.status_code == 200, r.text[:300]
+    assert len(r.json()["strategies"]) == 32 and len(r.content) < ANSWER_BOUND
+    assert took > 1, f"compare took {took:.2f} s: too little work for the measurement to mean anything"
+    assert len(probe.times) >= 5 and max(probe.times) < 1, (took, max(probe.times))
+
+
+def test_compare_and_summary_list_a_bounded_number_of_sources(secure, rclient, keys) -> None:
+    ds = secure.post("/v1/datasets", json={"name": "many sources", "target_model": MODEL}).json()["id"]
+    items = [
+        {"id": f"i{n}", "instruction": "q", "candidates": [{"source": f"src{n}", "response": "r"}]} for n in range(300)
+    ]
+    assert secure.post(f"/v1/datasets/{ds}/items", json={"items": items}).json()["accepted"] == 300
+    one = orjson.dumps([{"logprob_sum": -1.0, "tokens": 1, "prompt_tokens": 3}])
+    rclient.hset(keys.scores(ds), mapping={it["id"]: one for it in items})
+    body = secure.get(f"/v1/datasets/{ds}/compare", params={"strategies": "grape,longest"}).json()
+    assert len(body["sources"]) == 100 and body["sources_total"] == 300
+    assert all(len(s["sources"]) == 100 for s in body["strategies"])
+    summary = secure.get(f"/v1/datasets/{ds}/summary").json()
+    assert len(summary["sources"]) == 100 and summary["sources_total"] == 300
+
+
+def _half_sent_header(port: int, size: int) -> tuple[bool, float]:
+    """Send a request head whose one header is `size` bytes and never end it; (refused, seconds)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    t = time.monotonic()
+    head = f"GET /v1/datasets HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\nX-Pad: ".encode()
+    refused = False
+    try:
+        sock.sendall(head + b"a" * size)
+        answer = sock.recv(65536)
+        refused = answer == b"" or answer.startswith(b"HTTP/1.1 400")
+    except OSError:  # reset while sending: the server closed the connection before reading it all
+        refused = True
+    finally:
+        took = time.monotonic() - t
+        sock.close()
+    return refused, took
+
+
+def test_a_huge_request_header_is_refused_without_being_read(gateway) -> None:
+    c, proc = gateway
+    port = c.base_url.port
+    assert port is not None
+    c.get("/v1/datasets")
+    before = rss_mb(proc.pid)
+    results: list[tuple[bool, float]] = []
+    threads = [threading.Thread(target=lambda: results.append(_half_sent_header(port, 8 * 2**20))) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    grew = rss_mb(proc.pid) - before
+    assert len(results) == 20 and all(refused for refused, _ in results), results
+    assert max(took for _, took in results) < 10
+    assert grew < 50, f"the gateway grew {grew:.0f} MB"
+    assert c.get("/healthz").status_code == 200
+
+
+def test_a_connection_that_never_finishes_its_head_is_closed(gateway) -> None:
+    c, _ = gateway
+    sock = socket.create_connection(("127.0.0.1", c.base_url.port), timeout=10)
+    try:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # ... and nothing more
+        t = time.monotonic()
+        assert sock.recv(1024) == b""  # closed by the gateway (GRAPE_HEADER_TIMEOUT_S=2 here)
+        assert time.monotonic() - t < 8
+    finally:
+        sock.close()
+
+
+def test_log_follow_streams_are_limited_per_key(scored) -> None:
+    url, _, ds = scored
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
+        r = c.post("/v1/training-jobs", json={"dataset_id": ds})  # queued: no trainer runs in this test
+        assert r.status_code == 201, r.text
+        job = r.json()["id"]
+        path = f"/v1/training-jobs/{job}/logs?follow=true"
+        with c.stream("GET", path) as first, c.stream("GET", path) as second:
+            assert first.status_code == second.status_code == 200
+            third = c.get(path)
+            assert third.status_code == 429 and "GRAPE_MAX_LOG_FOLLOWERS" in third.json()["detail"]
+            assert third.headers["Retry-After"]
+            assert c.get(f"/v1/training-jobs/{job}/logs").status_code == 200  # reading without follow is not limited
+        deadline = time.monotonic() + 10  # the two streams were closed: their slots come back
+        while True:
+            with c.stream("GET", path) as again:
+                if again.status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "closed follow streams kept their slots"
+            time.sleep(0.2)
+        assert c.post(f"/v1/training-jobs/{job}/cancel").status_code == 202
+
+
+def test_the_redis_pool_is_bounded(secure) -> None:
+    pool = secure.app.state.redis.connection_pool  # type: ignore[attr-defined]
+    assert type(pool).__name__ == "BlockingConnectionPool"
+    assert pool.max_connections == Settings().redis_max_connections
+
+
+# local mode stays local -----------------------------------------------------------------------------------
+def test_a_gateway_without_keys_answers_only_local_host_names(redis_url, keys) -> None:
+    proc, url = start_gateway(redis_url, keys)
+    port = httpx.URL(url).port
+    try:
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.nip.io", "localhost.evil.example"):
+            r = httpx.get(f"{url}/v1/datasets", headers={"Host": host})
+            assert r.status_code == 400 and "GRAPE_ALLOWED_HOSTS" in r.json()["detail"], host
+            assert httpx.get(f"{url}/", headers={"Host": host}).status_code == 400
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}"):
+            assert httpx.get(f"{url}/v1/datasets", headers={"Host": host}).status_code == 200, host
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None])
+def test_uploads_need_a_json_or_ndjson_content_type(secure, ctype) -> None:
+    ds = secure.post("/v1/datasets", json={"name": "ct", "target_model": MODEL}).json()["id"]
+    headers = {"Content-Type": ctype} if ctype else {}
+    r = secure.post(f"/v1/datasets/{ds}/items", content=orjson.dumps({"items": [ITEM]}), headers=headers)
+    assert r.status_code == 415, r.text
+    assert "application/x-ndjson" in r.json()["detail"]
+    r = secure.post("/v1/datasets", content=orjson.dumps({"name": "n", "target_model": MODEL}), headers=headers)
+    assert r.status_code == 415
+    assert secure.get(f"/v1/datasets/{ds}").json()["items"] == 0
