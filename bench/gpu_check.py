@@ -25,6 +25,7 @@ what it skipped. Exit status 1 if any line FAILs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any
@@ -89,6 +90,9 @@ def main() -> int:
     ap.add_argument("--tie", type=float, default=0.01, help="fp32 gap (nats/token) under which picks may differ")
     args = ap.parse_args()
 
+    # the report goes to stdout; vLLM's own log (to stdout by default) would bury it
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     import importlib.util
 
     import torch
@@ -138,10 +142,19 @@ def main() -> int:
         report.line("path", "FAIL", f"{path_text} (on a GPU the V2 runner's {PATH_TOKEN_IDS} is expected)")
     else:
         report.line("path", "SKIP", f"no GPU, so {PATH_TOKEN_IDS} cannot run; took {path_text}")
+    if "cpu_threads_bind" in info:
+        report.line(
+            "threads",
+            "INFO",
+            f"vLLM CPU binding VLLM_CPU_OMP_THREADS_BIND={info['cpu_threads_bind']}, "
+            f"VLLM_CPU_NUM_OF_RESERVED_CPU={info.get('cpu_reserved')} (GRAPE_VLLM_CPU_THREADS to change)",
+        )
     scores32, s32 = timed_score(vllm_fp32, requests)
     diff = per_token_diff(scores32, hf_scores)
     verdict = "PASS" if diff <= TOKEN_TOLERANCE else "FAIL"
-    report.line("fp32", verdict, f"max per-token |vllm - hf| = {diff:.2e} over {len(requests)} pairs (<= {TOKEN_TOLERANCE})")
+    report.line(
+        "fp32", verdict, f"max per-token |vllm - hf| = {diff:.2e} over {len(requests)} pairs (<= {TOKEN_TOLERANCE})"
+    )
     exact, in_blocks = shareable_tokens(requests, info["block_size"])
     cache_text = (
         f"{vllm_fp32.cached_tokens} prompt tokens read from the prefix cache of {exact} shareable "

@@ -22,7 +22,6 @@ from typing import Any
 import httpx
 import orjson
 import redis
-
 from peerlib import ROOT
 
 MODEL = "smollm2-135m"

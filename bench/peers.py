@@ -292,8 +292,7 @@ def print_table(args: argparse.Namespace, peers: list[str], results: dict, pair_
     service = results.get("service")
     print()
     print(
-        f"pool {args.pool}, {pairs} pairs, {pair_tokens} pair-tokens, {args.dtype}, "
-        f"{peerlib.machine_load()} at the end"
+        f"pool {args.pool}, {pairs} pairs, {pair_tokens} pair-tokens, {args.dtype}, {peerlib.machine_load()} at the end"
     )
     head = ("peer", "seconds", "pair-tok/s", "service/peer", f"max|Δsum| vs {ref_name}")
     print(f"{head[0]:<50} {head[1]:>8} {head[2]:>10} {head[3]:>12} {head[4]:>22}")

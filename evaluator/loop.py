@@ -94,7 +94,7 @@ class EvaluatorLoop:
         from evaluator.harness import known_tasks
 
         t0 = time.monotonic()
-        self.tasks = frozenset(known_tasks(self.task_dir))
+        self.tasks = frozenset(known_tasks(self.task_dir, self.settings.cache_dir))
         log.info("evaluator %s: %d lm-eval tasks known (%.1f s)", self.name, len(self.tasks), time.monotonic() - t0)
 
     def publish_tasks(self) -> None:
@@ -239,12 +239,13 @@ class EvaluatorLoop:
             self.current = None
             self.evals_done += 1
 
-    def command(self, spec_file: Path, out_file: Path) -> list[str]:
+    def command(self, spec: EvalSpec, spec_file: Path, out_file: Path) -> list[str]:
         """The command line of an evaluation's lm-eval process."""
         s = self.settings
         cmd = [sys.executable, "-m", "evaluator.run", str(spec_file), str(out_file)]
         cmd += ["--backend", s.eval_backend, "--device", s.eval_device, "--dtype", s.eval_dtype]
         cmd += ["--cache-dir", str(s.cache_dir)]
+        cmd += ["--trust-remote-code"] if s.trusts_remote_code(spec.base_model) else []
         return cmd + (["--task-dir", str(self.task_dir)] if self.task_dir else [])
 
     def _run(self, eval_id: str, spec: EvalSpec) -> None:
@@ -257,7 +258,7 @@ class EvaluatorLoop:
         with tempfile.TemporaryDirectory(prefix=f"grape-{eval_id}-") as tmp:
             spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
             spec_file.write_text(spec.model_dump_json())
-            cmd = self.command(spec_file, out_file)
+            cmd = self.command(spec, spec_file, out_file)
             self._log(eval_id, f"running lm-eval: {' '.join(cmd)}")
             stop, code, tail = self._supervise(eval_id, cmd, cwd=self.task_dir or Path(tmp))
             outcome = orjson.loads(out_file.read_bytes()) if out_file.exists() else {}

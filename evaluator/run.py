@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import logging
 import os
 import signal
 import sys
@@ -44,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--task-dir", type=Path, default=None)
     p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--trust-remote-code", action="store_true", help="the operator trusts this model's own code")
     args = p.parse_args(argv)
+    # lm-eval's own log lines (tasks built, requests run, warnings) become the evaluation's log stream
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from evaluator.harness import evaluate
     from grape.evaluations import EvalSpec
@@ -58,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             dtype=args.dtype,
             cache_dir=args.cache_dir,
+            trust_remote_code=args.trust_remote_code,
         )
     except Exception as exc:  # noqa: BLE001 - lm-eval's reason, whatever it is, is the evaluation's error
         traceback.print_exc()

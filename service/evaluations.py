@@ -2,7 +2,8 @@
 
 An evaluation is refused before it is queued when it could not run: a task no live evaluator knows (422,
 with near matches), no evaluator running at all (503), a training job that does not exist (422) or has not
-succeeded (409), too many queued evaluations (429).
+succeeded (409), a model name the operator does not allow (422, GRAPE_ALLOWED_MODELS), too many queued
+evaluations (429).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from grape.redis_client import as_str as _text
 from grape.settings import Settings
 from service.errors import Busy, Conflict, NotFound, Unprocessable
 from service.evaluation_schemas import EvaluationPublic
+from service.model_access import check_model
 
 NO_EVALUATOR = "no evaluator is running: start `grape evaluator` (it publishes the lm-eval tasks it can run)"
 
@@ -72,11 +74,11 @@ async def check_tasks(*, redis: Redis, keys: Keys, tasks: list[str]) -> None:
     )
 
 
-async def resolve_model(*, redis: Redis, keys: Keys, model: str) -> dict[str, str | None]:
-    """What lm-eval loads for `model`: a model name as it is, or a training job's model / LoRA adapter."""
+async def resolve_model(*, redis: Redis, keys: Keys, settings: Settings, model: str) -> dict[str, str | None]:
+    """What lm-eval loads for `model`: an allowed model name (GRAPE_ALLOWED_MODELS) as it is, or a succeeded
+    training job's model / LoRA adapter (its base model was checked when the job was created)."""
     if not is_job_id(model):
-        # TODO(allowed models): check GRAPE_ALLOWED_MODELS here once the gateway has that list; until then a
-        # name is accepted as the training API accepts base_model (any name, resolved on the evaluator).
+        await check_model(redis=redis, keys=keys, settings=settings, name=model, field="model")
         return {"base_model": model, "adapter": None, "training_job": None}
     raw = await redis.hgetall(keys.job(model))
     if not raw:
@@ -98,7 +100,7 @@ async def create_evaluation(
     *, redis: Redis, keys: Keys, settings: Settings, body: EvaluationRequest, experiment_id: str | None = None
 ) -> str:
     """Check and queue an evaluation; its id."""
-    resolved = await resolve_model(redis=redis, keys=keys, model=body.model)
+    resolved = await resolve_model(redis=redis, keys=keys, settings=settings, model=body.model)
     await check_tasks(redis=redis, keys=keys, tasks=body.tasks)
     spec = EvalSpec(**body.model_dump(), **resolved, experiment_id=experiment_id)
     eval_id = new_eval_id()

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -37,6 +38,7 @@ from service import tasks as task_svc
 from service.datasets import dataset_status, selection_lines
 from service.errors import ApiError, Conflict, NotFound, Unprocessable
 from service.experiment_schemas import ExperimentCreate, ExperimentCreated, ExperimentPublic
+from service.model_access import check_chat_template, check_model
 from service.store import dataset_meta
 
 log = logging.getLogger(__name__)
@@ -82,63 +84,79 @@ def check_arms(body: ExperimentCreate, meta: dict[str, str]) -> None:
         seen[key] = i
 
 
-async def _selection(redis: Redis, keys: Keys, dataset_id: str, arm: ArmSpec, pairs: int) -> list[bytes]:
-    """The arm's whole selection, one NDJSON line per pair (the gateway's own selection code)."""
-    out: list[bytes] = []
+async def _lines(redis: Redis, keys: Keys, dataset_id: str, arm: ArmSpec, pairs: int) -> AsyncIterator[bytes]:
+    """The arm's selection, one NDJSON line per pair, streamed (the gateway's own selection code)."""
     params = _arm_params(arm, pairs)
     try:
         async for chunk in selection_lines(
             redis=redis, keys=keys, dataset_id=dataset_id, strategy=arm.strategy, params=params
         ):
-            out.extend(line + b"\n" for line in chunk.split(b"\n") if line)
+            for line in chunk.split(b"\n"):
+                if line:
+                    yield line + b"\n"
     except ValueError as exc:  # a strategy refusing its parameters
         raise Unprocessable(f"arms: {arm.label()}: {exc}") from None
-    return out
+
+
+def _too_small(i: int, arm: ArmSpec, size: int, pairs: int, what: str) -> Unprocessable:
+    return Unprocessable(
+        f"arms[{i}] ({arm.label()}): {what}, fewer than budget.pairs={pairs}; lower the budget or drop the arm",
+        arm=i,
+        size=size,
+    )
 
 
 async def materialize(redis: Redis, keys: Keys, body: ExperimentCreate) -> tuple[list[list[bytes]], int]:
     """Each arm's selection, fair by construction: the per-instruction arms get the same `pairs`
     instructions, drawn with the experiment's seed from those every such arm can serve; pool-wide arms
     their own top `pairs`. An arm that cannot fill the budget is refused (422 naming it and its size).
-    Returns the selections and how many instructions the per-instruction arms had in common."""
-    pairs = body.budget.pairs
-    full = [await _selection(redis, keys, body.dataset_id, arm, pairs) for arm in body.arms]
+    Per-instruction selections are read twice (their ids, then the drawn records), so the gateway holds
+    the budget's records, never a whole pool's. Returns the selections and the number of instructions
+    the per-instruction arms had in common."""
+    pairs, ds = body.budget.pairs, body.dataset_id
     per = [i for i, arm in enumerate(body.arms) if _per_instruction(arm.strategy)]
+    out: list[list[bytes]] = [[] for _ in body.arms]
+    ids: dict[int, list[str]] = {}
     for i, arm in enumerate(body.arms):
-        if len(full[i]) < pairs:
-            kind = "instructions it can serve" if i in per else "pairs"
-            raise Unprocessable(
-                f"arms[{i}] ({arm.label()}): its selection has {len(full[i])} {kind}, fewer than "
-                f"budget.pairs={pairs}; lower the budget or drop the arm",
-                arm=i,
-                size=len(full[i]),
-            )
+        if i in per:
+            ids[i] = [orjson.loads(line)["id"] async for line in _lines(redis, keys, ds, arm, pairs)]
+            if len(ids[i]) < pairs:
+                raise _too_small(i, arm, len(ids[i]), pairs, f"it can serve {len(ids[i])} instructions")
+        else:
+            out[i] = [line async for line in _lines(redis, keys, ds, arm, pairs)][:pairs]
+            if len(out[i]) < pairs:
+                raise _too_small(i, arm, len(out[i]), pairs, f"its selection has {len(out[i])} pairs")
     common: list[str] = []
     if per:
-        ids = [[orjson.loads(line)["id"] for line in full[i]] for i in per]
-        shared = set(ids[0]).intersection(*map(set, ids[1:]))
-        common = [x for x in dict.fromkeys(ids[0]) if x in shared]  # upload order
+        shared = set(ids[per[0]]).intersection(*(set(ids[i]) for i in per[1:]))
+        common = [x for x in dict.fromkeys(ids[per[0]]) if x in shared]  # upload order
         if len(common) < pairs:
-            smallest = min(per, key=lambda i: len(full[i]))
-            raise Unprocessable(
-                f"arms[{smallest}] ({body.arms[smallest].label()}): only {len(common)} instructions can be served "
-                f"by every per-instruction arm ({', '.join(body.arms[i].label() for i in per)}), fewer than "
-                f"budget.pairs={pairs}; lower the budget or drop the arm",
-                arm=smallest,
-                size=len(common),
+            smallest = min(per, key=lambda i: len(ids[i]))
+            raise _too_small(
+                smallest,
+                body.arms[smallest],
+                len(common),
+                pairs,
+                f"only {len(common)} instructions can be served by every per-instruction arm "
+                f"({', '.join(body.arms[i].label() for i in per)})",
             )
         drawn = set(ex.draw_instructions(common, pairs, body.seed))
         for i in per:
-            full[i] = [line for line in full[i] if orjson.loads(line)["id"] in drawn]
-    for i in range(len(full)):
-        full[i] = full[i][:pairs]
-    return full, len(common)
+            out[i] = [line async for line in _lines(redis, keys, ds, body.arms[i], pairs) if _id(line) in drawn]
+    return out, len(common)
+
+
+def _id(line: bytes) -> str:
+    return orjson.loads(line)["id"]
 
 
 async def create_experiment(
     *, redis: Redis, keys: Keys, settings: Settings, body: ExperimentCreate
 ) -> ExperimentCreated:
     meta = await dataset_meta(redis, keys, body.dataset_id)
+    base_model = body.base_model or meta["target_model"]  # the training API's checks, before any work
+    await check_model(redis=redis, keys=keys, settings=settings, name=base_model, field="base_model")
+    check_chat_template(settings, body.hyperparameters.chat_template)
     check_arms(body, meta)
     ds = await dataset_status(redis=redis, keys=keys, dataset_id=body.dataset_id)
     if ds.state is not DatasetState.done:
@@ -150,7 +168,6 @@ async def create_experiment(
     await eval_svc.check_tasks(redis=redis, keys=keys, tasks=body.evaluation.tasks)
     selections, common = await materialize(redis, keys, body)
     exp_id = ex.new_experiment_id()
-    base_model = body.base_model or meta["target_model"]
     now = time.time()
     arms = []
     for i, arm in enumerate(body.arms):

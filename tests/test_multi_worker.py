@@ -37,7 +37,9 @@ def _spawn(redis_url: str, prefix: str, name: str, port: int, log: Path) -> subp
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
     }
-    cmd = [sys.executable, "-m", "workers", "--model", MODEL, "--name", name, "--read-count", "1",
+    # the hf backend: three vLLM engines (the default where vllm imports) would need ~3 x 3 GB here, and the
+    # fleet's bookkeeping, not the engine, is what this test is about (tests/test_faults.py runs vLLM workers)
+    cmd = [sys.executable, "-m", "workers", "--model", MODEL, "--name", name, "--read-count", "1", "--backend", "hf",
            "--commit-tokens", "256", "--metrics-port", str(port), "--metrics-host", "127.0.0.1"]  # fmt: skip
     with open(log, "wb") as out:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)

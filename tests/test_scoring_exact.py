@@ -104,3 +104,23 @@ def test_shared_prefix_path_equals_the_padded_path(hf_backend) -> None:
         assert len(a) == len(b)
         assert abs(sum(a) - sum(b)) < 1e-3
         assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-3
+
+
+def test_worker_tokenizes_batches_to_the_same_ids_as_one_call_each(hf_backend) -> None:
+    """The worker tokenizes all responses of a batch in one tokenizer call (ahead of the backend); the ids,
+    and so the response boundary, are those of one call per response, for both templates and a failure."""
+    from grape.formatting import prompt_ids, resolve_template, response_ids
+    from workers.scoring import Prepared, prepare, prepare_items
+
+    tok = hf_backend.tokenizer
+    items = load_pool(4, start=30, max_chars=600, candidates=4)
+    items.append({"id": "empty", "instruction": "x", "candidates": [{"source": "a", "response": ""}]})
+    work = [(it, tpl) for it in items for tpl in ("auto", "plain")]
+    batched = prepare_items(hf_backend, work)
+    assert batched == [prepare(hf_backend, it, tpl) for it, tpl in work]
+    assert sum(isinstance(p, Prepared) for p in batched) == 8 and "zero tokens" in batched[-1].error
+    for (it, tpl), p in zip(work[:-2], batched, strict=False):
+        t = resolve_template(tok, tpl)
+        assert [(r.prompt_ids, r.response_ids) for r in p.requests] == [
+            (prompt_ids(tok, it, t), response_ids(tok, c["response"], t)) for c in it["candidates"]
+        ]

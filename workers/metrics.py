@@ -86,6 +86,7 @@ class InstrumentedBackend:
     def __init__(self, backend: Any, model: str) -> None:
         self._backend = backend
         self._model = model_key(model)
+        self._submitted: dict[int, float] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
@@ -104,6 +105,32 @@ class InstrumentedBackend:
         BATCH_SECONDS.labels(self._model).observe(time.perf_counter() - start)
         BATCH_PAIRS.labels(self._model).observe(len(requests))
         return out
+
+    # streaming backends (vLLM): a batch is timed from its submission to the step that completes it
+    def submit(self, requests: list[Any]) -> int:
+        BATCHES.labels(self._model).inc()
+        BATCH_PAIRS.labels(self._model).observe(len(requests))
+        ticket = self._backend.submit(requests)
+        self._submitted[ticket] = time.perf_counter()
+        return ticket
+
+    def step(self) -> list[tuple[int, list[list[float]]]]:
+        cached = getattr(self._backend, "cached_tokens", 0)
+        try:
+            done = self._backend.step()
+        except Exception:
+            BATCH_ERRORS.labels(self._model).inc()
+            raise
+        finally:
+            PREFIX_CACHE_TOKENS.labels(self._model).inc(getattr(self._backend, "cached_tokens", 0) - cached)
+        now = time.perf_counter()
+        for ticket, _ in done:
+            BATCH_SECONDS.labels(self._model).observe(now - self._submitted.pop(ticket, now))
+        return done
+
+    def abort(self) -> None:
+        self._submitted.clear()
+        self._backend.abort()
 
 
 class _Server(ThreadingMixIn, WSGIServer):

@@ -7,12 +7,14 @@ time so that a poison item fails alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-from grape.formatting import FormatError, prompt_ids, resolve_template, response_ids
+from grape.formatting import FormatError, prompt_ids, resolve_template, response_ids, response_ids_batch
 from grape.protocol import ItemResult
+from grape.records import Template
 from workers.backends.base import ScoreRequest, ScoringBackend
 
 log = logging.getLogger(__name__)
@@ -24,7 +26,11 @@ class Prepared:
     requests: list[ScoreRequest]
 
 
-def prepare(backend: ScoringBackend, item: dict[str, Any], template: str) -> Prepared | ItemResult:
+def prepare(
+    backend: ScoringBackend, item: dict[str, Any], template: str, responses: list[list[int]] | None = None
+) -> Prepared | ItemResult:
+    """One item's requests, or its failure. `responses`: its candidates' response ids when the caller
+    tokenized them already (`prepare_items` does, for many items in one tokenizer call)."""
     tok = backend.tokenizer
     n = len(item["candidates"])
     try:
@@ -36,7 +42,7 @@ def prepare(backend: ScoringBackend, item: dict[str, Any], template: str) -> Pre
         return ItemResult(item["id"], n, error="the prompt renders to zero tokens")
     requests = []
     for i, cand in enumerate(item["candidates"]):
-        resp = response_ids(tok, cand["response"], resolved)
+        resp = responses[i] if responses is not None else response_ids(tok, cand["response"], resolved)
         if not resp:
             return ItemResult(item["id"], n, error=f"candidate {i} ({cand['source']}): response has zero tokens")
         total = len(prompt) + len(resp)
@@ -61,8 +67,20 @@ def _result(p: Prepared, logprobs: list[list[float]]) -> ItemResult:
 
 
 def prepare_items(backend: ScoringBackend, items: list[tuple[dict[str, Any], str]]) -> list[Prepared | ItemResult]:
-    """Tokenize and check (item, template) pairs: the CPU half of scoring, run ahead of the backend."""
-    return [prepare(backend, item, template) for item, template in items]
+    """Tokenize and check (item, template) pairs: the CPU half of scoring, run ahead of the backend.
+    The responses of all items that share a template are tokenized in one call."""
+    tok = backend.tokenizer
+    by_template: dict[Template, list[int]] = {}
+    for k, (_, template) in enumerate(items):
+        with contextlib.suppress(FormatError):  # prepare() reports it on the item
+            by_template.setdefault(resolve_template(tok, template), []).append(k)
+    responses: list[list[list[int]] | None] = [None] * len(items)
+    for resolved, members in by_template.items():
+        texts = [c["response"] for k in members for c in items[k][0]["candidates"]]
+        ids = iter(response_ids_batch(tok, texts, resolved))
+        for k in members:
+            responses[k] = [next(ids) for _ in items[k][0]["candidates"]]
+    return [prepare(backend, item, template, responses[k]) for k, (item, template) in enumerate(items)]
 
 
 def complete(backend: ScoringBackend, prepared: list[Prepared | ItemResult]) -> list[ItemResult]:
@@ -85,6 +103,26 @@ def complete(backend: ScoringBackend, prepared: list[Prepared | ItemResult]) -> 
                 except Exception as one:  # noqa: BLE001
                     done[p.item_id] = ItemResult(p.item_id, len(p.requests), error=f"scoring failed: {one}")
     return [p if isinstance(p, ItemResult) else done[p.item_id] for p in prepared]
+
+
+def flat_requests(prepared: list[Prepared | ItemResult]) -> list[ScoreRequest]:
+    """The backend requests of a prepared batch, in order (what `complete` sends in one call)."""
+    return [r for p in prepared if isinstance(p, Prepared) for r in p.requests]
+
+
+def finish(prepared: list[Prepared | ItemResult], logprobs: list[list[float]]) -> list[ItemResult]:
+    """Results of a prepared batch from the log-probs of its `flat_requests` (computed elsewhere)."""
+    out: list[ItemResult] = []
+    pos = 0
+    for p in prepared:
+        if isinstance(p, ItemResult):
+            out.append(p)
+            continue
+        out.append(_result(p, logprobs[pos : pos + len(p.requests)]))
+        pos += len(p.requests)
+    if pos != len(logprobs):
+        raise RuntimeError(f"backend returned {len(logprobs)} results for {pos} requests")
+    return out
 
 
 def score_items(backend: ScoringBackend, items: list[tuple[dict[str, Any], str]]) -> list[ItemResult]:

@@ -423,13 +423,15 @@
     return `${m.value.toFixed(3)}${se}${d}`;
   }
 
-  function armResults(x, results, bestIndex) {
-    const parts = x.evaluation.tasks.map((t) => {
-      const metric = (x.best[t] || {}).metric;
-      const m = metric ? (results[t] || {})[metric] : null;
-      return `${t} ${metric || ""}: ${fmtMetric(m)}`;
+  function armResults(x, results, armIndex) {
+    const cell = el("td", { class: "results" });
+    x.evaluation.tasks.forEach((t, i) => {
+      const b = x.best[t] || {};
+      const m = b.metric ? (results[t] || {})[b.metric] : null;
+      if (i) cell.append(" · ");
+      cell.append(el("span", { class: armIndex != null && b.arm === armIndex ? "best" : "" }, `${t} ${b.metric || ""}: ${fmtMetric(m)}`));
     });
-    return el("td", { class: "results" + (bestIndex ? " best" : "") }, parts.join(" · "));
+    return cell;
   }
 
   function renderExperimentDetail(x) {
@@ -448,12 +450,11 @@
           el("td", { class: "num" }, "–"),
           el("td", { class: "num" }, "–"),
           el("td", {}, x.base.eval_state || "–"),
-          armResults(x, x.base.results || {}, false),
+          armResults(x, x.base.results || {}, null),
         ),
       );
     }
     for (const a of x.arms) {
-      const isBest = Object.values(x.best || {}).some((b) => b.arm === a.index);
       const training = a.max_steps ? progressBar(a.step || 0, a.max_steps, "steps") : a.job_state || "queued";
       rows.push(
         el(
@@ -466,7 +467,7 @@
           el("td", { class: "num" }, int(a.tokens_trained)),
           el("td", { class: "num" }, a.final_loss == null ? "–" : Number(a.final_loss).toFixed(4)),
           el("td", {}, a.eval_state || "–"),
-          armResults(x, a.results || {}, isBest),
+          armResults(x, a.results || {}, a.index),
         ),
       );
     }

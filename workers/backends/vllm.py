@@ -226,6 +226,8 @@ def _model_context(model: str) -> int | None:
 
 class VLLMBackend:
     name = "vllm"
+    streams = True
+    """Has submit/step/abort: a worker adds batches to the running engine instead of one `generate` each."""
 
     def __init__(self, config: BackendConfig) -> None:
         from transformers import AutoTokenizer
@@ -247,12 +249,17 @@ class VLLMBackend:
             wanted = config.max_model_len + 1  # + the one sampled token
             engine_args["max_model_len"] = min(wanted, context) if context else config.max_model_len
         self.share_prefix = bool(config.extra.get("share_prefix", True))
-        self.cpu_thread_env: dict[str, str] = {}
+        self.cpu_threads: dict[str, str] = {}
+        """On CPU: the thread binding the engine starts with (what info() and the heartbeat show)."""
         if current_platform.is_cpu():
             # before the engine's processes start, which read them; only what the user left unset
-            self.cpu_thread_env = cpu_thread_env(config.cpu_threads, sorted(os.sched_getaffinity(0)))
-            for k, v in self.cpu_thread_env.items():
-                os.environ.setdefault(k, v)
+            if int(config.extra.get("tensor_parallel_size", 1)) == 1:
+                for k, v in cpu_thread_env(config.cpu_threads, sorted(os.sched_getaffinity(0))).items():
+                    os.environ.setdefault(k, v)
+            self.cpu_threads = {
+                "cpu_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+                "cpu_reserved": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "vLLM's default"),
+            }
             engine_args["enforce_eager"] = _CPU_DEFAULT_ENFORCE_EAGER
             engine_args["block_size"] = _CPU_DEFAULT_BLOCK_SIZE
             if not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and not (
@@ -277,6 +284,9 @@ class VLLMBackend:
         self.block_size = int(cache_config.block_size)
         self.prefix_reuse, self.prefix_reuse_reason = self._prefix_reuse(bool(cache_config.enable_prefix_caching))
         self._calls = itertools.count()
+        self._tickets = itertools.count()
+        self._open: dict[int, tuple[list[ScoreRequest], list[list[float] | None]]] = {}  # streamed batches
+        self._requests: dict[str, tuple[int, int, bool, str]] = {}  # id -> (ticket, index, reuse, internal id)
         self.cached_tokens = 0
         """Prompt tokens served from the prefix cache so far, as the engine reported them."""
         self.rerun_requests = 0
@@ -331,7 +341,7 @@ class VLLMBackend:
             "prefix_reuse": self.prefix_reuse,
             "prefix_reuse_reason": self.prefix_reuse_reason,
             "block_size": self.block_size,
-            **({"cpu_threads": self.cpu_thread_env["VLLM_CPU_OMP_THREADS_BIND"]} if self.cpu_thread_env else {}),
+            **self.cpu_threads,
         }
 
     def close(self) -> None:
@@ -351,6 +361,71 @@ class VLLMBackend:
         for i, lp in zip(todo, self._generate(self.path, [requests[i] for i in todo]), strict=True):
             out[i] = lp
         return out
+
+    # streaming: batches added to the running engine, each collected when its last request finishes -----
+    def submit(self, requests: list[ScoreRequest]) -> int:
+        """Add a batch to the running engine, beside what it is computing; `step` reports it when done.
+
+        The same requests, salts and cache rule as `score`: each batch gets fresh salts, so no request
+        can hit a block of another batch, and a batch's classes cover everything it can find."""
+        for r in requests:
+            if r.length > self.max_model_len:
+                raise ValueError(f"too long: {r.length} > max_model_len {self.max_model_len}")
+        ticket = next(self._tickets)
+        out: list[list[float] | None] = [None if r.response_ids else [] for r in requests]
+        self._open[ticket] = (requests, out)
+        self._add(ticket, [i for i, r in enumerate(requests) if r.response_ids], self.prefix_reuse)
+        return ticket
+
+    def _add(self, ticket: int, indices: list[int], reuse: bool) -> None:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        if not indices:
+            return
+        requests = self._open[ticket][0]
+        call = f"grape-{os.getpid()}-{next(self._calls)}"
+        batch = [requests[i] for i in indices]
+        classes = prefix_cache_classes(batch, self.block_size) if reuse else [0] * len(batch)
+        read = reuse if self.prefix_reuse else None
+        for i, r, c in zip(indices, batch, classes, strict=True):
+            params = build_sampling_params(self.path, len(r.prompt_ids), r.response_ids, self.flat, read)
+            params.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it is done
+            prompt = TokensPrompt(prompt_token_ids=r.prompt_ids + r.response_ids, cache_salt=f"{call}-{c}")
+            internal = self.llm.llm_engine.add_request(f"{call}-{i}", prompt, params)
+            self._requests[f"{call}-{i}"] = (ticket, i, reuse, internal)
+
+    def step(self) -> list[tuple[int, list[list[float]]]]:
+        """Run the engine one step; the batches completed by it (ticket, log-probs in request order)."""
+        engine = self.llm.llm_engine
+        rerun: dict[int, list[int]] = {}
+        if engine.has_unfinished_requests():
+            for o in engine.step():
+                if not o.finished:
+                    continue
+                ticket, i, reuse, _ = self._requests.pop(o.request_id)
+                r = self._open[ticket][0][i]
+                cached = o.num_cached_tokens
+                if reuse:
+                    self.cached_tokens += cached or 0
+                if reuse and (cached is None or cached > len(r.prompt_ids) - 1):
+                    rerun.setdefault(ticket, []).append(i)  # a hit past the first scored row: run again
+                    continue
+                self._open[ticket][1][i] = extract_logprobs(self.path, o, len(r.prompt_ids), r.response_ids)
+        for ticket, indices in rerun.items():
+            log.warning("%d request(s) hit the prefix cache past their first scored row: run again", len(indices))
+            self.rerun_requests += len(indices)
+            self._add(ticket, indices, reuse=False)
+        done = [t for t, (_, out) in self._open.items() if all(x is not None for x in out)]
+        return [(t, self._open.pop(t)[1]) for t in done]  # type: ignore[misc]
+
+    def abort(self) -> None:
+        """Drop every streamed request (after an engine error, before falling back to `score`)."""
+        internal = [v[3] for v in self._requests.values()]
+        if internal:
+            self.llm.llm_engine.abort_request(internal, internal=True)
+        self._requests.clear()
+        self._open.clear()
 
     def _generate(self, path: str, requests: list[ScoreRequest], reuse: bool | None = None) -> list[list[float]]:
         if not requests:
