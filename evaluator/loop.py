@@ -267,6 +267,7 @@ class EvaluatorLoop:
         elif stop == "requeue":
             self._end(eval_id, EvalState.queued, f"handed back: evaluator {self.name} is stopping")
         elif stop == "lost":
+            self.r.lrem(self.keys.eval_claimed(self.name), 0, eval_id)
             log.warning("evaluation %s was taken from evaluator %s while it ran; stopped", eval_id, self.name)
         elif "results" in outcome:
             summary = "; ".join(

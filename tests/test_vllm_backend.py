@@ -322,6 +322,46 @@ def test_prefix_cache_reuse_keeps_the_scores_exact(vllm_backend, pool_pairs, mon
     assert worst < 1e-5, worst
 
 
+def test_streamed_batches_score_as_one_call_each(vllm_backend, pool_pairs, monkeypatch):
+    """A worker adds batches to the running engine (submit/step) instead of one `generate` each: the same
+    log-probs, cache reads included, each batch reported once, when its last request is done."""
+    from workers.backends import vllm as vllm_module
+
+    _, requests = pool_pairs
+    r0 = requests[0]
+    alike = [ScoreRequest(r0.prompt_ids, r0.response_ids[:40] + [t]) for t in (11, 12)]  # a hit past the prompt
+    batches = [requests[:CANDIDATES] + alike, requests[CANDIDATES : 2 * CANDIDATES + 3], [], requests[-5:]]
+    want = [vllm_backend.score(b) for b in batches]
+
+    def stream() -> dict[int, list[list[float]]]:
+        tickets = [vllm_backend.submit(b) for b in batches]
+        got: dict[int, list[list[float]]] = {}
+        while len(got) < len(batches):
+            for ticket, lps in vllm_backend.step():
+                assert ticket not in got
+                got[ticket] = lps
+        assert sorted(got) == sorted(tickets)
+        return {k: got[t] for k, t in enumerate(tickets)}
+
+    def worst(a: list[list[float]], b: list[list[float]]) -> float:
+        return max((abs(x - y) for g, w in zip(a, b, strict=True) for x, y in zip(g, w, strict=True)), default=0.0)
+
+    before = vllm_backend.cached_tokens
+    got = stream()
+    assert vllm_backend.cached_tokens > before  # an instruction's candidates read their shared prompt
+    for k, b in enumerate(batches):
+        assert [len(x) for x in got[k]] == [len(r.response_ids) for r in b]
+        assert worst(got[k], want[k]) < 1e-5, k
+    # a rule that let hits reach scored rows: the engine's hit count catches it in streaming too
+    reruns = vllm_backend.rerun_requests
+    monkeypatch.setattr(vllm_module, "prefix_cache_classes", lambda reqs, block: [0] * len(reqs))
+    guarded = stream()
+    assert vllm_backend.rerun_requests > reruns
+    for k in range(len(batches)):
+        assert worst(guarded[k], want[k]) < 1e-5, k
+    assert not vllm_backend.step()  # nothing left behind
+
+
 def test_logprobs_match_hf_per_token(pool_pairs, both_scores):
     _, requests = pool_pairs
     got, want = both_scores

@@ -2,8 +2,9 @@
 
 Three threads keep the backend busy: a reader claims chunks, loads their items and tokenizes the next
 batches while the backend computes the current one (`prefetch` batches ahead); the compute thread (the
-caller of `run`) only runs the backend; a writer writes each batch's results as soon as it is scored and
-acks a chunk when the last of its items is written.
+caller of `run`) only runs the backend, and with a backend that streams (vLLM) adds the next batch to the
+running engine before the current one is done, so the engine never drains between batches; a writer
+writes each batch's results as soon as it is scored and acks a chunk when the last of its items is written.
 
 Delivery is at-least-once, result writes are idempotent (grape.protocol.RESULTS_LUA): an item is counted
 once however often it is written. A chunk pending on a dead worker is taken over with XAUTOCLAIM once it

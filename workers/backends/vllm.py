@@ -1,4 +1,6 @@
-"""The vLLM scoring backend: one `vllm.LLM` engine, every request of a call in one `generate`.
+"""The vLLM scoring backend: one `vllm.LLM` engine; `score` runs a batch as one `generate`, and a worker
+streams batches instead (`submit` adds one to the running engine, `step` reports those completed), so the
+engine never drains between batches.
 
 Each pair goes in as token ids (`TokensPrompt(prompt_ids + response_ids)`), so the response boundary is
 the one `grape.formatting` drew; the engine never sees text and never makes any (no tokenizer in the
@@ -374,8 +376,18 @@ class VLLMBackend:
         ticket = next(self._tickets)
         out: list[list[float] | None] = [None if r.response_ids else [] for r in requests]
         self._open[ticket] = (requests, out)
-        self._add(ticket, [i for i, r in enumerate(requests) if r.response_ids], self.prefix_reuse)
+        try:
+            self._add(ticket, [i for i, r in enumerate(requests) if r.response_ids], self.prefix_reuse)
+        except BaseException:
+            self._drop(ticket)  # none of it stays in the engine
+            raise
         return ticket
+
+    def _drop(self, ticket: int) -> None:
+        ids = [k for k, v in self._requests.items() if v[0] == ticket]
+        if ids:
+            self.llm.llm_engine.abort_request([self._requests.pop(k)[3] for k in ids], internal=True)
+        self._open.pop(ticket, None)
 
     def _add(self, ticket: int, indices: list[int], reuse: bool) -> None:
         from vllm.inputs import TokensPrompt
@@ -403,7 +415,10 @@ class VLLMBackend:
             for o in engine.step():
                 if not o.finished:
                     continue
-                ticket, i, reuse, _ = self._requests.pop(o.request_id)
+                known = self._requests.pop(o.request_id, None)
+                if known is None:
+                    continue  # aborted meanwhile
+                ticket, i, reuse, _ = known
                 r = self._open[ticket][0][i]
                 cached = o.num_cached_tokens
                 if reuse:
