@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 PROGRESS = re.compile(r"(Running \w+ requests):\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 NOISE = re.compile(r"^\s*(\w[\w ]*:)?\s*\d+%\|")  # other progress bars (loading weights, tokenizing...)
+LEVEL = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")  # evaluator.run's log format
 TAIL_LINES = 12
 POLL_S = 0.5
 
@@ -355,6 +356,7 @@ class EvaluatorLoop:
                     if NOISE.search(line):
                         continue
                     tail.append(line[:500])
-                    self._log(eval_id, line[:2000], "output")
+                    level = lv.group(1).lower() if (lv := LEVEL.match(line)) else "output"
+                    self._log(eval_id, line[:2000], level)
                 except redis.RedisError as exc:
                     log.warning("evaluation %s: could not record output: %s", eval_id, exc)
