@@ -114,12 +114,12 @@ def test_worker_tokenizes_batches_to_the_same_ids_as_one_call_each(hf_backend) -
 
     tok = hf_backend.tokenizer
     items = load_pool(4, start=30, max_chars=600, candidates=4)
-    items.append({"id": "empty", "instruction": "x", "candidates": [{"source": "a", "response": ""}]})
-    work = [(it, tpl) for it in items for tpl in ("auto", "plain")]
+    empty = {"id": "empty", "instruction": "x", "candidates": [{"source": "a", "response": ""}]}
+    work = [(it, tpl) for it in items for tpl in ("auto", "plain")] + [(empty, "auto")]
     batched = prepare_items(hf_backend, work)
     assert batched == [prepare(hf_backend, it, tpl) for it, tpl in work]
     assert sum(isinstance(p, Prepared) for p in batched) == 8 and "zero tokens" in batched[-1].error
-    for (it, tpl), p in zip(work[:-2], batched, strict=False):
+    for (it, tpl), p in zip(work[:-1], batched, strict=False):
         t = resolve_template(tok, tpl)
         assert [(r.prompt_ids, r.response_ids) for r in p.requests] == [
             (prompt_ids(tok, it, t), response_ids(tok, c["response"], t)) for c in it["candidates"]

@@ -29,7 +29,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        task.cancel()
+        # redis-py (8.1) can swallow a cancel that lands while it opens a connection: ask until the task ends
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=1)
         with suppress(asyncio.CancelledError):
             await task
 
