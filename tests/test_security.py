@@ -8,6 +8,7 @@ The training-job rows of the issue's table are in tests/test_security_training.p
 
 from __future__ import annotations
 
+import itertools
 import socket
 import subprocess
 import threading
@@ -392,6 +393,43 @@ def test_log_follow_streams_are_limited_per_key(scored) -> None:
             assert time.monotonic() < deadline, "closed follow streams kept their slots"
             time.sleep(0.2)
         assert c.post(f"/v1/training-jobs/{job}/cancel").status_code == 202
+
+
+def test_uploads_being_read_at_once_are_limited(redis_url, keys) -> None:
+    proc, url = start_gateway(redis_url, keys, GRAPE_API_KEYS=KEY, GRAPE_MAX_CONCURRENT_UPLOADS="1")
+    release = threading.Event()
+    try:
+        with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
+            ds = c.post("/v1/datasets", json={"name": "slow", "target_model": MODEL}).json()["id"]
+            ndjson_type = {"Content-Type": "application/x-ndjson"}
+
+            def slow_body() -> Iterator[bytes]:  # an upload that is still arriving
+                yield orjson.dumps({**ITEM, "id": "slow"}) + b"\n"
+                release.wait(30)
+
+            first: list[httpx.Response] = []
+            t = threading.Thread(
+                target=lambda: first.append(
+                    c.post(f"/v1/datasets/{ds}/items", content=slow_body(), headers=ndjson_type)
+                )
+            )
+            t.start()
+            deadline = time.monotonic() + 10
+            for n in itertools.count():  # the slow upload holds the only slot once the gateway reads it
+                r = c.post(f"/v1/datasets/{ds}/items", content=ndjson([{**ITEM, "id": f"f{n}"}]), headers=ndjson_type)
+                if r.status_code == 429 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert r.status_code == 429 and "GRAPE_MAX_CONCURRENT_UPLOADS" in r.json()["detail"]
+            assert r.headers["Retry-After"]
+            release.set()
+            t.join(timeout=30)
+            assert first[0].json()["accepted"] == 1
+            r = c.post(f"/v1/datasets/{ds}/items", content=ndjson([{**ITEM, "id": "after"}]), headers=ndjson_type)
+            assert r.status_code == 202 and r.json()["accepted"] == 1  # the slot came back
+    finally:
+        release.set()
+        _stop(proc)
 
 
 def test_the_redis_pool_is_bounded(secure) -> None:
