@@ -65,7 +65,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 ds["id"], read_pool(args.file), batch=args.batch, on_batch=lambda n, _: bar.update(n)
             )
         print(
-            f"accepted {res['accepted']}, duplicates {res['duplicates']}, rejected {len(res['rejected'])}",
+            f"accepted {res['accepted']}, duplicates {res['duplicates']}, rejected {res.get('rejected_total', len(res['rejected']))}",
             file=sys.stderr,
         )
         for r in res["rejected"][:20]:

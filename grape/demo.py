@@ -87,7 +87,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(
             f"dataset {ds['id']}: {res['accepted']} instructions, "
             f"{sum(len(i.get('candidates', [])) for i in items)} candidates sent from {pool}"
-            + (f", {len(res['rejected'])} rejected" if res["rejected"] else "")
+            + (f", {res.get('rejected_total', len(res['rejected']))} rejected" if res["rejected"] else "")
         )
         print("the worker loads the model first (the bundled one is converted once, ~20 s)")
         st = watch_scoring(client, ds["id"], check=check)
