@@ -223,6 +223,9 @@ def main() -> int:
         action="store_true",
         help="run lm-eval (batch 16) again on the service's token split, to show what its boundary moves",
     )
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="rounds over the peers, interleaved; the table keeps each one's fastest"
+    )
     ap.add_argument("--workdir", type=Path, default=None, help="where the pairs, results and logs go")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -265,27 +268,38 @@ def main() -> int:
     redis_url, embedded = None, None
     results: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
+    runs: dict[str, list[float]] = {}
     try:
-        for name in peers:
-            print(f"  running {name} ({peerlib.machine_load()})", flush=True)
-            try:
-                if name.startswith("service"):
-                    if redis_url is None:
-                        from live_service import find_redis
+        for _ in range(args.repeat):
+            for name in peers:
+                if name in failed:
+                    continue
+                print(f"  running {name} ({peerlib.machine_load()})", flush=True)
+                try:
+                    if name.startswith("service"):
+                        if redis_url is None:
+                            from live_service import find_redis
 
-                        redis_url, embedded = find_redis()
-                    results[name] = run_service(name, items, workdir, args.dtype, redis_url)
-                else:
-                    results[name] = run_child(name, workdir)
-            except Exception as exc:  # noqa: BLE001 - one broken peer must not hide the others' figures
-                failed[name] = f"{type(exc).__name__}: {exc}"
-                print(f"    FAILED: {failed[name]}", flush=True)
-                continue
-            print(f"    {results[name]['seconds']:.1f} s", flush=True)
+                            redis_url, embedded = find_redis()
+                        got = run_service(name, items, workdir, args.dtype, redis_url)
+                    else:
+                        got = run_child(name, workdir)
+                except Exception as exc:  # noqa: BLE001 - one broken peer must not hide the others' figures
+                    failed[name] = f"{type(exc).__name__}: {exc}"
+                    print(f"    FAILED: {failed[name]}", flush=True)
+                    continue
+                print(f"    {got['seconds']:.1f} s", flush=True)
+                runs.setdefault(name, []).append(got["seconds"])
+                # the machine is shared: the fastest of the rounds is the least disturbed one
+                if name not in results or got["seconds"] < results[name]["seconds"]:
+                    results[name] = got
     finally:
         if embedded is not None:
             embedded.stop()
     print_table(args, [p for p in peers if p in results], results, pair_tokens, len(requests))
+    if args.repeat > 1:
+        for name, secs in runs.items():
+            print(f"{name}: seconds of each round {', '.join(f'{x:.1f}' for x in secs)} (the table shows the fastest)")
     for name, error in failed.items():
         print(f"{name}: FAILED: {error.splitlines()[0]}")
     return 1 if failed else 0

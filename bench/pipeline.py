@@ -171,7 +171,7 @@ def bench_null(svc: Service, r: redis.Redis, args: argparse.Namespace) -> None:
 
 
 # (ii) ----------------------------------------------------------------------------------------------------
-def bench_ingest(svc: Service, args: argparse.Namespace) -> None:
+def bench_ingest(svc: Service, r: redis.Redis, args: argparse.Namespace) -> None:
     items = pool(copies=max(1, -(-args.ingest_items // 403)))[: args.ingest_items]
     body = ndjson(items)
     pairs_per_upload = sum(len(i["candidates"]) for i in items)
@@ -298,24 +298,24 @@ def main() -> int:
 
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     r = redis.Redis.from_url(redis_url)
-    prefix = f"grape-bench-{uuid.uuid4().hex[:8]}"
-    logs = Path(os.environ.get("TMPDIR", "/tmp")) / prefix
-    logs.mkdir(parents=True)
-    svc = Service(redis_url, prefix, logs)
-    try:
-        svc.gateway(GRAPE_MAX_QUEUE_CHUNKS="1000000")
-        print(f"pipeline bench: Redis {redis_url}, prefix {prefix}, logs in {logs}, {os.cpu_count()} CPUs", flush=True)
-        if "null" in parts:
-            bench_null(svc, r, args)
-        if "ingest" in parts:
-            bench_ingest(svc, args)
-        if "efficiency" in parts:
-            bench_efficiency(svc, r, args)
-    finally:
-        svc.close()
-        stale = list(r.scan_iter(match=f"{prefix}:*", count=1000))
-        for k in range(0, len(stale), 1000):
-            r.delete(*stale[k : k + 1000])
+    print(f"pipeline bench: Redis {redis_url}, {os.cpu_count()} CPUs", flush=True)
+    runs = [("null", bench_null), ("ingest", bench_ingest), ("efficiency", bench_efficiency)]
+    for part, run in runs:
+        if part not in parts:
+            continue
+        # each part on a gateway and a key prefix of its own: nothing queued by one is in another's queue
+        prefix = f"grape-bench-{uuid.uuid4().hex[:8]}"
+        logs = Path(os.environ.get("TMPDIR", "/tmp")) / prefix
+        logs.mkdir(parents=True)
+        svc = Service(redis_url, prefix, logs)
+        try:
+            svc.gateway(GRAPE_MAX_QUEUE_CHUNKS="1000000")
+            run(svc, r, args)
+        finally:
+            svc.close()
+            stale = list(r.scan_iter(match=f"{prefix}:*", count=1000))
+            for k in range(0, len(stale), 1000):
+                r.delete(*stale[k : k + 1000])
     return 0
 
 

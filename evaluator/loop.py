@@ -34,7 +34,6 @@ import redis
 from grape.evaluations import (
     CANCEL,
     FINISH_LUA,
-    LOG_MAXLEN,
     REAP_LUA,
     START_LUA,
     EvalSpec,
@@ -42,6 +41,7 @@ from grape.evaluations import (
     dead_evaluator_reason,
     log_fields,
 )
+from grape.jobs import LOG_MAXLEN
 from grape.keys import Keys
 from grape.redis_client import as_str
 from grape.settings import Settings

@@ -10,8 +10,6 @@ import argparse
 import importlib
 import os
 import sys
-from collections import Counter
-from pathlib import Path
 
 from grape.settings import get_settings
 
@@ -64,8 +62,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             res = client.upload_all(
                 ds["id"], read_pool(args.file), batch=args.batch, on_batch=lambda n, _: bar.update(n)
             )
+        rejected = res.get("rejected_total", len(res["rejected"]))
         print(
-            f"accepted {res['accepted']}, duplicates {res['duplicates']}, rejected {res.get('rejected_total', len(res['rejected']))}",
+            f"accepted {res['accepted']}, duplicates {res['duplicates']}, rejected {rejected}",
             file=sys.stderr,
         )
         for r in res["rejected"][:20]:
@@ -147,20 +146,6 @@ def cmd_scores(args: argparse.Namespace) -> int:
     queued = ", ".join(res["queued_tasks"]) or "nothing new"
     print(f"queued: {queued}; dataset scores: {', '.join(res['dataset']['scores'])}", file=sys.stderr)
     return 0
-
-
-def print_wins(path: Path) -> None:
-    import orjson
-
-    wins: Counter[str] = Counter()
-    with open(path, "rb") as f:
-        for line in f:
-            wins[orjson.loads(line)["source"]] += 1
-    total = sum(wins.values()) or 1
-    width = max([len(s) for s in wins] + [6])
-    print(f"\n{'source':<{width}}  selected  share")
-    for source, n in wins.most_common():
-        print(f"{source:<{width}}  {n:>8}  {n / total:>5.1%}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from grape.client import GrapeClient
+from grape.console import print_wins
 from grape.pools import read_pool
 from grape.progress import watch_scoring
 from grape.redis_server import EmbeddedRedis, free_port
@@ -31,8 +32,6 @@ def _tail(path: Path, n: int = 30) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from grape.cli import print_wins
-
     pool = Path(args.pool) if args.pool else EXAMPLE_POOL
     if not pool.exists():
         print(f"grape demo: pool not found: {pool}", file=sys.stderr)

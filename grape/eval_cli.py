@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+from grape.evaluations import TERMINAL
 
 
 def eval_body(args: argparse.Namespace) -> dict[str, Any]:

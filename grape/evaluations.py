@@ -27,12 +27,12 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from grape.jobs import with_log_maxlen
 from grape.keys import is_job_id
 from grape.redis_client import as_str as _s
 
 CANCEL = "cancel"
 REQUEUE = "requeue"
-LOG_MAXLEN = 10_000
 EVAL_ID = re.compile(r"ev-[0-9a-f]{12}")
 TASK_NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 
@@ -195,7 +195,7 @@ def dead_evaluator_reason(evaluator: str) -> str:
 # ---- the scripts -----------------------------------------------------------------------------------------
 # Each takes the keys it touches; `now` is passed in (scripts stay deterministic for replication).
 
-ENQUEUE_LUA = """
+ENQUEUE_LUA = with_log_maxlen("""
 -- KEYS: evaluation, evaluations zset, queue, log   ARGV: id, now, max queued, then field/value pairs
 if redis.call('LLEN', KEYS[3]) >= tonumber(ARGV[3]) then return 0 end
 local fields = {}
@@ -203,11 +203,11 @@ for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('LPUSH', KEYS[3], ARGV[1])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 't', ARGV[2], 'level', 'info', 'msg', 'queued')
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info', 'msg', 'queued')
 return 1
-"""
+""")
 
-START_LUA = """
+START_LUA = with_log_maxlen("""
 -- KEYS: claimed list, evaluation, log   ARGV: id, evaluator, now
 -- just moved from the queue to this evaluator's claimed list; run it only if still queued
 local st = redis.call('HGET', KEYS[2], 'state')
@@ -218,12 +218,12 @@ end
 local attempts = redis.call('HINCRBY', KEYS[2], 'attempts', 1)
 redis.call('HSET', KEYS[2], 'state', 'running', 'evaluator', ARGV[2], 'started', ARGV[3], 'progress_at', ARGV[3])
 redis.call('HDEL', KEYS[2], 'error', 'finished', 'done_requests', 'total_requests')
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 't', ARGV[3], 'level', 'info',
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'info',
   'msg', 'started on evaluator ' .. ARGV[2] .. ' (attempt ' .. attempts .. ')')
 return redis.call('HGET', KEYS[2], 'spec')
-"""
+""")
 
-FINISH_LUA = """
+FINISH_LUA = with_log_maxlen("""
 -- KEYS: claimed list, evaluation, log, cancel flag, queue
 -- ARGV: id, evaluator, state, now, error, message, level, then field/value pairs to set (results...)
 -- only the evaluator holding a running evaluation may end it; state 'queued' hands it back
@@ -241,11 +241,11 @@ else
   if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'error', ARGV[5]) end
 end
 for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 't', ARGV[4], 'level', ARGV[7], 'msg', ARGV[6])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[4], 'level', ARGV[7], 'msg', ARGV[6])
 return 1
-"""
+""")
 
-REAP_LUA = """
+REAP_LUA = with_log_maxlen("""
 -- KEYS: evaluator heartbeat, its claimed list, evaluation, log, queue, cancel flag   ARGV: id, evaluator, now, reason
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'alive' end
 local st = redis.call('HGET', KEYS[3], 'state')
@@ -264,39 +264,40 @@ redis.call('DEL', KEYS[6])
 redis.call('HDEL', KEYS[3], 'cancel_requested')
 if cancelling then
   redis.call('HSET', KEYS[3], 'state', 'cancelled', 'finished', ARGV[3], 'evaluator', '')
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 't', ARGV[3], 'level', 'info',
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'info',
     'msg', ARGV[4] .. '; it was being cancelled: cancelled')
   return 'cancelled'
 end
 if attempts < max then
   redis.call('HSET', KEYS[3], 'state', 'queued', 'evaluator', '')
   redis.call('RPUSH', KEYS[5], ARGV[1])
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 't', ARGV[3], 'level', 'warning',
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'warning',
     'msg', ARGV[4] .. '; queued again to start over (attempt ' .. attempts .. ' of ' .. max .. ' done)')
   return 'requeued'
 end
 local reason = ARGV[4] .. ' (attempt ' .. attempts .. ' of ' .. max .. ')'
 redis.call('HSET', KEYS[3], 'state', 'failed', 'error', reason, 'finished', ARGV[3])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 't', ARGV[3], 'level', 'error', 'msg', reason)
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'error', 'msg', reason)
 return 'failed'
-"""
+""")
 
-CANCEL_LUA = """
+CANCEL_LUA = with_log_maxlen("""
 -- KEYS: evaluation, queue, cancel flag, log   ARGV: id, now
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return 'missing' end
 if st == 'queued' then
   redis.call('LREM', KEYS[2], 0, ARGV[1])
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished', ARGV[2])
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 't', ARGV[2], 'level', 'info', 'msg', 'cancelled while queued')
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info',
+    'msg', 'cancelled while queued')
   return 'cancelled-now'
 end
 if st == 'running' then
   redis.call('SET', KEYS[3], 'cancel')
   redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[2])
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 't', ARGV[2], 'level', 'info',
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info',
     'msg', 'cancel requested: the evaluator stops lm-eval')
   return 'cancelling'
 end
 return st
-"""
+""")

@@ -287,7 +287,14 @@ def decode_log(entry_id: Any, fields: dict[Any, Any]) -> dict[str, Any]:
 # ---- the scripts -----------------------------------------------------------------------------------------
 # Each takes the keys it touches; `now` is passed in (scripts stay deterministic for replication).
 
-ENQUEUE_LUA = """
+
+def with_log_maxlen(script: str) -> str:
+    """A Lua script whose log XADDs trim to `LOG_MAXLEN`: the length is defined once, in Python, not in each
+    script (grape.evaluations uses the same for its scripts)."""
+    return f"local LOG_MAXLEN = {LOG_MAXLEN}\n{script}"
+
+
+ENQUEUE_LUA = with_log_maxlen("""
 -- KEYS: job, jobs zset, queue, log   ARGV: id, now, max queued, then field/value pairs of the new hash
 if redis.call('LLEN', KEYS[3]) >= tonumber(ARGV[3]) then return 0 end
 local fields = {}
@@ -295,11 +302,11 @@ for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('LPUSH', KEYS[3], ARGV[1])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 't', ARGV[2], 'level', 'info', 'msg', 'queued')
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info', 'msg', 'queued')
 return 1
-"""
+""")
 
-START_LUA = """
+START_LUA = with_log_maxlen("""
 -- KEYS: claimed list, job, log   ARGV: id, trainer, now
 -- the job was just moved from the queue to this trainer's claimed list; run it only if still queued
 local st = redis.call('HGET', KEYS[2], 'state')
@@ -310,12 +317,12 @@ end
 local attempts = redis.call('HINCRBY', KEYS[2], 'attempts', 1)
 redis.call('HSET', KEYS[2], 'state', 'running', 'trainer', ARGV[2], 'started', ARGV[3], 'progress_at', ARGV[3])
 redis.call('HDEL', KEYS[2], 'error', 'finished', 'eta_seconds')
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 't', ARGV[3], 'level', 'info',
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'info',
   'msg', 'started on trainer ' .. ARGV[2] .. ' (attempt ' .. attempts .. ')')
 return redis.call('HGET', KEYS[2], 'spec')
-"""
+""")
 
-FINISH_LUA = """
+FINISH_LUA = with_log_maxlen("""
 -- KEYS: claimed list, job, log, cancel flag, queue   ARGV: id, trainer, state, now, error, message, level
 -- only the trainer holding a running job may end it; state 'queued' hands it back to resume elsewhere
 local st = redis.call('HGET', KEYS[2], 'state')
@@ -330,11 +337,11 @@ else
   redis.call('HSET', KEYS[2], 'state', ARGV[3], 'finished', ARGV[4], 'eta_seconds', '')
   if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'error', ARGV[5]) end
 end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 't', ARGV[4], 'level', ARGV[7], 'msg', ARGV[6])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[4], 'level', ARGV[7], 'msg', ARGV[6])
 return 1
-"""
+""")
 
-REAP_LUA = """
+REAP_LUA = with_log_maxlen("""
 -- KEYS: trainer heartbeat, its claimed list, job, log, queue, cancel flag   ARGV: id, trainer, now, reason
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'alive' end
 local st = redis.call('HGET', KEYS[3], 'state')
@@ -353,37 +360,37 @@ redis.call('HDEL', KEYS[3], 'cancel_requested')
 if redis.call('HGET', KEYS[3], 'auto_resume') == '1' and attempts < max then
   redis.call('HSET', KEYS[3], 'state', 'queued', 'resume', '1', 'trainer', '')
   redis.call('RPUSH', KEYS[5], ARGV[1])
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 't', ARGV[3], 'level', 'warning',
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'warning',
     'msg', ARGV[4] .. '; queued again to resume from its last checkpoint (attempt ' .. attempts .. ' of ' .. max .. ')')
   return 'resumed'
 end
 redis.call('HSET', KEYS[3], 'state', 'failed', 'error', ARGV[4], 'finished', ARGV[3], 'eta_seconds', '')
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 't', ARGV[3], 'level', 'error', 'msg', ARGV[4])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'error', 'msg', ARGV[4])
 return 'failed'
-"""
+""")
 
-CANCEL_LUA = """
+CANCEL_LUA = with_log_maxlen("""
 -- KEYS: job, queue, cancel flag, log   ARGV: id, now
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return 'missing' end
 if st == 'queued' then
   redis.call('LREM', KEYS[2], 0, ARGV[1])
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished', ARGV[2])
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 't', ARGV[2], 'level', 'info',
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info',
     'msg', 'cancelled while queued')
   return 'cancelled-now'
 end
 if st == 'running' then
   redis.call('SET', KEYS[3], 'cancel')
   redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[2])
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 't', ARGV[2], 'level', 'info',
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info',
     'msg', 'cancel requested: stopping after the current step, with a checkpoint')
   return 'cancelling'
 end
 return st
-"""
+""")
 
-RESUME_LUA = """
+RESUME_LUA = with_log_maxlen("""
 -- KEYS: job, queue, cancel flag, log   ARGV: id, now
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return 'missing' end
@@ -392,10 +399,10 @@ redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'resume', '1', 'trainer', '', 'attempts', '0')
 redis.call('HDEL', KEYS[1], 'error', 'finished', 'cancel_requested')
 redis.call('LPUSH', KEYS[2], ARGV[1])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 't', ARGV[2], 'level', 'info',
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info',
   'msg', 'queued again to resume from its last checkpoint')
 return 'queued'
-"""
+""")
 
 
 DELETE_LUA = """

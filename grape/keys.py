@@ -137,9 +137,6 @@ class Keys:
     def worker(self, name: str) -> str:
         return f"{self.prefix}:worker:{name}"
 
-    def workers_pattern(self) -> str:
-        return f"{self.prefix}:worker:*"
-
     def workers(self) -> str:
         """zset: worker name -> time of its last heartbeat (so nobody has to SCAN the keyspace)."""
         return f"{self.prefix}:workers"

@@ -9,6 +9,7 @@ from typing import Any
 from tqdm import tqdm
 
 from grape.client import GrapeClient
+from grape.jobs import TERMINAL
 
 
 def watch_scoring(
@@ -45,9 +46,6 @@ def watch_scoring(
             st = client.status(dataset_id)
 
 
-TRAINING_TERMINAL = ("succeeded", "failed", "cancelled")
-
-
 def watch_training(
     client: GrapeClient,
     job_id: str,
@@ -72,7 +70,7 @@ def watch_training(
                 refresh=False,
             )
             bar.refresh()
-            if st["state"] in TRAINING_TERMINAL:
+            if st["state"] in TERMINAL:
                 return st
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"training job {job_id} not finished after {timeout}s: {st['state']}")

@@ -91,20 +91,6 @@ def prompt_messages(item: dict[str, Any]) -> list[dict[str, str]]:
     return [{"role": "user", "content": item["instruction"]}]
 
 
-class CandidateScore(BaseModel):
-    """The target model's view of one candidate: log p(response | prompt) over its tokens."""
-
-    logprob_sum: float
-    tokens: int = Field(description="Response tokens scored.")
-    prompt_tokens: int
-
-    @property
-    def mean(self) -> float:
-        if self.tokens <= 0:
-            raise ValueError("a response of zero tokens has no mean log-probability")
-        return self.logprob_sum / self.tokens
-
-
 def dumps(obj: Any) -> bytes:
     return orjson.dumps(obj)
 

@@ -49,10 +49,6 @@ class UnsupportedType(ApiError):
     status = 415
 
 
-class Unauthorized(ApiError):
-    status = 401
-
-
 class Busy(ApiError):
     """Backpressure: the queue is past its limit, or Redis is full. The client retries after `retry_after`."""
 

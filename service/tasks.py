@@ -1,4 +1,4 @@
-"""Service functions for a dataset's scoring tasks (grape.tasks) and the strategy comparison.
+"""Service functions for a dataset's scoring tasks (grape.tasks); the strategy comparison is service.compare.
 
 A dataset asks for score kinds when it is created (`"scores": [...]`) or later
 (`POST /v1/datasets/{id}/scores`). Each extra task has its own stream on its own model; at ingest the
@@ -13,18 +13,16 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import anyio
 import orjson
 from redis.asyncio import Redis
 
 from grape import heartbeats
-from grape.compare import compare as compare_rows
 from grape.keys import Keys, model_key
 from grape.protocol import chunked
 from grape.records import DatasetState
 from grape.redis_client import as_str as _s
 from grape.settings import Settings
-from grape.strategies import STRATEGIES, ScoredItem, SelectParams
+from grape.strategies import STRATEGIES
 from grape.strategies.ifd import ifd
 from grape.tasks import (
     DEFAULT_EMBEDDING_MODEL,
@@ -35,7 +33,7 @@ from grape.tasks import (
     tasks_for,
 )
 from service.errors import Unprocessable
-from service.schemas import ComparisonPublic, DatasetCreate, ScoresRequest, TaskProgress
+from service.schemas import DatasetCreate, ScoresRequest, TaskProgress
 from service.store import dataset_meta, id_pages, read_meta
 
 
@@ -245,39 +243,3 @@ def check_strategies(meta: Mapping[str, str], names: Iterable[str], dataset_id: 
             f'POST /v1/datasets/{dataset_id}/scores {{"scores": {orjson.dumps(missing).decode()}}}'
         )
     return needs
-
-
-async def compare(
-    *, redis: Redis, keys: Keys, settings: Settings, dataset_id: str, strategies: list[str], params: SelectParams
-) -> ComparisonPublic:
-    """The strategies side by side (grape.compare). Its work grows with strategies x pool: the number of
-    strategies is capped (GRAPE_MAX_COMPARE_STRATEGIES) and the comparison runs in a worker thread, so the
-    event loop keeps answering other requests meanwhile."""
-    from service.datasets import dataset_status, scored_items
-
-    if not strategies:
-        raise Unprocessable("strategies: name at least one, e.g. ?strategies=grape,longest")
-    if len(strategies) > settings.max_compare_strategies:
-        raise Unprocessable(
-            f"strategies: {len(strategies)} named, at most {settings.max_compare_strategies} per comparison "
-            "(GRAPE_MAX_COMPARE_STRATEGIES)"
-        )
-    if len(set(strategies)) != len(strategies):
-        raise Unprocessable("strategies: a strategy is named twice")
-    meta = await dataset_meta(redis, keys, dataset_id)
-    needs = check_strategies(meta, strategies, dataset_id)
-    rows: list[ScoredItem] = []
-    async for page in scored_items(redis, keys, dataset_id, needs=tuple(needs)):
-        rows.extend(page)
-    chosen = {name: STRATEGIES.get(name) for name in strategies}
-    try:
-        result = await anyio.to_thread.run_sync(compare_rows, rows, chosen, params, settings.max_report_sources)
-    except ValueError as exc:
-        raise Unprocessable(str(exc)) from None
-    status = await dataset_status(redis=redis, keys=keys, dataset_id=dataset_id)
-    return ComparisonPublic(
-        dataset_id=dataset_id,
-        state=status.state,
-        params={"k": params.k, "reduce": params.reduce, "n": params.n, "tau": params.tau, "seed": params.seed},
-        **result,
-    )

@@ -137,7 +137,7 @@ def test_status_page_shows_progress_and_wins_while_scoring(chromium, redis_url, 
             assert seen == [0] and int(page.evaluate(f"{progress}.max")) == total
 
             # now a worker starts scoring; the page, polling on its own, must show the bar moving
-            spawn("worker", [sys.executable, "-m", "workers", "--model", MODEL, "--read-count", "1",
+            spawn("worker", [sys.executable, "-m", "workers", "--model", MODEL, "--backend", "hf", "--read-count", "1",
                              "--commit-tokens", "256"])  # fmt: skip
 
             def progressed() -> bool:

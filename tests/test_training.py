@@ -18,6 +18,7 @@ import torch
 
 from grape.jobs import START_LUA, Hyperparameters, JobSpec, LoraSpec
 from tests.conftest import MODEL, create, load_pool, wait_done
+from trainer.context import Outcome, Stop
 from trainer.loop import TrainerLoop
 
 # small and quick on 2 CPU cores, yet a learning rate high enough that the loss clearly drops
@@ -157,7 +158,8 @@ def test_lora_job_end_to_end_through_the_api(api, worker_factory, trainer_factor
 
 
 def test_only_assistant_tokens_carry_labels(tmp_path) -> None:
-    from trainer.sft import TrainContext, build_trainer
+    from trainer.context import TrainContext
+    from trainer.sft import build_trainer
 
     item = load_pool(1, max_chars=200)[0]
     records = [
@@ -350,8 +352,8 @@ def test_grape_train_cli_follows_the_job(live_gateway, worker_factory, trainer_f
 
 
 def test_accelerate_launcher_runs_jobs_with_trl_shipped_configs(rclient, keys, settings, tmp_path) -> None:
+    from trainer.context import TrainContext
     from trainer.loop import JobError
-    from trainer.sft import TrainContext
 
     spec = JobSpec(dataset_id="ds", base_model=MODEL)
     ctx = TrainContext("job-1", spec, tmp_path / "selection.jsonl", tmp_path / "out", resume=True)
@@ -376,3 +378,13 @@ def test_accelerate_launcher_runs_jobs_with_trl_shipped_configs(rclient, keys, s
         "-m",
         "trainer.sft",
     ]
+
+
+def test_outcome_file_round_trips_and_refuses_an_unknown_stop() -> None:
+    """What a training process hands the loop (OUTCOME_FILE): the stop as the Stop enum, never a free string."""
+    outcome = Outcome(stop=Stop.requeue, steps=4)
+    assert orjson.loads(outcome.to_json()) == {"stop": "requeue", "model_path": None, "steps": 4}
+    back = Outcome.from_json(outcome.to_json())
+    assert back == outcome and back.stop is Stop.requeue
+    with pytest.raises(ValueError, match="finished"):
+        Outcome.from_json(b'{"stop": "finished", "model_path": null, "steps": 1}')

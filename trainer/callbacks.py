@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -21,18 +20,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from grape.jobs import CANCEL, LOG_MAXLEN, REQUEUE, JobState, log_fields
 from grape.keys import Keys
-from trainer.loop import checkpoint_dirs
+from trainer.context import Stop, checkpoint_dirs
 
 log = logging.getLogger(__name__)
-
-
-class Stop(StrEnum):
-    """Why training stopped before its last step."""
-
-    none = "none"  # it did not: trained to the end
-    cancel = "cancel"  # the job was cancelled: checkpoint, then cancelled
-    requeue = "requeue"  # the trainer is shutting down: checkpoint, then queued again to resume elsewhere
-    lost = "lost"  # the job is no longer this trainer's (reaped as dead, cancelled while queued...): stop, no save
 
 
 _CODES = {Stop.none: 0, Stop.cancel: 1, Stop.requeue: 2, Stop.lost: 3}

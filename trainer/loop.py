@@ -51,6 +51,7 @@ from grape.keys import Keys, is_job_id
 from grape.selection_io import write_selection
 from grape.settings import Settings
 from grape.strategies import SelectParams
+from trainer.context import OUTCOME_FILE, Outcome, Stop, TrainContext, checkpoint_dirs
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,6 @@ TRAIN_LOG_FILE = "train.log"
 
 class JobError(RuntimeError):
     """A job that cannot run as asked; the message is the job's error."""
-
-
-def checkpoint_dirs(output_dir: str | Path) -> list[str]:
-    """Checkpoint directories that exist, oldest step first."""
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return [str(p) for p in sorted(found, key=lambda p: int(p.name.split("-")[-1]))]
 
 
 def accelerate_config_path(name_or_path: str) -> Path:
@@ -270,8 +265,6 @@ class TrainerLoop:
             self.jobs_done += 1
 
     def _run(self, job_id: str, spec: JobSpec) -> None:
-        from trainer.sft import TrainContext
-
         resume = self.r.hget(self.keys.job(job_id), "resume") == b"1"
         out = self.output_dir(job_id)
         if not resume and checkpoint_dirs(out):
@@ -304,32 +297,30 @@ class TrainerLoop:
         outcome = self._train(ctx)
         ckpts = checkpoint_dirs(out)
         self.r.hset(self.keys.job(job_id), "checkpoints", orjson.dumps(ckpts).decode())
-        if outcome["stop"] == "none":
-            self.r.hset(self.keys.job(job_id), "model_path", outcome["model_path"])
+        if outcome.stop is Stop.none:
+            self.r.hset(self.keys.job(job_id), "model_path", outcome.model_path or "")
             self._end(
                 job_id,
                 JobState.succeeded,
-                f"succeeded after {outcome['steps']} steps; model in {outcome['model_path']}",
+                f"succeeded after {outcome.steps} steps; model in {outcome.model_path}",
             )
-        elif outcome["stop"] == "cancel":
+        elif outcome.stop is Stop.cancel:
             where = ckpts[-1] if ckpts else "none"
-            self._end(job_id, JobState.cancelled, f"cancelled at step {outcome['steps']}; checkpoint {where}")
-        elif outcome["stop"] == "requeue":
-            self._end(job_id, JobState.queued, f"handed back at step {outcome['steps']} (trainer {self.name} stopped)")
+            self._end(job_id, JobState.cancelled, f"cancelled at step {outcome.steps}; checkpoint {where}")
+        elif outcome.stop is Stop.requeue:
+            self._end(job_id, JobState.queued, f"handed back at step {outcome.steps} (trainer {self.name} stopped)")
         else:
             self._end(job_id, JobState.failed, "stopped: the job is no longer held by this trainer")
             log.warning("job %s was taken from trainer %s while it ran; stopped", job_id, self.name)
 
-    def _train(self, ctx: Any) -> dict[str, Any]:
+    def _train(self, ctx: TrainContext) -> Outcome:
         if self.launcher == "inline":
-            import dataclasses
+            from trainer.sft import train  # torch, transformers and TRL: only in the process that trains
 
-            from trainer.sft import train
-
-            return dataclasses.asdict(train(ctx, self.r, self.keys))
+            return train(ctx, self.r, self.keys)
         return self._train_subprocess(ctx)
 
-    def command(self, ctx: Any) -> list[str]:
+    def command(self, ctx: TrainContext) -> list[str]:
         """The command line of a job's training process."""
         job_args = ["--job", ctx.job_id, "--trainer", self.name, "--data", str(ctx.data_path)]
         job_args += ["--output-dir", str(ctx.output_dir)] + (["--resume"] if ctx.resume else [])
@@ -341,9 +332,7 @@ class TrainerLoop:
             cmd += ["--num_processes", str(self.num_processes)]
         return [*cmd, "-m", "trainer.sft", *job_args]
 
-    def _train_subprocess(self, ctx: Any) -> dict[str, Any]:
-        from trainer.sft import OUTCOME_FILE
-
+    def _train_subprocess(self, ctx: TrainContext) -> Outcome:
         outcome_file = ctx.output_dir / OUTCOME_FILE
         outcome_file.unlink(missing_ok=True)
         env = dict(os.environ)
@@ -373,4 +362,4 @@ class TrainerLoop:
         if code != 0 or not outcome_file.exists():
             tail = logfile.read_text(errors="replace").strip().splitlines()[-8:]
             raise JobError(f"training process exited with code {code}: " + " | ".join(tail))
-        return orjson.loads(outcome_file.read_bytes())
+        return Outcome.from_json(outcome_file.read_bytes())

@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,39 +26,9 @@ from grape.formatting import plain_prompt, resolve_template
 from grape.jobs import MAX_LENGTH_CAP, JobSpec
 from grape.records import Template
 from grape.settings import Settings
+from trainer.context import OUTCOME_FILE, Outcome, Stop, TrainContext
 
 log = logging.getLogger(__name__)
-
-OUTCOME_FILE = "grape_outcome.json"
-"""Written by rank 0 of a training process for the trainer loop: {"stop", "model_path", "steps"}."""
-
-
-@dataclass
-class TrainContext:
-    job_id: str
-    spec: JobSpec
-    data_path: Path
-    output_dir: Path
-    resume: bool = False
-    """Resume from the last checkpoint in output_dir, when there is one."""
-    trainer_name: str = ""
-    settings: Settings | None = None
-    """The trainer's (operator's) settings; default: from the environment."""
-
-    def operator(self) -> Settings:
-        if self.settings is None:
-            from grape.settings import get_settings
-
-            return get_settings()
-        return self.settings
-
-
-@dataclass
-class Outcome:
-    stop: str
-    """trainer.callbacks.Stop value: none (trained to the end), cancel, requeue, lost."""
-    model_path: str | None = None
-    steps: int = 0
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
@@ -231,7 +200,7 @@ def train(ctx: TrainContext, client: Any, keys: Any) -> Outcome:
     from transformers.trainer_utils import get_last_checkpoint
 
     from grape.jobs import LOG_MAXLEN, log_fields
-    from trainer.callbacks import JobProgressCallback, Stop
+    from trainer.callbacks import JobProgressCallback
 
     callback = JobProgressCallback(client, keys, ctx.job_id, ctx.trainer_name)
     trainer, info = build_trainer(ctx, callbacks=[callback])
@@ -253,11 +222,11 @@ def train(ctx: TrainContext, client: Any, keys: Any) -> Outcome:
     trainer.train(resume_from_checkpoint=resume_from)
     steps = trainer.state.global_step
     if callback.stop is not Stop.none:
-        return Outcome(stop=callback.stop.value, steps=steps)
+        return Outcome(stop=callback.stop, steps=steps)
     # the saved tokenizer keeps the model's own template (the markers matter for training only)
     trainer.processing_class.chat_template = info["original_chat_template"]
     trainer.save_model(str(ctx.output_dir))
-    return Outcome(stop=Stop.none.value, model_path=str(ctx.output_dir), steps=steps)
+    return Outcome(stop=Stop.none, model_path=str(ctx.output_dir), steps=steps)
 
 
 # ---- as its own process ----------------------------------------------------------------------------------
@@ -298,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     outcome = train(ctx, client, keys)
     if int(os.environ.get("RANK", "0")) == 0:
-        (ctx.output_dir / OUTCOME_FILE).write_bytes(orjson.dumps(dataclasses.asdict(outcome)))
+        (ctx.output_dir / OUTCOME_FILE).write_bytes(outcome.to_json())
     return 0
 
 

@@ -7,6 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from grape.strategies import STRATEGIES, SelectParams
+from service import compare as compare_svc
 from service import datasets as svc
 from service import tasks as task_svc
 from service.deps import DatasetId, KeysDep, RedisDep, SettingsDep, upload_slot
@@ -194,7 +195,7 @@ async def compare(
 ) -> ComparisonPublic:
     """Per strategy on the scored pool: pairs selected, mean response length, share of each source, and
     the pairwise overlap (pairs selected by both). At most GRAPE_MAX_COMPARE_STRATEGIES strategies."""
-    return await task_svc.compare(
+    return await compare_svc.compare(
         redis=redis,
         keys=keys,
         settings=settings,

@@ -1,0 +1,52 @@
+"""The strategy comparison (`GET /v1/datasets/{id}/compare`): every named strategy over one read of the scored
+pool, side by side (grape.compare). On its own module because it reads through service.datasets, which
+itself uses service.tasks: kept beside either, the two would import each other."""
+
+from __future__ import annotations
+
+import anyio
+from redis.asyncio import Redis
+
+from grape.compare import compare as compare_rows
+from grape.keys import Keys
+from grape.settings import Settings
+from grape.strategies import STRATEGIES, ScoredItem, SelectParams
+from service.datasets import dataset_status, scored_items
+from service.errors import Unprocessable
+from service.schemas import ComparisonPublic
+from service.store import dataset_meta
+from service.tasks import check_strategies
+
+
+async def compare(
+    *, redis: Redis, keys: Keys, settings: Settings, dataset_id: str, strategies: list[str], params: SelectParams
+) -> ComparisonPublic:
+    """The strategies side by side (grape.compare). Its work grows with strategies x pool: the number of
+    strategies is capped (GRAPE_MAX_COMPARE_STRATEGIES) and the comparison runs in a worker thread, so the
+    event loop keeps answering other requests meanwhile."""
+    if not strategies:
+        raise Unprocessable("strategies: name at least one, e.g. ?strategies=grape,longest")
+    if len(strategies) > settings.max_compare_strategies:
+        raise Unprocessable(
+            f"strategies: {len(strategies)} named, at most {settings.max_compare_strategies} per comparison "
+            "(GRAPE_MAX_COMPARE_STRATEGIES)"
+        )
+    if len(set(strategies)) != len(strategies):
+        raise Unprocessable("strategies: a strategy is named twice")
+    meta = await dataset_meta(redis, keys, dataset_id)
+    needs = check_strategies(meta, strategies, dataset_id)
+    rows: list[ScoredItem] = []
+    async for page in scored_items(redis, keys, dataset_id, needs=tuple(needs)):
+        rows.extend(page)
+    chosen = {name: STRATEGIES.get(name) for name in strategies}
+    try:
+        result = await anyio.to_thread.run_sync(compare_rows, rows, chosen, params, settings.max_report_sources)
+    except ValueError as exc:
+        raise Unprocessable(str(exc)) from None
+    status = await dataset_status(redis=redis, keys=keys, dataset_id=dataset_id)
+    return ComparisonPublic(
+        dataset_id=dataset_id,
+        state=status.state,
+        params={"k": params.k, "reduce": params.reduce, "n": params.n, "tau": params.tau, "seed": params.seed},
+        **result,
+    )
