@@ -5,7 +5,8 @@ route can never be left without them:
   GRAPE_MAX_BODY_BYTES, every other route GRAPE_MAX_REQUEST_BYTES). A non-upload body must be JSON
   (415 otherwise) that orjson accepts: no NaN, no Infinity, no number that overflows to infinity, no lone
   surrogate, valid UTF-8 (422 otherwise), so no such value reaches a route, Redis or an answer.
-- FollowLimitMiddleware: at most GRAPE_MAX_LOG_FOLLOWERS `?follow=true` log streams per API key (429).
+- FollowLimitMiddleware: at most GRAPE_MAX_LOG_FOLLOWERS `?follow=true` log streams (training jobs and
+  evaluations together) per API key (429).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from service.deps import Slots
 from service.errors import send_error
 
 UPLOAD_PATH = re.compile(r"/v1/datasets/[^/]+/items")
-FOLLOW_PATH = re.compile(r"/v1/training-jobs/[^/]+/logs")
+FOLLOW_PATH = re.compile(r"/v1/(?:training-jobs|evaluations)/[^/]+/logs")
 _FALSE = {"", "0", "false", "f", "no", "n", "off"}
 
 

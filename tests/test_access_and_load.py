@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import httpx
 from fastapi.testclient import TestClient
@@ -112,11 +113,27 @@ def test_fuzzed_requests_never_get_a_server_error(live_gateway) -> None:
         @given(case=op.as_strategy())
         @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def fuzz(case) -> None:
-            statuses.append(case.call_and_validate(checks=[not_a_server_error], timeout=30).status_code)
+            response = case.call(timeout=30)
+            statuses.append(response.status_code)
+            if _documented_unavailable(response):
+                return
+            case.validate_response(response, checks=[not_a_server_error])
 
         fuzz()
     assert len(statuses) > 50
     assert {s // 100 for s in statuses} >= {2, 4}  # it reached both success and refusal paths
+
+
+def _documented_unavailable(response: Any) -> bool:
+    """The one 5xx a valid request may get here: 503 "start `grape evaluator`" from the evaluation and
+    experiment routes, since the test runs no evaluator (a transient state a client should retry)."""
+    if response.status_code != 503 or not response.headers.get("Retry-After"):
+        return False
+    try:
+        detail = response.json().get("detail", "")
+    except ValueError:
+        return False
+    return "start `grape evaluator`" in str(detail)
 
 
 def test_unreachable_redis_is_503_not_500(keys) -> None:
