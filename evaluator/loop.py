@@ -32,7 +32,6 @@ import orjson
 import redis
 
 from grape.evaluations import (
-    CANCEL,
     FINISH_LUA,
     REAP_LUA,
     START_LUA,
@@ -41,7 +40,7 @@ from grape.evaluations import (
     dead_evaluator_reason,
     log_fields,
 )
-from grape.jobs import LOG_MAXLEN
+from grape.jobs import CANCEL, LOG_MAXLEN, REQUEUE
 from grape.keys import Keys
 from grape.redis_client import as_str
 from grape.settings import Settings
@@ -263,9 +262,9 @@ class EvaluatorLoop:
             self._log(eval_id, f"running lm-eval: {' '.join(cmd)}")
             stop, code, tail = self._supervise(eval_id, cmd, cwd=self.task_dir or Path(tmp))
             outcome = orjson.loads(out_file.read_bytes()) if out_file.exists() else {}
-        if stop == "cancel":
+        if stop == CANCEL:
             self._end(eval_id, EvalState.cancelled, "cancelled: lm-eval stopped")
-        elif stop == "requeue":
+        elif stop == REQUEUE:
             self._end(eval_id, EvalState.queued, f"handed back: evaluator {self.name} is stopping")
         elif stop == "lost":
             self.r.lrem(self.keys.eval_claimed(self.name), 0, eval_id)
@@ -301,9 +300,9 @@ class EvaluatorLoop:
                 time.sleep(POLL_S)
                 flag = self.r.get(self.keys.eval_cancel(eval_id))
                 if flag is not None:
-                    stop = CANCEL if as_str(flag) == CANCEL else "requeue"
+                    stop = CANCEL if as_str(flag) == CANCEL else REQUEUE
                 elif self._stop.is_set():
-                    stop = "requeue"
+                    stop = REQUEUE
                 elif time.monotonic() - last_held_check > 2:
                     last_held_check = time.monotonic()
                     held = self.r.hmget(self.keys.evaluation(eval_id), "state", "evaluator")

@@ -27,12 +27,10 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from grape.jobs import with_log_maxlen
+from grape.jobs import cancel_lua, with_log_maxlen
 from grape.keys import is_job_id
 from grape.redis_client import as_str as _s
 
-CANCEL = "cancel"
-REQUEUE = "requeue"
 EVAL_ID = re.compile(r"ev-[0-9a-f]{12}")
 TASK_NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 
@@ -58,17 +56,12 @@ class EvalState(StrEnum):
 TERMINAL = frozenset({EvalState.succeeded, EvalState.failed, EvalState.cancelled})
 
 
-class EvaluationRequest(BaseModel):
-    """What a client asks: which model, on which lm-eval tasks, how."""
+class EvaluationSettings(BaseModel):
+    """How a model is evaluated: the lm-eval tasks and their bounded settings. An evaluation request and an
+    experiment's `evaluation` both take these, checked by the same validators."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(
-        min_length=1,
-        max_length=500,
-        description="A model name (`smollm2-135m`, a local path or a hub id), or the id of a succeeded training "
-        "job (`job-...`): its model, or its LoRA adapter on its base model.",
-    )
     tasks: list[str] = Field(
         min_length=1,
         max_length=16,
@@ -80,14 +73,6 @@ class EvaluationRequest(BaseModel):
     batch_size: int | Literal["auto"] = Field(
         8, description='Requests per forward batch (an integer 1..1024), or "auto" (lm-eval finds the largest).'
     )
-
-    @field_validator("model")
-    @classmethod
-    def _model(cls, v: str) -> str:
-        v = v.strip()
-        if v.startswith("job-") and not is_job_id(v):
-            raise ValueError("a training job id is `job-` and 12 hex digits")
-        return v
 
     @field_validator("tasks")
     @classmethod
@@ -102,9 +87,28 @@ class EvaluationRequest(BaseModel):
 
     @field_validator("batch_size")
     @classmethod
-    def _batch(cls, v: int | str) -> int | str:
+    def _batch(cls, v: int | str | None) -> int | str | None:
         if isinstance(v, int) and not 1 <= v <= 1024:
             raise ValueError("an integer from 1 to 1024, or 'auto'")
+        return v
+
+
+class EvaluationRequest(EvaluationSettings):
+    """What a client asks: which model, on which lm-eval tasks, how."""
+
+    model: str = Field(
+        min_length=1,
+        max_length=500,
+        description="A model name (`smollm2-135m`, a local path or a hub id), or the id of a succeeded training "
+        "job (`job-...`): its model, or its LoRA adapter on its base model.",
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        v = v.strip()
+        if v.startswith("job-") and not is_job_id(v):
+            raise ValueError("a training job id is `job-` and 12 hex digits")
         return v
 
 
@@ -281,23 +285,4 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level
 return 'failed'
 """)
 
-CANCEL_LUA = with_log_maxlen("""
--- KEYS: evaluation, queue, cancel flag, log   ARGV: id, now
-local st = redis.call('HGET', KEYS[1], 'state')
-if not st then return 'missing' end
-if st == 'queued' then
-  redis.call('LREM', KEYS[2], 0, ARGV[1])
-  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished', ARGV[2])
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info',
-    'msg', 'cancelled while queued')
-  return 'cancelled-now'
-end
-if st == 'running' then
-  redis.call('SET', KEYS[3], 'cancel')
-  redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[2])
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info',
-    'msg', 'cancel requested: the evaluator stops lm-eval')
-  return 'cancelling'
-end
-return st
-""")
+CANCEL_LUA = cancel_lua("the evaluator stops lm-eval")

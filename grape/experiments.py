@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
+from grape.evaluations import EvaluationSettings
 from grape.jobs import Hyperparameters, LoraSpec
 from grape.keys import Keys
 
-TASK_NAME = r"^[A-Za-z0-9_.\-]{1,200}$"
 EXP_ID = re.compile(r"exp-[0-9a-f]{12}")
 
 
@@ -93,26 +93,11 @@ class Budget(BaseModel):
     pairs: int = Field(ge=1, le=10_000_000, description="Pairs every arm trains on (the same for all).")
 
 
-class EvaluationSpec(BaseModel):
-    """How every model of the experiment is evaluated (lm-evaluation-harness)."""
+class EvaluationSpec(EvaluationSettings):
+    """How every model of the experiment is evaluated (lm-evaluation-harness): the evaluation request's own
+    settings and checks, with the batch size left to the evaluator unless given."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    tasks: list[str] = Field(min_length=1, max_length=16, description="lm-eval task names (or the evaluators' own).")
-    limit: int | None = Field(None, ge=1, le=100_000, description="Examples per task (lm-eval `limit`).")
-    num_fewshot: int | None = Field(None, ge=0, le=25, description="Few-shot examples (lm-eval `num_fewshot`).")
     batch_size: int | Literal["auto"] | None = Field(None, description="lm-eval batch size; default the evaluator's.")
-
-    @model_validator(mode="after")
-    def _names(self) -> EvaluationSpec:
-        for t in self.tasks:
-            if not re.match(TASK_NAME, t):
-                raise ValueError(f"tasks: {t!r} is not a task name (letters, digits, _ . -)")
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError("tasks: a task is named twice")
-        if isinstance(self.batch_size, int) and not 1 <= self.batch_size <= 1024:
-            raise ValueError("batch_size: an integer from 1 to 1024, or 'auto'")
-        return self
 
 
 class ExperimentRequest(BaseModel):

@@ -369,8 +369,12 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level
 return 'failed'
 """)
 
-CANCEL_LUA = with_log_maxlen("""
--- KEYS: job, queue, cancel flag, log   ARGV: id, now
+
+def cancel_lua(running: str) -> str:
+    """The cancel script of a job queue (training jobs here, evaluations in grape.evaluations): a queued one
+    is cancelled at once, a running one gets the cancel flag; `running` says in its log what happens next."""
+    return with_log_maxlen(
+        f"""-- KEYS: job (or evaluation), queue, cancel flag, log   ARGV: id, now
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return 'missing' end
 if st == 'queued' then
@@ -384,11 +388,16 @@ if st == 'running' then
   redis.call('SET', KEYS[3], 'cancel')
   redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[2])
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info',
-    'msg', 'cancel requested: stopping after the current step, with a checkpoint')
+    'msg', 'cancel requested: {running}')
   return 'cancelling'
 end
 return st
-""")
+"""
+    )
+
+
+CANCEL_LUA = cancel_lua("stopping after the current step, with a checkpoint")
+
 
 RESUME_LUA = with_log_maxlen("""
 -- KEYS: job, queue, cancel flag, log   ARGV: id, now
