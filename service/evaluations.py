@@ -8,7 +8,6 @@ evaluations (429).
 
 from __future__ import annotations
 
-import asyncio
 import difflib
 import time
 from collections.abc import AsyncIterator
@@ -31,12 +30,13 @@ from grape.evaluations import (
     new_eval_id,
     new_evaluation_fields,
 )
-from grape.jobs import JobState, decode_job, decode_log
+from grape.jobs import JobState, decode_job
 from grape.keys import Keys, is_job_id
 from grape.redis_client import as_str as _text
 from grape.settings import Settings
 from service.errors import Busy, Conflict, NotFound, Unprocessable
 from service.evaluation_schemas import EvaluationPublic
+from service.logs import Progress, stream_log
 from service.model_access import check_model
 
 NO_EVALUATOR = "no evaluator is running: start `grape evaluator` (it publishes the lm-eval tasks it can run)"
@@ -198,24 +198,14 @@ async def log_lines(
 ) -> AsyncIterator[bytes]:
     """The evaluation's log records as NDJSON, oldest first; with `follow`, new ones until it ends."""
     await _load(redis, keys, eval_id)
-    log = keys.eval_log(eval_id)
-    last = after
-    while True:
-        rows = await redis.xrange(log, min=f"({last}" if last != "0-0" else "-", max="+", count=500)
-        for entry_id, fields in rows:
-            rec = decode_log(entry_id, fields)
-            last = rec["id"]
-            yield orjson.dumps(rec) + b"\n"
-        if len(rows) == 500:
-            continue
-        if not follow:
-            return
+
+    async def progress() -> Progress:
         ev = await _load(redis, keys, eval_id)
         if EvalState(ev["state"]) in TERMINAL:
-            for entry_id, fields in await redis.xrange(log, min=f"({last}", max="+"):
-                yield orjson.dumps(decode_log(entry_id, fields)) + b"\n"
-            return
-        if await reap_if_dead(redis=redis, keys=keys, ev=ev):
-            continue
-        if not await redis.xread({log: last}, block=poll_ms, count=500):
-            await asyncio.sleep(0)
+            return "ended"
+        return "reaped" if await reap_if_dead(redis=redis, keys=keys, ev=ev) else "running"
+
+    async for line in stream_log(
+        redis, keys.eval_log(eval_id), follow=follow, after=after, poll_ms=poll_ms, progress=progress
+    ):
+        yield line

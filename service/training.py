@@ -9,14 +9,12 @@ file, a directory, code or a machine setting.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
@@ -31,7 +29,6 @@ from grape.jobs import (
     JobState,
     dead_trainer_reason,
     decode_job,
-    decode_log,
     new_job_fields,
 )
 from grape.keys import Keys, is_job_id, new_job_id
@@ -42,6 +39,7 @@ from grape.strategies import SelectParams
 from service import tasks as task_svc
 from service.datasets import dataset_status, selection_lines
 from service.errors import Busy, Conflict, NotFound, Unprocessable, shown
+from service.logs import Progress, stream_log
 from service.model_access import check_chat_template, check_model
 from service.store import dataset_meta
 from service.training_schemas import TrainingJobCreate, TrainingJobCreated, TrainingJobList, TrainingJobPublic
@@ -249,29 +247,17 @@ async def log_lines(
     """The job's log records as NDJSON, oldest first; with `follow`, then new ones as they come, until
     the job reaches a terminal state (a job whose trainer died is reaped on the way)."""
     await _load(redis, keys, job_id)
-    log = keys.job_log(job_id)
-    last = after
-    while True:
-        rows = await redis.xrange(log, min=f"({last}" if last != "0-0" else "-", max="+", count=500)
-        for entry_id, fields in rows:
-            rec = decode_log(entry_id, fields)
-            last = rec["id"]
-            yield orjson.dumps(rec) + b"\n"
-        if len(rows) == 500:
-            continue
-        if not follow:
-            return
+
+    async def progress() -> Progress:
         try:
             job = await _load(redis, keys, job_id)
         except (NotFound, Conflict):  # deleted (or unreadable) while followed: the stream ends
-            return
+            return "ended"
         if JobState(job["state"]) in TERMINAL:
-            tail = await redis.xrange(log, min=f"({last}", max="+")
-            for entry_id, fields in tail:
-                yield orjson.dumps(decode_log(entry_id, fields)) + b"\n"
-            return
-        if await reap_if_dead(redis=redis, keys=keys, job=job):
-            continue
-        got = await redis.xread({log: last}, block=poll_ms, count=500)
-        if not got:
-            await asyncio.sleep(0)
+            return "ended"
+        return "reaped" if await reap_if_dead(redis=redis, keys=keys, job=job) else "running"
+
+    async for line in stream_log(
+        redis, keys.job_log(job_id), follow=follow, after=after, poll_ms=poll_ms, progress=progress
+    ):
+        yield line
