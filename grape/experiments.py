@@ -23,7 +23,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from grape.evaluations import EvaluationSettings
-from grape.jobs import Hyperparameters, LoraSpec
+from grape.jobs import SEED_MAX, Hyperparameters, LoraSpec
 from grape.keys import Keys
 
 EXP_ID = re.compile(r"exp-[0-9a-f]{12}")
@@ -79,7 +79,7 @@ class ArmSpec(BaseModel):
     reduce: Literal["mean", "sum"] = Field("mean", description="grape: rank by mean or summed log-probability.")
     n: int | None = Field(None, ge=1, description="Pool-wide strategies: the budget sets it; give it or leave it.")
     tau: float = Field(0.9, ge=-1, le=1, description="deita: cosine similarity threshold.")
-    seed: int = Field(0, description="random: the seed of the selection.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="random: the seed of the selection.")
 
     def label(self) -> str:
         """A short name for tables: the strategy and its non-default parameters."""
@@ -115,7 +115,7 @@ class ExperimentRequest(BaseModel):
     lora: LoraSpec | None = Field(None, description="Train LoRA adapters (shared by all arms); null: full fine-tuning.")
     evaluation: EvaluationSpec
     include_base: bool = Field(True, description="Evaluate the base model too (the reference row).")
-    seed: int = Field(0, description="Seed of the instructions drawn for the per-instruction arms.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the instructions drawn for the per-instruction arms.")
 
 
 # ---- fairness: the shared instruction subset ----------------------------------------------------------

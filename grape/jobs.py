@@ -33,6 +33,8 @@ from grape.redis_client import as_str as _s
 CANCEL = "cancel"
 REQUEUE = "requeue"
 LOG_MAXLEN = 10_000
+SEED_MAX = 2**32 - 1
+"""Largest seed a request may give (what numpy and torch seeding take)."""
 
 
 class JobState(StrEnum):
@@ -140,7 +142,7 @@ class Hyperparameters(BaseModel):
     adam_beta2: float | None = Field(None, ge=0, lt=1)
     adam_epsilon: float | None = Field(None, gt=0, le=1)
     neftune_noise_alpha: float | None = Field(None, gt=0, le=100, description="NEFTune embedding noise.")
-    seed: int = Field(42, ge=0, le=2**32 - 1)
+    seed: int = Field(42, ge=0, le=SEED_MAX)
     logging_steps: float = Field(
         1, gt=0, le=1_000_000, description="Loss / learning rate reported every N steps (below 1: a fraction)."
     )
@@ -196,7 +198,7 @@ class JobRequest(BaseModel):
     reduce: Literal["mean", "sum"] = Field("mean", description="grape: rank by mean or summed log-probability.")
     n: int | None = Field(None, ge=0, le=100_000_000, description="Budget (pairs) of pool-wide strategies.")
     tau: float = Field(0.9, ge=-1, le=1, description="deita: cosine similarity threshold.")
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="random: the seed of the selection.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="random: the seed of the selection.")
     base_model: str | None = Field(
         None,
         min_length=1,

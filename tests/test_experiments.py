@@ -204,6 +204,12 @@ def test_refused_before_anything_trains(stack: Stack) -> None:
     refused(body(ds, [{"strategy": "grape", "n": 3}]), 422, "arms[0].n")
     refused(body(ds, [{"strategy": "grape", "k": 2}]), 422, "k")
     refused(body(ds, [{"strategy": "grape"}], budget={"pairs": 0}), 422, "pairs")
+    # seeds a training job could not take are refused here, not in the driver after creation
+    refused(body(ds, [{"strategy": "random", "seed": 2**32}]), 422, "seed")
+    refused(body(ds, [{"strategy": "random", "seed": -1}]), 422, "seed")
+    # an evaluation the evaluations API would refuse is refused here too (one set of checks)
+    refused(body(ds, [{"strategy": "grape"}], evaluation={"tasks": ["grape_tiny_mc\n"]}), 422, "tasks")
+    refused(body(ds, [{"strategy": "grape"}], evaluation={"tasks": ["grape_tiny_mc"], "batch_size": 0}), 422)
     # a dataset still scoring (no worker runs now)
     r = stack.post("/v1/datasets", {"name": "still scoring", "target_model": MODEL})
     other = r.json()["id"]
