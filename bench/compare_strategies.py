@@ -51,7 +51,7 @@ def main() -> int:
     from grape.redis_server import EmbeddedRedis, free_port
     from workers.backends import BackendConfig, load_backend
     from workers.loop import Worker
-    from workers.tasks.embedding import Embedder
+    from workers.runners.embedding import Embedder
 
     server = None
     url = os.environ.get("REDIS_URL")

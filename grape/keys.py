@@ -6,10 +6,10 @@
 {p}:ds:{id}:order                 list   item ids in upload order
 {p}:ds:{id}:scores                hash   item id -> per-candidate scores JSON
 {p}:ds:{id}:failed                hash   item id -> reason
-{p}:ds:{id}:stats                 hash   counters (items, candidates, scored, failed, tokens, t_first, t_last)
+{p}:ds:{id}:stats                 hash   counters (items, candidates, scored, failed, tokens, t_start, t_last)
 {p}:q:{model}                     stream work queue of one target model (model_key); entry = one chunk of item ids
 {p}:dead:{model}                  stream chunks that failed too often, with the reason
-{p}:ds:{id}:{result}              hash   extra tasks (grape.tasks): unconditioned, ratings, embeddings
+{p}:ds:{id}:{result}              hash   extra tasks (grape.score_kinds): unconditioned, ratings, embeddings
 {p}:ds:{id}:{result}:failed       hash   item id -> reason, per extra task
 {p}:ds:{id}:{result}:stats        hash   counters of an extra task (same fields as stats)
 {p}:q:{task}:{model}              stream work queue of an extra task on one model (a model key has no ':')
@@ -44,6 +44,8 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass
+
+from grape.score_kinds import RESULT_NAME, ScoreTask
 
 GROUP = "scorers"
 
@@ -116,7 +118,7 @@ class Keys:
     def dead(self, model: str) -> str:
         return f"{self.prefix}:dead:{model_key(model)}"
 
-    # per task (grape.tasks.Task): the logprob task keeps the keys above, the others get their own
+    # per task (grape.score_kinds.ScoreTask): the logprob task keeps the keys above, the others get their own
     def task_stream(self, task: str, model: str) -> str:
         return self.stream(model) if task == "logprob" else f"{self.prefix}:q:{task}:{model_key(model)}"
 
@@ -124,9 +126,7 @@ class Keys:
         return self.dead(model) if task == "logprob" else f"{self.prefix}:dead:{task}:{model_key(model)}"
 
     def task_results(self, ds: str, task: str) -> str:
-        from grape.tasks import RESULT_NAME, Task
-
-        return self.scores(ds) if task == "logprob" else f"{self.prefix}:ds:{ds}:{RESULT_NAME[Task(task)]}"
+        return self.scores(ds) if task == "logprob" else f"{self.prefix}:ds:{ds}:{RESULT_NAME[ScoreTask(task)]}"
 
     def task_failed(self, ds: str, task: str) -> str:
         return self.failed(ds) if task == "logprob" else f"{self.task_results(ds, task)}:failed"

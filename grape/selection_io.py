@@ -37,7 +37,7 @@ def scored_pages(
     r: redis.Redis, keys: Keys, dataset_id: str, needs: tuple[str, ...] = ()
 ) -> Iterator[list[ScoredItem]]:
     """Pages of scored items in upload order; unscored and failed items are left out. `needs`: extra
-    task results (grape.tasks) attached where an item has them."""
+    task results (grape.score_kinds) attached where an item has them."""
     start = 0
     while True:
         ids = r.lrange(keys.order(dataset_id), start, start + PAGE - 1)

@@ -18,6 +18,7 @@ from grape.redis_client import connect_async
 from grape.settings import DEFAULT_REDIS_URL, Settings, get_settings
 from service.auth import ApiKeyMiddleware, LocalHostMiddleware
 from service.deps import Slots
+from grape.store.errors import Conflict, NotFound, StoreError
 from service.errors import ApiError, Busy, SafeJSONResponse
 from service.limits import BodyLimitMiddleware, FollowLimitMiddleware
 from service.routes import datasets, health
@@ -59,6 +60,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Busy) else None
         return SafeJSONResponse({"detail": exc.message, **exc.extra}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(StoreError)
+    async def store_error(_: Request, exc: StoreError) -> JSONResponse:
+        status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict) else 422
+        return SafeJSONResponse({"detail": str(exc)}, status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:

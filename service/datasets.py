@@ -10,9 +10,9 @@ import anyio
 import orjson
 from redis.asyncio import Redis
 
-from grape import heartbeats
+from grape.store import heartbeats
 from grape.keys import Keys, model_key, new_dataset_id
-from grape.protocol import INGEST_LUA, chunked, ingest_args
+from grape.store.scoring import INGEST_LUA, chunked, ingest_args
 from grape.records import DatasetState
 from grape.redis_client import as_str as _s
 from grape.selection_io import build_page
@@ -229,7 +229,7 @@ async def scored_items(
     redis: Redis, keys: Keys, dataset_id: str, needs: tuple[str, ...] = ()
 ) -> AsyncIterator[list[ScoredItem]]:
     """Pages of scored items in upload order; unscored and failed items are left out. `needs`: extra
-    task results (grape.tasks) to attach, where an item has them."""
+    task results (grape.score_kinds) to attach, where an item has them."""
     async for ids in id_pages(redis, keys, dataset_id):
         async with redis.pipeline(transaction=False) as pipe:
             pipe.hmget(keys.items(dataset_id), ids)
@@ -275,6 +275,6 @@ async def delete_dataset(*, redis: Redis, keys: Keys, dataset_id: str) -> None:
         keys.scores(dataset_id),
         keys.failed(dataset_id),
         keys.stats(dataset_id),
-        *(k(dataset_id, t) for t in task_svc.Task for k in (keys.task_results, keys.task_failed, keys.task_stats)),
+        *(k(dataset_id, t) for t in task_svc.ScoreTask for k in (keys.task_results, keys.task_failed, keys.task_stats)),
     )
     await redis.zrem(keys.datasets(), dataset_id)

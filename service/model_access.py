@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from grape import heartbeats
+from grape.store import heartbeats
 from grape.chat_templates import known_names
 from grape.keys import Keys
 from grape.models import allowed_models

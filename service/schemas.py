@@ -27,7 +27,7 @@ class DatasetCreate(BaseModel):
     template: Template = Field(Template.auto, description="auto | chat | plain")
     scores: list[str] = Field(
         default_factory=lambda: ["logprob"],
-        description="Score kinds to compute (grape.tasks): logprob (always), length, unconditioned (IFD), "
+        description="Score kinds to compute (grape.score_kinds): logprob (always), length, unconditioned (IFD), "
         "rating (Deita complexity and quality), embedding (Deita diversity). More can be asked later with "
         "POST /v1/datasets/{id}/scores.",
     )
@@ -46,13 +46,13 @@ class DatasetCreate(BaseModel):
     @field_validator("scores")
     @classmethod
     def _known_scores(cls, v: list[str]) -> list[str]:
-        from grape.tasks import normalize_scores
+        from grape.score_kinds import normalize_scores
 
         return normalize_scores(v)
 
 
 class TaskProgress(BaseModel):
-    """One scoring task of a dataset (grape.tasks): which model runs it and how far it is."""
+    """One scoring task of a dataset (grape.score_kinds): which model runs it and how far it is."""
 
     model: str
     state: DatasetState

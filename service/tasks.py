@@ -1,4 +1,4 @@
-"""Service functions for a dataset's scoring tasks (grape.tasks); the strategy comparison is service.compare.
+"""Service functions for a dataset's scoring tasks (grape.score_kinds); the strategy comparison is service.compare.
 
 A dataset asks for score kinds when it is created (`"scores": [...]`) or later
 (`POST /v1/datasets/{id}/scores`). Each extra task has its own stream on its own model; at ingest the
@@ -16,17 +16,17 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from grape import heartbeats
+from grape.store import heartbeats
 from grape.keys import Keys, model_key
-from grape.protocol import chunked
+from grape.store.scoring import chunked
 from grape.records import DatasetState
 from grape.redis_client import as_str as _s
 from grape.settings import Settings
 from grape.strategies import STRATEGIES
 from grape.strategies.ifd import ifd
-from grape.tasks import (
+from grape.score_kinds import (
     DEFAULT_EMBEDDING_MODEL,
-    Task,
+    ScoreTask,
     dataset_scores,
     normalize_scores,
     task_model,
@@ -46,8 +46,8 @@ def task_meta(body: DatasetCreate) -> dict[str, str]:
     }
 
 
-def extra_tasks(meta: Mapping[str, str]) -> list[Task]:
-    return [t for t in tasks_for(dataset_scores(meta)) if t is not Task.logprob]
+def extra_tasks(meta: Mapping[str, str]) -> list[ScoreTask]:
+    return [t for t in tasks_for(dataset_scores(meta)) if t is not ScoreTask.logprob]
 
 
 def extra_streams(keys: Keys, meta: Mapping[str, str]) -> list[str]:
@@ -161,8 +161,8 @@ async def request_scores(
     new_tasks = [t for t in tasks_for(wanted) if t not in before]
     update: dict[str, str] = {"scores": orjson.dumps(wanted).decode()}
     for field, value, task in (
-        ("scorer_model", body.scorer_model, Task.rating),
-        ("embedding_model", body.embedding_model, Task.embedding),
+        ("scorer_model", body.scorer_model, ScoreTask.rating),
+        ("embedding_model", body.embedding_model, ScoreTask.embedding),
     ):
         if value is None or value == task_model(meta, task):
             continue
@@ -182,7 +182,7 @@ async def request_scores(
 
 def missing_scores(meta: Mapping[str, str], needs: Iterable[str]) -> list[str]:
     have = set(tasks_for(dataset_scores(meta)))
-    return [n for n in needs if Task(n) not in have]
+    return [n for n in needs if ScoreTask(n) not in have]
 
 
 async def extra_results(redis: Redis, keys: Keys, dataset_id: str, needs: Iterable[str], ids: list[Any]) -> list[Any]:

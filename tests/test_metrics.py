@@ -6,7 +6,7 @@ import httpx
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from grape.protocol import chunked
+from grape.store.scoring import chunked
 from grape.settings import Settings
 from service import metrics as service_metrics
 from service.app import create_app

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from grape.keys import GROUP
-from grape.protocol import RESULTS_LUA, ItemResult, results_args
+from grape.store.scoring import RESULTS_LUA, ItemResult, results_args
 from tests.conftest import MODEL, create, load_pool, wait_done
 from workers.loop import Worker
 

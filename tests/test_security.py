@@ -37,7 +37,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from grape import heartbeats
+from grape.store import heartbeats
 from grape.chat_templates import BUILTIN, UnknownTemplate, load_template
 from grape.client import GrapeClient
 from grape.jobs import OPTIMIZERS, SCHEDULERS, Hyperparameters, JobSpec, LoraSpec

@@ -6,7 +6,7 @@ caller of `run`) only runs the backend, and with a backend that streams (vLLM) a
 running engine before the current one is done, so the engine never drains between batches; a writer
 writes each batch's results as soon as it is scored and acks a chunk when the last of its items is written.
 
-Delivery is at-least-once, result writes are idempotent (grape.protocol.RESULTS_LUA): an item is counted
+Delivery is at-least-once, result writes are idempotent (grape.store.scoring.RESULTS_LUA): an item is counted
 once however often it is written. A chunk pending on a dead worker is taken over with XAUTOCLAIM once it
 has been idle `claim_idle_ms` (30 s by default); while a worker holds chunks, a keeper thread re-claims
 them six times per idle time, so a slow batch on a live worker is never mistaken for a dead worker. A
@@ -34,18 +34,17 @@ from typing import Any
 import orjson
 import redis
 
-from grape import heartbeats
+from grape.store import heartbeats
 from grape.keys import GROUP, Keys
-from grape.protocol import HANDBACK_LUA, RESULTS_LUA, ItemResult, results_args
+from grape.store.scoring import HANDBACK_LUA, RESULTS_LUA, ItemResult, results_args
 from grape.redis_client import as_str
 from grape.settings import DEFAULT_CLAIM_IDLE_MS
 from workers import metrics as worker_metrics
 from workers.backends.base import ScoringBackend
-from workers.tasks import load_task
+from workers.runners import load_task
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_TTL_S = 30
 
 
 @dataclass(eq=False)
@@ -116,7 +115,7 @@ class Worker:
         self.r = client
         self.keys = keys
         self.model = model
-        self.task = str(task)  # grape.tasks.Task: which stream to read, which hashes to write
+        self.task = str(task)  # grape.score_kinds.ScoreTask: which stream to read, which hashes to write
         self.stream = keys.task_stream(self.task, model)
         self.backend = backend
         self._run = load_task(self.task, backend, model)  # [(item, template)] -> [ItemResult]
@@ -174,7 +173,7 @@ class Worker:
         keeper = threading.Thread(target=self._keep_alive, name="claim-keeper", daemon=True)
         reader = threading.Thread(target=self._guard, args=(self._read_loop, idle_exit_s), name="reader", daemon=True)
         writer = threading.Thread(target=self._guard, args=(self._write_loop,), name="writer", daemon=True)
-        heartbeats.publish(self.r, self.keys, self.name, self.status(), HEARTBEAT_TTL_S)
+        heartbeats.publish(self.r, self.keys, self.name, self.status())
         log.info("worker %s: consuming %s with %s", self.name, self.stream, self.backend.info())
         keeper.start()
         reader.start()
@@ -540,7 +539,7 @@ class Worker:
     # keeper thread -------------------------------------------------------------------------------
     def _keep_alive(self) -> None:
         # six refreshes per idle time: a live worker's entries never look idle, even if a few refreshes fail
-        period = max(0.05, min(HEARTBEAT_TTL_S / 3, self.claim_idle_ms / 6000))
+        period = max(0.05, min(heartbeats.TTL_S / 3, self.claim_idle_ms / 6000))
         while not self._stop.wait(period):
             try:
                 with self._lock:
@@ -548,7 +547,7 @@ class Worker:
                 if inflight:
                     # resets the idle time of our own entries: we are alive, just slow
                     self.r.xclaim(self.stream, GROUP, self.name, min_idle_time=0, message_ids=inflight, justid=True)
-                heartbeats.publish(self.r, self.keys, self.name, self.status(), HEARTBEAT_TTL_S)
+                heartbeats.publish(self.r, self.keys, self.name, self.status())
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
 

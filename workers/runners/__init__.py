@@ -1,9 +1,9 @@
-"""Task runners, registered by name: one file each, turning a batch of items into per-item results.
+"""ScoreTask runners, registered by name: one file each, turning a batch of items into per-item results.
 
 A runner is built once per worker, `load_task(task, backend, model)`, and then called with
 `[(item, template), ...]`; it returns one `ItemResult` per item, in order. An item that cannot be
 scored becomes a failed result with its reason; the others still score. The worker loop is the same
-for every task: only the stream it reads, the hashes it writes and this runner differ (grape.tasks).
+for every task: only the stream it reads, the hashes it writes and this runner differ (grape.score_kinds).
 """
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from grape.protocol import ItemResult
+from grape.store.scoring import ItemResult
 from grape.registry import Registry
 
 TaskRunner = Callable[[list[tuple[dict[str, Any], str]]], list[ItemResult]]
 
 TASKS: Registry[Callable[[Any, str], TaskRunner]] = Registry("task")
-TASKS.register("logprob", "workers.tasks.logprob:runner")
-TASKS.register("unconditioned", "workers.tasks.unconditioned:runner")
-TASKS.register("rating", "workers.tasks.rating:runner")
-TASKS.register("embedding", "workers.tasks.embedding:runner")
+TASKS.register("logprob", "workers.runners.logprob:runner")
+TASKS.register("unconditioned", "workers.runners.unconditioned:runner")
+TASKS.register("rating", "workers.runners.rating:runner")
+TASKS.register("embedding", "workers.runners.embedding:runner")
 
 
 def load_task(task: str, backend: Any, model: str) -> TaskRunner:

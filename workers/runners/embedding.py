@@ -21,10 +21,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from grape.protocol import ItemResult
+from grape.store.scoring import ItemResult
 from grape.records import prompt_messages
-from grape.tasks import encode_vector
-from workers.tasks.common import Prepared, run_batched
+from grape.score_kinds import encode_vector
+from workers.runners.common import Prepared, run_batched
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from grape.protocol import ItemResult
+from grape.store.scoring import ItemResult
 from grape.records import prompt_messages
 from workers.backends.base import ScoreRequest
-from workers.tasks.common import Prepared, run_batched
+from workers.runners.common import Prepared, run_batched
 
 COMPLEXITY_PROMPT = (
     "You are a helpful assistant. Please identify the complexity score of the following user query. \n"

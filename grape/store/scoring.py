@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 INGEST_LUA = """
--- KEYS: items, order, stats, stream, then the streams of the dataset's extra tasks (grape.tasks), if any
+-- KEYS: items, order, stats, stream, then the streams of the dataset's extra tasks (grape.score_kinds), if any
 -- ARGV: dataset id, n, then n x (item id, item json, candidates)
 local new = {}
 local ncand = 0
@@ -64,7 +64,6 @@ for i = 0, n - 1 do
   end
 end
 if n > 0 then
-  redis.call('HSETNX', KEYS[3], 't_first', ARGV[3])
   redis.call('HSET', KEYS[3], 't_last', ARGV[3])
 end
 if ARGV[2] ~= '' then

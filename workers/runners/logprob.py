@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from grape.protocol import ItemResult
+from grape.store.scoring import ItemResult
 from workers.scoring import complete, finish, flat_requests, prepare_items, score_items
 
 
