@@ -1,9 +1,8 @@
 """The evaluation consumer: take an evaluation from the Redis queue, run lm-eval on it in a child process, report.
 
-One evaluation at a time per evaluator (it owns its device). The protocol is the trainer's (grape.evaluations):
-BLMOVE the oldest id into this evaluator's claimed list, `START_LUA` marks it running, `FINISH_LUA` ends it.
-A background thread refreshes the heartbeat key (TTL `GRAPE_EVALUATOR_HEARTBEAT_S`) and reaps the evaluations
-of evaluators whose heartbeat is gone: queued again to start over, or failed after `max_attempts` runs.
+One evaluation at a time per evaluator (it owns its device). Claiming, the heartbeat (TTL
+`GRAPE_EVALUATOR_HEARTBEAT_S`) and reaping the evaluations of dead evaluators are the shared consumer's
+(grape.store.consumer, over grape.store.jobqueue.EVALUATIONS); this module is what an evaluator does with one.
 
 lm-eval runs in `python -m evaluator.run` (a process per evaluation) so that a cancel, or this evaluator
 shutting down, can stop it at once: the loop polls the cancel flag while it waits and kills the child. On
@@ -18,7 +17,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,19 +29,12 @@ from typing import IO, Any
 import orjson
 import redis
 
-from grape.evaluations import (
-    FINISH_LUA,
-    REAP_LUA,
-    START_LUA,
-    EvalSpec,
-    EvalState,
-    dead_evaluator_reason,
-    log_fields,
-)
-from grape.jobs import CANCEL, LOG_MAXLEN, REQUEUE
+from grape.evaluations import EvalSpec, EvalState
 from grape.keys import Keys
 from grape.redis_client import as_str
 from grape.settings import Settings
+from grape.store.consumer import QueueConsumer
+from grape.store.jobqueue import CANCEL, EVALUATIONS, REQUEUE
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +46,9 @@ TAIL_LINES = 12
 POLL_S = 0.5
 
 
-class EvaluatorLoop:
+class EvaluatorLoop(QueueConsumer):
+    queue = EVALUATIONS
+
     def __init__(
         self,
         client: redis.Redis,
@@ -65,30 +58,16 @@ class EvaluatorLoop:
         name: str | None = None,
         block_s: float = 2.0,
     ) -> None:
-        self.r = client
-        self.keys = keys
-        self.settings = settings
-        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        super().__init__(client, keys, settings, name=name, block_s=block_s)
         self.task_dir = settings.eval_task_dir.resolve() if settings.eval_task_dir else None
-        self.block_s = block_s
-        self.ttl = settings.evaluator_heartbeat_s
-        self.evals_done = 0
-        self.current: str | None = None
         self.tasks: frozenset[str] = frozenset()
-        self._stop = threading.Event()
-        self._start = client.register_script(START_LUA)
-        self._finish = client.register_script(FINISH_LUA)
-        self._reap = client.register_script(REAP_LUA)
 
-    # lifecycle -----------------------------------------------------------------------------------
-    def stop(self, *_: Any) -> None:
-        """Stop claiming; a running evaluation is stopped and handed back (no Redis call here: a signal
-        handler must not touch a connection the interrupted code may hold)."""
-        self._stop.set()
+    def run(self, *, max_evals: int | None = None, idle_exit_s: float | None = None) -> int:
+        """Take evaluations until stopped (or `max_evals` ran, or idle `idle_exit_s`). Returns how many ran."""
+        return self.consume(max_count=max_evals, idle_exit_s=idle_exit_s)
 
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+    # stop() is the base's: no Redis call there (a signal handler must not touch a connection the
+    # interrupted code may hold); `_supervise` sees the stop and hands the running evaluation back.
 
     def load_tasks(self) -> None:
         from evaluator.harness import known_tasks
@@ -105,139 +84,24 @@ class EvaluatorLoop:
             pipe.sadd(self.keys.eval_tasks(), *names[i : i + 2000])
         pipe.execute()
 
-    def run(self, *, max_evals: int | None = None, idle_exit_s: float | None = None) -> int:
-        """Take evaluations until stopped (or `max_evals` ran, or idle `idle_exit_s`). Returns how many ran."""
+    def prepare(self) -> None:
         if not self.tasks:
             self.load_tasks()
         self.publish_tasks()
-        self.heartbeat()
-        keeper = threading.Thread(target=self._keep_alive, name="evaluator-heartbeat", daemon=True)
-        keeper.start()
-        idle_since = time.monotonic()
-        log.info("evaluator %s: waiting for evaluations on %s", self.name, self.keys.eval_queue())
-        try:
-            while not self._stop.is_set():
-                if max_evals is not None and self.evals_done >= max_evals:
-                    break
-                raw = self.r.blmove(
-                    self.keys.eval_queue(), self.keys.eval_claimed(self.name), self.block_s, "RIGHT", "LEFT"
-                )
-                if raw is None:
-                    if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
-                        break
-                    continue
-                self.run_evaluation(as_str(raw))
-                idle_since = time.monotonic()
-        finally:
-            self._stop.set()
-            keeper.join(timeout=5)
-            pipe = self.r.pipeline(transaction=False)
-            pipe.delete(self.keys.evaluator(self.name))
-            pipe.zrem(self.keys.evaluators(), self.name)
-            pipe.execute()
-        log.info("evaluator %s: stopped after %d evaluation(s)", self.name, self.evals_done)
-        return self.evals_done
 
-    # heartbeat and reaping ------------------------------------------------------------------------
-    def heartbeat(self) -> None:
-        info = {
-            "name": self.name,
-            "pid": os.getpid(),
+    def heartbeat_info(self) -> dict[str, Any]:
+        if not self.r.exists(self.keys.eval_tasks()):  # Redis lost it (a restart without persistence)
+            self.publish_tasks()
+        return {
             "evaluation": self.current,
             "backend": self.settings.eval_backend,
             "device": self.settings.eval_device,
             "task_dir": str(self.task_dir) if self.task_dir else None,
             "tasks": len(self.tasks),
-            "heartbeat": time.time(),
         }
-        if not self.r.exists(self.keys.eval_tasks()):  # Redis lost it (a restart without persistence)
-            self.publish_tasks()
-        pipe = self.r.pipeline(transaction=False)
-        pipe.set(self.keys.evaluator(self.name), orjson.dumps(info), ex=max(1, int(self.ttl)))
-        pipe.zadd(self.keys.evaluators(), {self.name: info["heartbeat"]})
-        pipe.execute()
 
-    def _keep_alive(self) -> None:
-        while not self._stop.wait(max(0.5, self.ttl / 3)):
-            try:
-                self.heartbeat()
-                self.reap_dead()
-            except redis.RedisError as exc:
-                log.warning("heartbeat failed: %s", exc)
-
-    def reap_dead(self) -> dict[str, str]:
-        """Evaluations held by evaluators whose heartbeat is gone: queued again, or failed. id -> outcome."""
-        out: dict[str, str] = {}
-        prefix = self.keys.eval_claimed("")
-        for key in self.r.scan_iter(match=self.keys.eval_claimed_pattern(), count=200):
-            other = as_str(key)[len(prefix) :]
-            if other == self.name or self.r.exists(self.keys.evaluator(other)):
-                continue
-            for raw in self.r.lrange(key, 0, -1):
-                eval_id = as_str(raw)
-                res = self._reap(
-                    keys=[
-                        self.keys.evaluator(other),
-                        key,
-                        self.keys.evaluation(eval_id),
-                        self.keys.eval_log(eval_id),
-                        self.keys.eval_queue(),
-                        self.keys.eval_cancel(eval_id),
-                    ],
-                    args=[eval_id, other, f"{time.time():.3f}", dead_evaluator_reason(other)],
-                )
-                out[eval_id] = as_str(res)
-                log.warning("evaluator %s: reaped %s of dead evaluator %s: %s", self.name, eval_id, other, out[eval_id])
-        return out
-
-    # one evaluation -------------------------------------------------------------------------------
-    def _log(self, eval_id: str, msg: str, level: str = "info", **data: Any) -> None:
-        self.r.xadd(self.keys.eval_log(eval_id), log_fields(msg, level, **data), maxlen=LOG_MAXLEN)
-
-    def _end(
-        self,
-        eval_id: str,
-        state: EvalState,
-        message: str,
-        *,
-        error: str = "",
-        level: str = "info",
-        fields: dict[str, Any] | None = None,
-    ) -> bool:
-        args: list[Any] = [eval_id, self.name, state.value, f"{time.time():.3f}", error, message, level]
-        for k, v in (fields or {}).items():
-            args += [k, orjson.dumps(v).decode()]
-        done = self._finish(
-            keys=[
-                self.keys.eval_claimed(self.name),
-                self.keys.evaluation(eval_id),
-                self.keys.eval_log(eval_id),
-                self.keys.eval_cancel(eval_id),
-                self.keys.eval_queue(),
-            ],
-            args=args,
-        )
-        return bool(done)
-
-    def run_evaluation(self, eval_id: str) -> None:
-        raw = self._start(
-            keys=[self.keys.eval_claimed(self.name), self.keys.evaluation(eval_id), self.keys.eval_log(eval_id)],
-            args=[eval_id, self.name, f"{time.time():.3f}"],
-        )
-        if raw is None:
-            log.info("evaluation %s was cancelled or removed before it started", eval_id)
-            return
-        self.current = eval_id
-        self.heartbeat()
-        try:
-            self._run(eval_id, EvalSpec.model_validate_json(raw))
-        except Exception as exc:  # noqa: BLE001 - any error fails the evaluation with its reason; the loop goes on
-            log.exception("evaluation %s failed", eval_id)
-            error = f"{type(exc).__name__}: {exc}"
-            self._end(eval_id, EvalState.failed, f"failed: {error}", error=error, level="error")
-        finally:
-            self.current = None
-            self.evals_done += 1
+    def work(self, eval_id: str, spec_json: bytes) -> None:
+        self._run(eval_id, EvalSpec.model_validate_json(spec_json))
 
     def command(self, spec: EvalSpec, spec_file: Path, out_file: Path) -> list[str]:
         """The command line of an evaluation's lm-eval process."""
@@ -267,7 +131,7 @@ class EvaluatorLoop:
         elif stop == REQUEUE:
             self._end(eval_id, EvalState.queued, f"handed back: evaluator {self.name} is stopping")
         elif stop == "lost":
-            self.r.lrem(self.keys.eval_claimed(self.name), 0, eval_id)
+            self.r.lrem(self.q.claimed(self.name), 0, eval_id)
             log.warning("evaluation %s was taken from evaluator %s while it ran; stopped", eval_id, self.name)
         elif "results" in outcome:
             summary = "; ".join(
@@ -298,14 +162,14 @@ class EvaluatorLoop:
         try:
             while proc.poll() is None:
                 time.sleep(POLL_S)
-                flag = self.r.get(self.keys.eval_cancel(eval_id))
+                flag = self.r.get(self.q.cancel(eval_id))
                 if flag is not None:
                     stop = CANCEL if as_str(flag) == CANCEL else REQUEUE
                 elif self._stop.is_set():
                     stop = REQUEUE
                 elif time.monotonic() - last_held_check > 2:
                     last_held_check = time.monotonic()
-                    held = self.r.hmget(self.keys.evaluation(eval_id), "state", "evaluator")
+                    held = self.r.hmget(self.q.record(eval_id), "state", "evaluator")
                     if [as_str(x) if x is not None else None for x in held] != [EvalState.running.value, self.name]:
                         stop = "lost"
                 if stop:
@@ -348,7 +212,7 @@ class EvaluatorLoop:
                         if time.monotonic() - last_progress > 1 or done == total:
                             last_progress = time.monotonic()
                             self.r.hset(
-                                self.keys.evaluation(eval_id),
+                                self.q.record(eval_id),
                                 mapping={"done_requests": done, "total_requests": total, "progress_at": time.time()},
                             )
                         continue

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from grape.evaluations import TERMINAL
+from grape.store.jobqueue import TERMINAL
 
 
 def eval_body(args: argparse.Namespace) -> dict[str, Any]:

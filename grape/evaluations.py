@@ -1,35 +1,22 @@
 """Evaluation jobs: one model (a base model, or what a training job produced) evaluated on lm-eval tasks.
 
 Torch-free and lm-eval-free: the gateway and the experiments import this; only `evaluator/` runs lm-eval.
-
-The protocol is the training jobs' one (grape.jobs) with its own keys. An evaluation lives in one hash
-(`Keys.evaluation`), its log records in a stream (`Keys.eval_log`). The gateway creates it and LPUSHes its
-id on `Keys.eval_queue`; an evaluator BLMOVEs the oldest id into its claimed list (`Keys.eval_claimed`) and
-starts it with `START_LUA`; the id stays there until `FINISH_LUA`. An evaluator publishes a heartbeat with a
-TTL (`Keys.evaluator`) and the task names it can run (`Keys.eval_tasks`). When its heartbeat is gone, any
-evaluator (and the gateway, when the evaluation is read) reaps its evaluations with `REAP_LUA`: a running
-one is queued again (an evaluation has no checkpoint: it starts over) until `max_attempts` runs started,
-then failed with the reason.
-
-Cancel sets a flag (`Keys.eval_cancel`) that the evaluator polls while lm-eval runs in its child process; it
-kills the child. The value `requeue` is how an evaluator shutting down (SIGTERM) hands its evaluation back;
-a hand-back does not count as an attempt.
+The queue protocol an evaluation goes through is the training jobs' one, `grape.store.jobqueue.EVALUATIONS`:
+a dead evaluator's evaluation starts over (there is no checkpoint) until `max_attempts` runs started, and an
+evaluator shutting down hands its evaluation back without counting the attempt. Evaluators also publish the
+task names they can run (`Keys.eval_tasks`).
 """
 
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from enum import StrEnum
 from typing import Any, Literal
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from grape.jobs import cancel_lua, with_log_maxlen
 from grape.keys import is_job_id
-from grape.redis_client import as_str as _s
 
 EVAL_ID = re.compile(r"ev-[0-9a-f]{12}")
 TASK_NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
@@ -52,8 +39,6 @@ class EvalState(StrEnum):
     failed = "failed"  # lm-eval raised (its reason is in `error`), or its evaluators died `max_attempts` times
     cancelled = "cancelled"  # stopped on request
 
-
-TERMINAL = frozenset({EvalState.succeeded, EvalState.failed, EvalState.cancelled})
 
 
 class EvaluationSettings(BaseModel):
@@ -148,30 +133,6 @@ def metrics_of(lm_eval_results: dict[str, Any]) -> dict[str, dict[str, dict[str,
     return out
 
 
-# ---- the record ------------------------------------------------------------------------------------------
-
-_FLOATS = ("created", "started", "finished", "cancel_requested", "progress_at")
-_INTS = ("attempts", "max_attempts", "done_requests", "total_requests")
-_JSON = ("spec", "results", "versions", "higher_is_better", "n_samples")
-
-
-def decode_evaluation(raw: dict[Any, Any]) -> dict[str, Any]:
-    """An evaluation hash as typed values: numbers as numbers, JSON fields parsed, empty fields None."""
-    out: dict[str, Any] = {}
-    for k, v in ((_s(k), _s(v)) for k, v in raw.items()):
-        if v == "":
-            out[k] = None
-        elif k in _FLOATS:
-            out[k] = float(v)
-        elif k in _INTS:
-            out[k] = int(float(v))
-        elif k in _JSON:
-            out[k] = orjson.loads(v)
-        else:
-            out[k] = v
-    return out
-
-
 def new_evaluation_fields(eval_id: str, spec: EvalSpec, now: float, max_attempts: int) -> dict[str, str]:
     return {
         "id": eval_id,
@@ -183,106 +144,3 @@ def new_evaluation_fields(eval_id: str, spec: EvalSpec, now: float, max_attempts
         "max_attempts": str(max_attempts),
         "experiment_id": spec.experiment_id or "",
     }
-
-
-def log_fields(msg: str, level: str = "info", **data: Any) -> dict[str, str]:
-    fields = {"t": f"{time.time():.3f}", "level": level, "msg": msg}
-    if data:
-        fields["data"] = orjson.dumps(data).decode()
-    return fields
-
-
-def dead_evaluator_reason(evaluator: str) -> str:
-    return f"evaluator {evaluator} stopped sending heartbeats (process died or lost Redis)"
-
-
-# ---- the scripts -----------------------------------------------------------------------------------------
-# Each takes the keys it touches; `now` is passed in (scripts stay deterministic for replication).
-
-ENQUEUE_LUA = with_log_maxlen("""
--- KEYS: evaluation, evaluations zset, queue, log   ARGV: id, now, max queued, then field/value pairs
-if redis.call('LLEN', KEYS[3]) >= tonumber(ARGV[3]) then return 0 end
-local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-redis.call('LPUSH', KEYS[3], ARGV[1])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info', 'msg', 'queued')
-return 1
-""")
-
-START_LUA = with_log_maxlen("""
--- KEYS: claimed list, evaluation, log   ARGV: id, evaluator, now
--- just moved from the queue to this evaluator's claimed list; run it only if still queued
-local st = redis.call('HGET', KEYS[2], 'state')
-if st ~= 'queued' then
-  redis.call('LREM', KEYS[1], 0, ARGV[1])
-  return false
-end
-local attempts = redis.call('HINCRBY', KEYS[2], 'attempts', 1)
-redis.call('HSET', KEYS[2], 'state', 'running', 'evaluator', ARGV[2], 'started', ARGV[3], 'progress_at', ARGV[3])
-redis.call('HDEL', KEYS[2], 'error', 'finished', 'done_requests', 'total_requests')
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'info',
-  'msg', 'started on evaluator ' .. ARGV[2] .. ' (attempt ' .. attempts .. ')')
-return redis.call('HGET', KEYS[2], 'spec')
-""")
-
-FINISH_LUA = with_log_maxlen("""
--- KEYS: claimed list, evaluation, log, cancel flag, queue
--- ARGV: id, evaluator, state, now, error, message, level, then field/value pairs to set (results...)
--- only the evaluator holding a running evaluation may end it; state 'queued' hands it back
-local st = redis.call('HGET', KEYS[2], 'state')
-redis.call('LREM', KEYS[1], 0, ARGV[1])
-if st ~= 'running' or redis.call('HGET', KEYS[2], 'evaluator') ~= ARGV[2] then return 0 end
-redis.call('DEL', KEYS[4])
-redis.call('HDEL', KEYS[2], 'cancel_requested')
-if ARGV[3] == 'queued' then
-  redis.call('HINCRBY', KEYS[2], 'attempts', -1)
-  redis.call('HSET', KEYS[2], 'state', 'queued', 'evaluator', '')
-  redis.call('RPUSH', KEYS[5], ARGV[1])
-else
-  redis.call('HSET', KEYS[2], 'state', ARGV[3], 'finished', ARGV[4])
-  if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'error', ARGV[5]) end
-end
-for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[4], 'level', ARGV[7], 'msg', ARGV[6])
-return 1
-""")
-
-REAP_LUA = with_log_maxlen("""
--- KEYS: evaluator heartbeat, its claimed list, evaluation, log, queue, cancel flag   ARGV: id, evaluator, now, reason
-if redis.call('EXISTS', KEYS[1]) == 1 then return 'alive' end
-local st = redis.call('HGET', KEYS[3], 'state')
-redis.call('LREM', KEYS[2], 0, ARGV[1])
-if not st then return 'gone' end
-if st == 'queued' then
-  -- taken from the queue by the dead evaluator but never started: back to the head of the queue
-  if not redis.call('LPOS', KEYS[5], ARGV[1]) then redis.call('RPUSH', KEYS[5], ARGV[1]) end
-  return 'requeued'
-end
-if st ~= 'running' or redis.call('HGET', KEYS[3], 'evaluator') ~= ARGV[2] then return 'skip' end
-local attempts = tonumber(redis.call('HGET', KEYS[3], 'attempts') or '0')
-local max = tonumber(redis.call('HGET', KEYS[3], 'max_attempts') or '1')
-local cancelling = redis.call('GET', KEYS[6]) == 'cancel'
-redis.call('DEL', KEYS[6])
-redis.call('HDEL', KEYS[3], 'cancel_requested')
-if cancelling then
-  redis.call('HSET', KEYS[3], 'state', 'cancelled', 'finished', ARGV[3], 'evaluator', '')
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'info',
-    'msg', ARGV[4] .. '; it was being cancelled: cancelled')
-  return 'cancelled'
-end
-if attempts < max then
-  redis.call('HSET', KEYS[3], 'state', 'queued', 'evaluator', '')
-  redis.call('RPUSH', KEYS[5], ARGV[1])
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'warning',
-    'msg', ARGV[4] .. '; queued again to start over (attempt ' .. attempts .. ' of ' .. max .. ' done)')
-  return 'requeued'
-end
-local reason = ARGV[4] .. ' (attempt ' .. attempts .. ' of ' .. max .. ')'
-redis.call('HSET', KEYS[3], 'state', 'failed', 'error', reason, 'finished', ARGV[3])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'error', 'msg', reason)
-return 'failed'
-""")
-
-CANCEL_LUA = cancel_lua("the evaluator stops lm-eval")

@@ -1,38 +1,19 @@
-"""Fine-tuning jobs: the record the gateway creates and trainers run, its states, and the Redis protocol.
+"""Fine-tuning jobs: what a client asks (an allow-list of TRL settings), the job as stored, its states.
 
-A job lives in one hash (`Keys.job`), its log records in a stream (`Keys.job_log`). The gateway creates
-it and pushes its id on the queue (`Keys.job_queue`, LPUSH). A trainer takes the oldest id with BLMOVE
-into its own claimed list (`Keys.job_claimed`) and starts it with `START_LUA`; the id stays in the
-claimed list until the trainer finishes it (`FINISH_LUA`). A trainer publishes a heartbeat with a TTL
-(`Keys.trainer`); when it is gone, any trainer (and the gateway, when the job is read) reaps the jobs of
-the dead trainer with `REAP_LUA`: a running job is failed with the reason, or queued again to resume from
-its last checkpoint when the job asked for it (`auto_resume`, at most `max_attempts` runs). Every state
-change is one script, so two processes never both move a job.
-
-A job that is not running can be deleted (`DELETE_LUA`): its hash, log and flags go at once, and its id is
-added to `Keys.jobs_deleted`, from which trainers remove the job's directory (`GRAPE_TRAIN_DIR/<job id>`).
-
-Cancel sets a flag (`Keys.job_cancel`) that the trainer's callback reads after every optimizer step: it
-saves a checkpoint and stops. The same flag with the value `requeue` is how a trainer shutting down
-(SIGTERM) hands its job back: checkpoint, then queued again with `resume`.
+The queue protocol a job goes through (queued, running on a trainer, ended; reaped when its trainer dies;
+cancelled, resumed, deleted) is `grape.store.jobqueue.TRAINING`. A job's directory is
+`GRAPE_TRAIN_DIR/<job id>` on its trainer; trainers remove those of deleted jobs.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from grape.chat_templates import NAME_PATTERN
-from grape.redis_client import as_str as _s
 
-CANCEL = "cancel"
-REQUEUE = "requeue"
-LOG_MAXLEN = 10_000
 SEED_MAX = 2**32 - 1
 """Largest seed a request may give (what numpy and torch seeding take)."""
 
@@ -46,8 +27,6 @@ class JobState(StrEnum):
     failed = "failed"  # an error, or its trainer died (see `error`); resumable from its last checkpoint
     cancelled = "cancelled"  # stopped on request; a running job saved a checkpoint of its last step first
 
-
-TERMINAL = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled})
 
 OPERATOR_ONLY: dict[str, str] = {
     "output_dir": "a job always writes to GRAPE_TRAIN_DIR/<job id> on its trainer",
@@ -241,196 +220,6 @@ class JobSpec(JobRequest):
         return data
 
 
-# ---- the record ------------------------------------------------------------------------------------------
-
-_FLOATS = ("created", "started", "finished", "epoch", "loss", "learning_rate", "grad_norm", "eta_seconds")
-_FLOATS += ("progress_at", "cancel_requested", "steps_per_second")
-_INTS = ("step", "max_steps", "tokens_seen", "attempts", "train_records", "max_attempts")
-
-
-def decode_job(raw: dict[Any, Any]) -> dict[str, Any]:
-    """A job hash as typed values: numbers as numbers, `spec` and `checkpoints` parsed, empty fields None."""
-    h = {_s(k): _s(v) for k, v in raw.items()}
-    out: dict[str, Any] = {}
-    for k, v in h.items():
-        if v == "":
-            out[k] = None
-        elif k in _FLOATS:
-            x = float(v)
-            out[k] = x if math.isfinite(x) else None  # a diverged loss (nan) is "unknown", never a bad reply
-        elif k in _INTS:
-            x = float(v)
-            out[k] = int(x) if math.isfinite(x) else None
-        elif k in ("spec", "checkpoints"):
-            out[k] = orjson.loads(v)
-        else:
-            out[k] = v
-    out.setdefault("checkpoints", [])
-    return out
-
-
-def log_fields(msg: str, level: str = "info", **data: Any) -> dict[str, str]:
-    """One log record, as stream fields."""
-    fields = {"t": f"{time.time():.3f}", "level": level, "msg": msg}
-    if data:
-        fields["data"] = orjson.dumps(data).decode()
-    return fields
-
-
-def decode_log(entry_id: Any, fields: dict[Any, Any]) -> dict[str, Any]:
-    f = {_s(k): _s(v) for k, v in fields.items()}
-    rec: dict[str, Any] = {"id": _s(entry_id), "t": float(f.get("t", 0)), "level": f.get("level", "info")}
-    rec["msg"] = f.get("msg", "")
-    if "data" in f:
-        rec["data"] = orjson.loads(f["data"])
-    return rec
-
-
-# ---- the scripts -----------------------------------------------------------------------------------------
-# Each takes the keys it touches; `now` is passed in (scripts stay deterministic for replication).
-
-
-def with_log_maxlen(script: str) -> str:
-    """A Lua script whose log XADDs trim to `LOG_MAXLEN`: the length is defined once, in Python, not in each
-    script (grape.evaluations uses the same for its scripts)."""
-    return f"local LOG_MAXLEN = {LOG_MAXLEN}\n{script}"
-
-
-ENQUEUE_LUA = with_log_maxlen("""
--- KEYS: job, jobs zset, queue, log   ARGV: id, now, max queued, then field/value pairs of the new hash
-if redis.call('LLEN', KEYS[3]) >= tonumber(ARGV[3]) then return 0 end
-local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-redis.call('LPUSH', KEYS[3], ARGV[1])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info', 'msg', 'queued')
-return 1
-""")
-
-START_LUA = with_log_maxlen("""
--- KEYS: claimed list, job, log   ARGV: id, trainer, now
--- the job was just moved from the queue to this trainer's claimed list; run it only if still queued
-local st = redis.call('HGET', KEYS[2], 'state')
-if st ~= 'queued' then
-  redis.call('LREM', KEYS[1], 0, ARGV[1])
-  return false
-end
-local attempts = redis.call('HINCRBY', KEYS[2], 'attempts', 1)
-redis.call('HSET', KEYS[2], 'state', 'running', 'trainer', ARGV[2], 'started', ARGV[3], 'progress_at', ARGV[3])
-redis.call('HDEL', KEYS[2], 'error', 'finished', 'eta_seconds')
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'info',
-  'msg', 'started on trainer ' .. ARGV[2] .. ' (attempt ' .. attempts .. ')')
-return redis.call('HGET', KEYS[2], 'spec')
-""")
-
-FINISH_LUA = with_log_maxlen("""
--- KEYS: claimed list, job, log, cancel flag, queue   ARGV: id, trainer, state, now, error, message, level
--- only the trainer holding a running job may end it; state 'queued' hands it back to resume elsewhere
-local st = redis.call('HGET', KEYS[2], 'state')
-redis.call('LREM', KEYS[1], 0, ARGV[1])
-if st ~= 'running' or redis.call('HGET', KEYS[2], 'trainer') ~= ARGV[2] then return 0 end
-redis.call('DEL', KEYS[4])
-redis.call('HDEL', KEYS[2], 'cancel_requested')
-if ARGV[3] == 'queued' then
-  redis.call('HSET', KEYS[2], 'state', 'queued', 'resume', '1', 'trainer', '')
-  redis.call('RPUSH', KEYS[5], ARGV[1])
-else
-  redis.call('HSET', KEYS[2], 'state', ARGV[3], 'finished', ARGV[4], 'eta_seconds', '')
-  if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'error', ARGV[5]) end
-end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[4], 'level', ARGV[7], 'msg', ARGV[6])
-return 1
-""")
-
-REAP_LUA = with_log_maxlen("""
--- KEYS: trainer heartbeat, its claimed list, job, log, queue, cancel flag   ARGV: id, trainer, now, reason
-if redis.call('EXISTS', KEYS[1]) == 1 then return 'alive' end
-local st = redis.call('HGET', KEYS[3], 'state')
-redis.call('LREM', KEYS[2], 0, ARGV[1])
-if not st then return 'gone' end
-if st == 'queued' then
-  -- taken from the queue by the dead trainer but never started: back to the head of the queue
-  if not redis.call('LPOS', KEYS[5], ARGV[1]) then redis.call('RPUSH', KEYS[5], ARGV[1]) end
-  return 'requeued'
-end
-if st ~= 'running' or redis.call('HGET', KEYS[3], 'trainer') ~= ARGV[2] then return 'skip' end
-local attempts = tonumber(redis.call('HGET', KEYS[3], 'attempts') or '0')
-local max = tonumber(redis.call('HGET', KEYS[3], 'max_attempts') or '1')
-redis.call('DEL', KEYS[6])
-redis.call('HDEL', KEYS[3], 'cancel_requested')
-if redis.call('HGET', KEYS[3], 'auto_resume') == '1' and attempts < max then
-  redis.call('HSET', KEYS[3], 'state', 'queued', 'resume', '1', 'trainer', '')
-  redis.call('RPUSH', KEYS[5], ARGV[1])
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'warning',
-    'msg', ARGV[4] .. '; queued again to resume from its last checkpoint (attempt ' .. attempts .. ' of ' .. max .. ')')
-  return 'resumed'
-end
-redis.call('HSET', KEYS[3], 'state', 'failed', 'error', ARGV[4], 'finished', ARGV[3], 'eta_seconds', '')
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'error', 'msg', ARGV[4])
-return 'failed'
-""")
-
-
-def cancel_lua(running: str) -> str:
-    """The cancel script of a job queue (training jobs here, evaluations in grape.evaluations): a queued one
-    is cancelled at once, a running one gets the cancel flag; `running` says in its log what happens next."""
-    return with_log_maxlen(
-        f"""-- KEYS: job (or evaluation), queue, cancel flag, log   ARGV: id, now
-local st = redis.call('HGET', KEYS[1], 'state')
-if not st then return 'missing' end
-if st == 'queued' then
-  redis.call('LREM', KEYS[2], 0, ARGV[1])
-  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished', ARGV[2])
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info',
-    'msg', 'cancelled while queued')
-  return 'cancelled-now'
-end
-if st == 'running' then
-  redis.call('SET', KEYS[3], 'cancel')
-  redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[2])
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info',
-    'msg', 'cancel requested: {running}')
-  return 'cancelling'
-end
-return st
-"""
-    )
-
-
-CANCEL_LUA = cancel_lua("stopping after the current step, with a checkpoint")
-
-
-RESUME_LUA = with_log_maxlen("""
--- KEYS: job, queue, cancel flag, log   ARGV: id, now
-local st = redis.call('HGET', KEYS[1], 'state')
-if not st then return 'missing' end
-if st ~= 'failed' and st ~= 'cancelled' then return st end
-redis.call('DEL', KEYS[3])
-redis.call('HSET', KEYS[1], 'state', 'queued', 'resume', '1', 'trainer', '', 'attempts', '0')
-redis.call('HDEL', KEYS[1], 'error', 'finished', 'cancel_requested')
-redis.call('LPUSH', KEYS[2], ARGV[1])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info',
-  'msg', 'queued again to resume from its last checkpoint')
-return 'queued'
-""")
-
-
-DELETE_LUA = """
--- KEYS: job, jobs zset, queue, log, cancel flag, deleted zset   ARGV: id, now
--- a running job is refused (cancel it first); anything else goes, even a record that cannot be decoded
-if redis.call('EXISTS', KEYS[1]) == 0 and not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 'missing' end
-local st = redis.call('HGET', KEYS[1], 'state')
-if st == 'running' then return 'running' end
-redis.call('LREM', KEYS[3], 0, ARGV[1])
-redis.call('DEL', KEYS[1], KEYS[4], KEYS[5])
-redis.call('ZREM', KEYS[2], ARGV[1])
--- trainers remove the job's directory when they see it here (trainer.loop.TrainerLoop.remove_deleted)
-redis.call('ZADD', KEYS[6], ARGV[2], ARGV[1])
-return 'deleted'
-"""
-
-
 def new_job_fields(job_id: str, spec: JobSpec, now: float) -> dict[str, str]:
     """The fields of a new job hash."""
     return {
@@ -445,8 +234,3 @@ def new_job_fields(job_id: str, spec: JobSpec, now: float) -> dict[str, str]:
         "max_attempts": str(spec.max_attempts if spec.auto_resume else 1),
         "checkpoints": "[]",
     }
-
-
-def dead_trainer_reason(trainer: str, step: Any) -> str:
-    at = f" at step {step}" if step not in (None, "", b"") else ""
-    return f"trainer {trainer} stopped sending heartbeats{at} (process died or lost Redis)"

@@ -141,33 +141,18 @@ class Keys:
         """zset: worker name -> time of its last heartbeat (so nobody has to SCAN the keyspace)."""
         return f"{self.prefix}:workers"
 
-    # training jobs (grape.jobs) ------------------------------------------------------------------
-    def jobs(self) -> str:
-        return f"{self.prefix}:jobs"
+    # the job queues (grape.store.jobqueue): training jobs and evaluations, one layout each --------
+    @property
+    def training(self) -> QueueKeys:
+        return QueueKeys(self.prefix, "jobs", "job", "trainer")
 
-    def job_queue(self) -> str:
-        return f"{self.prefix}:jobs:queue"
+    @property
+    def evaluations(self) -> QueueKeys:
+        return QueueKeys(self.prefix, "evals", "eval", "evaluator")
 
-    def job_claimed(self, trainer: str) -> str:
-        return f"{self.prefix}:jobs:claimed:{trainer}"
-
-    def job_claimed_pattern(self) -> str:
-        return f"{self.prefix}:jobs:claimed:*"
-
-    def job(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}"
-
-    def job_log(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}:log"
-
-    def job_cancel(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}:cancel"
-
-    def jobs_deleted(self) -> str:
-        return f"{self.prefix}:jobs:deleted"
-
-    def trainer(self, name: str) -> str:
-        return f"{self.prefix}:trainer:{name}"
+    def eval_tasks(self) -> str:
+        """set: lm-eval task names the evaluators can run (published at start)."""
+        return f"{self.prefix}:evals:tasks"
 
     # experiments (grape.experiments) -------------------------------------------------------------
     def experiments(self) -> str:
@@ -185,34 +170,46 @@ class Keys:
     def experiment_selection(self, exp_id: str, arm: int) -> str:
         return f"{self.prefix}:exp:{exp_id}:arm:{arm}"
 
-    # evaluations (grape.evaluations) ------------------------------------------------------------
-    def evaluations(self) -> str:
-        return f"{self.prefix}:evals"
 
-    def eval_queue(self) -> str:
-        return f"{self.prefix}:evals:queue"
+@dataclass(frozen=True)
+class QueueKeys:
+    """The key space of one job queue (grape.store.jobqueue): `Keys.training` (plural `jobs`, one `job`, held
+    by a `trainer`) or `Keys.evaluations` (`evals`, `eval`, `evaluator`); see the layout above."""
 
-    def eval_claimed(self, evaluator: str) -> str:
-        return f"{self.prefix}:evals:claimed:{evaluator}"
+    prefix: str
+    plural: str
+    single: str
+    holder_kind: str
 
-    def eval_claimed_pattern(self) -> str:
-        return f"{self.prefix}:evals:claimed:*"
+    def ids(self) -> str:
+        """zset: id -> creation time."""
+        return f"{self.prefix}:{self.plural}"
 
-    def eval_tasks(self) -> str:
-        return f"{self.prefix}:evals:tasks"
+    def queue(self) -> str:
+        return f"{self.prefix}:{self.plural}:queue"
 
-    def evaluation(self, eval_id: str) -> str:
-        return f"{self.prefix}:eval:{eval_id}"
+    def claimed(self, holder: str) -> str:
+        return f"{self.prefix}:{self.plural}:claimed:{holder}"
 
-    def eval_log(self, eval_id: str) -> str:
-        return f"{self.prefix}:eval:{eval_id}:log"
+    def claimed_pattern(self) -> str:
+        return f"{self.prefix}:{self.plural}:claimed:*"
 
-    def eval_cancel(self, eval_id: str) -> str:
-        return f"{self.prefix}:eval:{eval_id}:cancel"
+    def deleted(self) -> str:
+        return f"{self.prefix}:{self.plural}:deleted"
 
-    def evaluator(self, name: str) -> str:
-        return f"{self.prefix}:evaluator:{name}"
+    def record(self, item_id: str) -> str:
+        return f"{self.prefix}:{self.single}:{item_id}"
 
-    def evaluators(self) -> str:
-        """zset: evaluator name -> time of its last heartbeat (so nobody has to SCAN the keyspace)."""
-        return f"{self.prefix}:evaluators"
+    def log(self, item_id: str) -> str:
+        return f"{self.prefix}:{self.single}:{item_id}:log"
+
+    def cancel(self, item_id: str) -> str:
+        return f"{self.prefix}:{self.single}:{item_id}:cancel"
+
+    def holder(self, name: str) -> str:
+        """string: a holder's heartbeat JSON, with a TTL."""
+        return f"{self.prefix}:{self.holder_kind}:{name}"
+
+    def holders(self) -> str:
+        """zset: holder name -> time of its last heartbeat (evaluators publish it; trainers do not)."""
+        return f"{self.prefix}:{self.holder_kind}s"

@@ -9,7 +9,7 @@ from typing import Any
 from tqdm import tqdm
 
 from grape.client import GrapeClient
-from grape.jobs import TERMINAL
+from grape.store.jobqueue import TERMINAL
 
 
 def watch_scoring(

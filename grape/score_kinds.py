@@ -93,6 +93,11 @@ def dataset_scores(meta: Mapping[str, str]) -> list[str]:
     return normalize_scores(orjson.loads(raw)) if raw else list(DEFAULT_SCORES)
 
 
+def extra_tasks(meta: Mapping[str, str]) -> list[ScoreTask]:
+    """The tasks a stored dataset asked for beyond the primary (logprob): each has a stream of its own."""
+    return [t for t in tasks_for(dataset_scores(meta)) if t is not ScoreTask.logprob]
+
+
 def encode_vector(values: Any) -> str:
     """A float vector as base64 of little-endian float32 (half the size of a JSON list, exact at f32)."""
     import numpy as np

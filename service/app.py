@@ -16,9 +16,9 @@ from grape import __version__
 from grape.keys import Keys
 from grape.redis_client import connect_async
 from grape.settings import DEFAULT_REDIS_URL, Settings, get_settings
+from grape.store.errors import Conflict, NotFound, StoreError
 from service.auth import ApiKeyMiddleware, LocalHostMiddleware
 from service.deps import Slots
-from grape.store.errors import Conflict, NotFound, StoreError
 from service.errors import ApiError, Busy, SafeJSONResponse
 from service.limits import BodyLimitMiddleware, FollowLimitMiddleware
 from service.routes import datasets, health

@@ -1,6 +1,5 @@
 """The strategy comparison (`GET /v1/datasets/{id}/compare`): every named strategy over one read of the scored
-pool, side by side (grape.compare). On its own module because it reads through service.datasets, which
-itself uses service.tasks: kept beside either, the two would import each other."""
+pool, side by side (grape.compare)."""
 
 from __future__ import annotations
 
@@ -10,12 +9,11 @@ from redis.asyncio import Redis
 from grape.compare import compare as compare_rows
 from grape.keys import Keys
 from grape.settings import Settings
+from grape.store.datasets import check_selection
 from grape.strategies import STRATEGIES, ScoredItem, SelectParams
-from service.datasets import dataset_status, scored_items
+from service.datasets import dataset_meta, dataset_status, scored_items
 from service.errors import Unprocessable
 from service.schemas import ComparisonPublic
-from service.store import dataset_meta
-from service.tasks import check_strategies
 
 
 async def compare(
@@ -34,9 +32,9 @@ async def compare(
     if len(set(strategies)) != len(strategies):
         raise Unprocessable("strategies: a strategy is named twice")
     meta = await dataset_meta(redis, keys, dataset_id)
-    needs = check_strategies(meta, strategies, dataset_id)
+    needs = check_selection(meta, strategies, dataset_id)
     rows: list[ScoredItem] = []
-    async for page in scored_items(redis, keys, dataset_id, needs=tuple(needs)):
+    async for page in scored_items(redis, keys, dataset_id, needs):
         rows.extend(page)
     chosen = {name: STRATEGIES.get(name) for name in strategies}
     try:

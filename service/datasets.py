@@ -1,26 +1,27 @@
-"""Service functions behind the dataset routes. Routes validate and call exactly one of these."""
+"""Service functions behind the dataset routes: HTTP shapes over the dataset store (grape.store.datasets).
+Routes validate and call exactly one of these."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import anyio
 import orjson
 from redis.asyncio import Redis
 
-from grape.store import heartbeats
-from grape.keys import Keys, model_key, new_dataset_id
-from grape.store.scoring import INGEST_LUA, chunked, ingest_args
+from grape.keys import Keys, model_key
 from grape.records import DatasetState
-from grape.redis_client import as_str as _s
-from grape.selection_io import build_page
+from grape.redis_client import as_str
+from grape.score_kinds import DEFAULT_EMBEDDING_MODEL, dataset_scores, normalize_scores, task_model, tasks_for
 from grape.settings import Settings
-from grape.strategies import STRATEGIES, ScoredItem, SelectParams, Strategy
+from grape.store import datasets as store
+from grape.store import heartbeats, scoring
+from grape.store.errors import NotFound
+from grape.store.io import acall, apages, arun
+from grape.strategies import STRATEGIES, ScoredItem, SelectParams
 from grape.strategies.grape import candidate_score
-from service import tasks as task_svc
-from service.errors import Busy, NotFound, Unprocessable, shown
+from grape.strategies.ifd import ifd
+from service.errors import Busy, Unprocessable
 from service.schemas import (
     CandidatePublic,
     DatasetCreate,
@@ -29,42 +30,76 @@ from service.schemas import (
     IngestResult,
     ItemPublic,
     Rejected,
+    ScoresRequest,
+    TaskProgress,
 )
-from service.store import dataset_meta, id_pages
+
+
+async def dataset_meta(redis: Redis, keys: Keys, dataset_id: str) -> dict[str, str]:
+    """The dataset's metadata; a 404 when there is no such dataset."""
+    return await arun(redis, store.require_meta(keys, dataset_id))
 
 
 async def create_dataset(*, redis: Redis, keys: Keys, body: DatasetCreate) -> DatasetPublic:
-    ds = new_dataset_id()
-    now = time.time()
-    meta = {
+    fields = {
         "name": body.name,
         "target_model": body.target_model,
         "template": body.template.value,
-        "created": f"{now:.3f}",
-        **task_svc.task_meta(body),  # requested score kinds and their models
+        # the requested score kinds and the models that compute them
+        "scores": orjson.dumps(normalize_scores(body.scores)).decode(),
+        "scorer_model": body.scorer_model or body.target_model,
+        "embedding_model": body.embedding_model or DEFAULT_EMBEDDING_MODEL,
     }
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(keys.dataset(ds), mapping=meta)
-        pipe.zadd(keys.datasets(), {ds: now})
-        await pipe.execute()
+    ds = await arun(redis, store.create(keys, fields))
     return await dataset_status(redis=redis, keys=keys, dataset_id=ds)
 
 
-def live_workers(beats: list[dict[str, Any]], model: str) -> int:
-    """Workers of every task on `model`, from their heartbeats."""
-    return sum(1 for b in beats if model_key(b.get("model", "")) == model_key(model))
+def task_state(items: int, scored: int, failed: int) -> DatasetState:
+    if items == 0:
+        return DatasetState.empty
+    return DatasetState.done if scored + failed >= items else DatasetState.scoring
 
 
-async def dataset_status(*, redis: Redis, keys: Keys, dataset_id: str) -> DatasetPublic:
-    meta = await dataset_meta(redis, keys, dataset_id)
-    raw = await redis.hgetall(keys.stats(dataset_id))
-    st = {_s(k): float(_s(v)) for k, v in raw.items()}
+def task_progress(
+    meta: Mapping[str, str], items: int, candidates: int, per_task: list[store.Counters], beats: list[dict[str, Any]]
+) -> dict[str, TaskProgress]:
+    """Per requested task (in `per_task`'s order): its model, counters and state (every accepted item is
+    queued for each), and its live workers on its model."""
+    workers: dict[tuple[str, str], int] = {}
+    for beat in beats:
+        key = (beat.get("task", "logprob"), model_key(beat.get("model", "")))
+        workers[key] = workers.get(key, 0) + 1
+    out: dict[str, TaskProgress] = {}
+    for t, st in zip(tasks_for(dataset_scores(meta)), per_task, strict=True):
+        scored, failed = int(st.get("scored_items", 0)), int(st.get("failed_items", 0))
+        model = task_model(meta, t)
+        out[t.value] = TaskProgress(
+            model=model,
+            state=task_state(items, scored, failed),
+            items=items,
+            candidates=candidates,
+            scored_items=scored,
+            scored_candidates=int(st.get("scored_candidates", 0)),
+            failed_items=failed,
+            failed_candidates=int(st.get("failed_candidates", 0)),
+            tokens=int(st.get("tokens", 0)),
+            workers=workers.get((t.value, model_key(model)), 0),
+        )
+    return out
+
+
+async def dataset_status(
+    *, redis: Redis, keys: Keys, dataset_id: str, meta: dict[str, str] | None = None
+) -> DatasetPublic:
+    """`meta`: the dataset's metadata when the caller has read it already."""
+    meta = meta or await dataset_meta(redis, keys, dataset_id)
+    st, per_task = await arun(redis, store.counters(keys, dataset_id, tasks_for(dataset_scores(meta))))
     items = int(st.get("items", 0))
     scored, failed = int(st.get("scored_items", 0)), int(st.get("failed_items", 0))
     cands = int(st.get("candidates", 0))
     scored_c, failed_c = int(st.get("scored_candidates", 0)), int(st.get("failed_candidates", 0))
     tokens = int(st.get("tokens", 0))
-    state = task_svc.task_state(items, scored, failed)
+    state = task_state(items, scored, failed)
     throughput = eta = None
     start, last = st.get("t_start"), st.get("t_last")
     if start is not None and last is not None and last > start and scored_c:
@@ -73,9 +108,7 @@ async def dataset_status(*, redis: Redis, keys: Keys, dataset_id: str) -> Datase
         remaining = max(cands - scored_c - failed_c, 0)
         eta = remaining / (scored_c / elapsed)
     beats = await heartbeats.live(redis, keys)
-    tasks = await task_svc.task_progress(
-        redis=redis, keys=keys, dataset_id=dataset_id, meta=meta, items=items, candidates=cands, beats=beats
-    )
+    tasks = task_progress(meta, items, cands, per_task, beats)
     if state is DatasetState.done and any(t.state is not DatasetState.done for t in tasks.values()):
         state = DatasetState.scoring  # done only when every requested task is
     return DatasetPublic(
@@ -94,18 +127,18 @@ async def dataset_status(*, redis: Redis, keys: Keys, dataset_id: str) -> Datase
         tokens_scored=tokens,
         throughput_tokens_per_s=throughput,
         eta_seconds=eta,
-        workers=live_workers(beats, meta["target_model"]),
-        scores=task_svc.dataset_scores(meta),
-        scorer_model=task_svc.task_model(meta, "rating"),
-        embedding_model=task_svc.task_model(meta, "embedding"),
+        # workers of every task on the target model
+        workers=sum(1 for b in beats if model_key(b.get("model", "")) == model_key(meta["target_model"])),
+        scores=dataset_scores(meta),
+        scorer_model=task_model(meta, "rating"),
+        embedding_model=task_model(meta, "embedding"),
         tasks=tasks,
     )
 
 
 async def list_datasets(*, redis: Redis, keys: Keys) -> list[DatasetPublic]:
-    ids = [_s(x) for x in await redis.zrange(keys.datasets(), 0, -1)]
     out = []
-    for ds in ids:
+    for ds in await arun(redis, store.ids(keys)):
         try:
             out.append(await dataset_status(redis=redis, keys=keys, dataset_id=ds))
         except NotFound:
@@ -133,9 +166,7 @@ async def ingest(
             rejected=[r.model_dump() for r in rejected],
             rejected_total=n_rejected,
         )
-    script = redis.register_script(INGEST_LUA)
-    stream = keys.stream(meta["target_model"])
-    backlog = await redis.xlen(stream)
+    backlog = await redis.xlen(keys.stream(meta["target_model"]))
     if backlog >= settings.max_queue_chunks:
         raise Busy(
             f"queue of {meta['target_model']} holds {backlog} chunks (limit {settings.max_queue_chunks}, "
@@ -143,51 +174,47 @@ async def ingest(
             retry_after=10,
         )
     accepted: set[str] = set()
-    for chunk in chunked(items, settings.chunk_pairs):
-        new = await script(
-            keys=[
-                keys.items(dataset_id),
-                keys.order(dataset_id),
-                keys.stats(dataset_id),
-                stream,
-                *task_svc.extra_streams(keys, meta),
-            ],
-            args=ingest_args(dataset_id, chunk),
-        )
-        accepted.update(_s(x) for x in new or [])
-    await task_svc.catch_up(
-        redis=redis,
-        keys=keys,
-        settings=settings,
-        dataset_id=dataset_id,
-        before=meta,
-        accepted=[it for it in items if it["id"] in accepted],
-    )
-    n_cands = sum(len(it["candidates"]) for it in items if it["id"] in accepted)
+    for chunk in scoring.chunked(items, settings.chunk_pairs):
+        new = await acall(redis, scoring.ingest(keys, dataset_id, meta, chunk))
+        accepted.update(as_str(x) for x in new or [])
+    fresh = [it for it in items if it["id"] in accepted]
+    await arun(redis, store.catch_up(keys, dataset_id, meta, fresh, settings.chunk_pairs))
     return IngestResult(
         accepted=len(accepted),
         duplicates=len(items) - len(accepted),
         rejected=rejected,
-        accepted_candidates=n_cands,
+        accepted_candidates=sum(len(it["candidates"]) for it in fresh),
         rejected_total=n_rejected,
     )
 
 
+def candidate_extras(stored: store.StoredItem) -> list[dict[str, Any]]:
+    """Per candidate, the extra task results shown in the item view (IFD and Deita's evol score with them)."""
+    uncond, rating = stored.extra.get("unconditioned"), stored.extra.get("rating")
+    out: list[dict[str, Any]] = [{} for _ in stored.item["candidates"]]
+    for i, extra in enumerate(out):
+        if uncond is not None:
+            u = uncond[i]
+            extra.update(uncond_logprob_sum=u.get("logprob_sum"), uncond_tokens=u.get("tokens"))
+            if stored.scores:
+                extra["ifd"] = ifd(stored.scores[i], u)
+        if rating is not None:
+            r = rating[i]
+            extra.update(
+                complexity=r["complexity"],
+                quality=r["quality"],
+                evol=r.get("history", 0.0) + r["complexity"] * r["quality"],
+            )
+    return out
+
+
 async def get_item(*, redis: Redis, keys: Keys, dataset_id: str, item_id: str) -> ItemPublic:
-    await dataset_meta(redis, keys, dataset_id)
-    raw = await redis.hget(keys.items(dataset_id), item_id)
-    if raw is None:
-        raise NotFound(f"item {shown(item_id)} not found in dataset {dataset_id!r}")
-    item = orjson.loads(raw)
-    scores_raw = await redis.hget(keys.scores(dataset_id), item_id)
-    error = await redis.hget(keys.failed(dataset_id), item_id)
-    scores = orjson.loads(scores_raw) if scores_raw else None
+    stored = await arun(redis, store.item(keys, dataset_id, item_id))
+    item, scores = stored.item, stored.scores
     chosen = -1
     if scores:
         chosen = next(iter(STRATEGIES.get("grape")([ScoredItem(item, scores)], SelectParams()))).candidate
-    extras = await task_svc.candidate_extras(
-        redis=redis, keys=keys, dataset_id=dataset_id, item_id=item_id, scores=scores, n=len(item["candidates"])
-    )
+    extras = candidate_extras(stored)
     cands = []
     for i, c in enumerate(item["candidates"]):
         sc = scores[i] if scores else {}
@@ -204,11 +231,10 @@ async def get_item(*, redis: Redis, keys: Keys, dataset_id: str, item_id: str) -
                 **extras[i],
             )
         )
-    state = "scored" if scores else "failed" if error else "queued"
     return ItemPublic(
         id=item_id,
-        state=state,
-        error=_s(error) if error and not scores else None,
+        state="scored" if scores else "failed" if stored.error else "queued",
+        error=stored.error if stored.error and not scores else None,
         instruction=item.get("instruction"),
         messages=item.get("messages") if "messages" in item else None,
         candidates=cands,
@@ -216,65 +242,50 @@ async def get_item(*, redis: Redis, keys: Keys, dataset_id: str, item_id: str) -
 
 
 async def list_failures(*, redis: Redis, keys: Keys, dataset_id: str, limit: int) -> list[FailurePublic]:
-    await dataset_meta(redis, keys, dataset_id)
-    out: list[FailurePublic] = []
-    async for k, v in redis.hscan_iter(keys.failed(dataset_id), count=500):
-        out.append(FailurePublic(id=_s(k), error=_s(v)))
-        if len(out) >= limit:
-            break
-    return out
+    rows = await arun(redis, store.failures(keys, dataset_id, limit))
+    return [FailurePublic(id=k, error=v) for k, v in rows]
 
 
 async def scored_items(
     redis: Redis, keys: Keys, dataset_id: str, needs: tuple[str, ...] = ()
 ) -> AsyncIterator[list[ScoredItem]]:
-    """Pages of scored items in upload order; unscored and failed items are left out. `needs`: extra
-    task results (grape.score_kinds) to attach, where an item has them."""
-    async for ids in id_pages(redis, keys, dataset_id):
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(keys.items(dataset_id), ids)
-            pipe.hmget(keys.scores(dataset_id), ids)
-            raw_items, raw_scores = await pipe.execute()
-        extra = await task_svc.extra_results(redis, keys, dataset_id, needs, ids)
-        page = await anyio.to_thread.run_sync(build_page, raw_items, raw_scores, needs, extra)  # JSON: CPU work
-        if page:
-            yield page
+    """Pages of scored items in upload order (grape.store.datasets.scored), decoded in a worker thread."""
+    async for page in apages(redis, store.scored(keys, dataset_id, needs), offload=True):
+        yield page
 
 
 async def selection_lines(
     *, redis: Redis, keys: Keys, dataset_id: str, strategy: str, params: SelectParams
 ) -> AsyncIterator[bytes]:
-    """NDJSON records ready for TRL's SFTTrainer; streams page by page for per-instruction strategies."""
+    """NDJSON records ready for TRL's SFTTrainer, once the caller has checked the strategy
+    (grape.store.datasets.check_selection); streams page by page for per-instruction strategies."""
+    # decoding, selecting and encoding is CPU work that grows with the pool: in a worker thread (offload),
+    # so the event loop (and /healthz, and every other request) keeps answering meanwhile
+    async for chunks in apages(redis, store.selection(keys, dataset_id, strategy, params), offload=True):
+        for chunk in chunks:
+            yield chunk
+
+
+async def selection(
+    *, redis: Redis, keys: Keys, dataset_id: str, strategy: str, params: SelectParams
+) -> tuple[DatasetPublic, AsyncIterator[bytes]]:
+    """`GET /selection`: the strategy checked once (an unknown one before the dataset: 422, then 404), the
+    dataset's status for the headers, and its records."""
+    needs = store.selection_needs([strategy])
     meta = await dataset_meta(redis, keys, dataset_id)
-    needs = tuple(task_svc.check_strategies(meta, [strategy], dataset_id))
-    select = STRATEGIES.get(strategy)
-    # selecting and encoding is CPU work that grows with the pool: in a worker thread, so the event loop
-    # (and /healthz, and every other request) keeps answering meanwhile
-    if getattr(select, "per_item", False):
-        async for page in scored_items(redis, keys, dataset_id, needs):
-            yield await anyio.to_thread.run_sync(_encode_picks, select, page, params)
-        return
-    rows: list[ScoredItem] = []
-    async for page in scored_items(redis, keys, dataset_id, needs):
-        rows.extend(page)
-    picks = await anyio.to_thread.run_sync(lambda: list(select(rows, params)))
-    for start in range(0, len(picks), 500):
-        yield b"".join(orjson.dumps(p.record()) + b"\n" for p in picks[start : start + 500])
+    store.check_scores(meta, needs, dataset_id)
+    status = await dataset_status(redis=redis, keys=keys, dataset_id=dataset_id, meta=meta)
+    lines = selection_lines(redis=redis, keys=keys, dataset_id=dataset_id, strategy=strategy, params=params)
+    return status, lines
 
 
-def _encode_picks(select: Strategy, rows: list[ScoredItem], params: SelectParams) -> bytes:
-    return b"".join(orjson.dumps(p.record()) + b"\n" for p in select(rows, params))
+async def request_scores(
+    *, redis: Redis, keys: Keys, settings: Settings, dataset_id: str, body: ScoresRequest
+) -> list[str]:
+    """Add score kinds to a dataset; the tasks that are new, for which its stored items were queued."""
+    models = {"scorer_model": body.scorer_model, "embedding_model": body.embedding_model}
+    return await arun(redis, store.request_scores(keys, dataset_id, body.scores, models, settings.chunk_pairs))
 
 
 async def delete_dataset(*, redis: Redis, keys: Keys, dataset_id: str) -> None:
-    await dataset_meta(redis, keys, dataset_id)
-    await redis.delete(
-        keys.dataset(dataset_id),
-        keys.items(dataset_id),
-        keys.order(dataset_id),
-        keys.scores(dataset_id),
-        keys.failed(dataset_id),
-        keys.stats(dataset_id),
-        *(k(dataset_id, t) for t in task_svc.ScoreTask for k in (keys.task_results, keys.task_failed, keys.task_stats)),
-    )
-    await redis.zrem(keys.datasets(), dataset_id)
+    await arun(redis, store.delete(keys, dataset_id))

@@ -8,10 +8,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import Send
 
-
-def shown(value: str, limit: int = 64) -> str:
-    """A caller's value quoted for an error message: repr (escapes anything odd), cut to `limit` characters."""
-    return repr(value if len(value) <= limit else value[:limit] + "...")
+from grape.store.errors import shown  # noqa: F401  (re-exported: the service's messages quote values alike)
 
 
 class ApiError(Exception):

@@ -17,26 +17,21 @@ import orjson
 from redis.asyncio import Redis
 
 from grape.evaluations import (
-    CANCEL_LUA,
-    ENQUEUE_LUA,
-    REAP_LUA,
-    TERMINAL,
     EvalSpec,
-    EvalState,
     EvaluationRequest,
-    dead_evaluator_reason,
-    decode_evaluation,
     is_eval_id,
     new_eval_id,
     new_evaluation_fields,
 )
-from grape.jobs import JobState, decode_job
+from grape.jobs import JobState
 from grape.keys import Keys, is_job_id
 from grape.redis_client import as_str as _text
 from grape.settings import Settings
+from grape.store.io import acall, arun
+from grape.store.jobqueue import EVALUATIONS, TRAINING
 from service.errors import Busy, Conflict, NotFound, Unprocessable
 from service.evaluation_schemas import EvaluationPublic
-from service.logs import Progress, stream_log
+from service.logs import record_log
 from service.model_access import check_model
 
 NO_EVALUATOR = "no evaluator is running: start `grape evaluator` (it publishes the lm-eval tasks it can run)"
@@ -45,11 +40,12 @@ NO_EVALUATOR = "no evaluator is running: start `grape evaluator` (it publishes t
 async def live_evaluators(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
     """Heartbeats of the evaluators alive now (their TTL key exists)."""
     now = time.time()
-    await redis.zremrangebyscore(keys.evaluators(), "-inf", now - 3600)
-    names = [_text(n) for n in await redis.zrange(keys.evaluators(), 0, -1)]
+    q = keys.evaluations
+    await redis.zremrangebyscore(q.holders(), "-inf", now - 3600)
+    names = [_text(n) for n in await redis.zrange(q.holders(), 0, -1)]
     if not names:
         return []
-    raws = await redis.mget([keys.evaluator(n) for n in names])
+    raws = await redis.mget([q.holder(n) for n in names])
     return [orjson.loads(r) for r in raws if r]
 
 
@@ -80,10 +76,9 @@ async def resolve_model(*, redis: Redis, keys: Keys, settings: Settings, model: 
     if not is_job_id(model):
         await check_model(redis=redis, keys=keys, settings=settings, name=model, field="model")
         return {"base_model": model, "adapter": None, "training_job": None}
-    raw = await redis.hgetall(keys.job(model))
-    if not raw:
+    job = await arun(redis, TRAINING.read(keys, model))
+    if job is None:
         raise Unprocessable(f"model: training job {model} not found", field="model")
-    job = decode_job(raw)
     if job["state"] != JobState.succeeded or not job.get("model_path"):
         raise Conflict(
             f"model: training job {model} is {job['state']}; a job is evaluated once it has succeeded",
@@ -104,15 +99,8 @@ async def create_evaluation(
     await check_tasks(redis=redis, keys=keys, tasks=body.tasks)
     spec = EvalSpec(**body.model_dump(), **resolved, experiment_id=experiment_id)
     eval_id = new_eval_id()
-    now = time.time()
-    fields = new_evaluation_fields(eval_id, spec, now, settings.eval_max_attempts)
-    args: list[Any] = [eval_id, f"{now:.3f}", settings.max_queued_evals]
-    for k, v in fields.items():
-        args += [k, v]
-    ok = await redis.register_script(ENQUEUE_LUA)(
-        keys=[keys.evaluation(eval_id), keys.evaluations(), keys.eval_queue(), keys.eval_log(eval_id)], args=args
-    )
-    if not ok:
+    fields = new_evaluation_fields(eval_id, spec, time.time(), settings.eval_max_attempts)
+    if not await acall(redis, EVALUATIONS.enqueue(keys, eval_id, fields, settings.max_queued_evals)):
         raise Busy(
             f"{settings.max_queued_evals} evaluations are queued (GRAPE_MAX_QUEUED_EVALS): start evaluators or "
             "retry later",
@@ -122,29 +110,10 @@ async def create_evaluation(
 
 
 async def _load(redis: Redis, keys: Keys, eval_id: str) -> dict[str, Any]:
-    raw = await redis.hgetall(keys.evaluation(eval_id)) if is_eval_id(eval_id) else None
-    if not raw:
+    ev = await arun(redis, EVALUATIONS.read(keys, eval_id)) if is_eval_id(eval_id) else None
+    if ev is None:
         raise NotFound(f"evaluation {eval_id!r} not found")
-    return decode_evaluation(raw)
-
-
-async def reap_if_dead(*, redis: Redis, keys: Keys, ev: dict[str, Any]) -> bool:
-    """A running evaluation whose evaluator has no heartbeat is queued again (or failed) now, not left running."""
-    name = ev.get("evaluator")
-    if ev["state"] != EvalState.running or not name or await redis.exists(keys.evaluator(name)):
-        return False
-    res = await redis.register_script(REAP_LUA)(
-        keys=[
-            keys.evaluator(name),
-            keys.eval_claimed(name),
-            keys.evaluation(ev["id"]),
-            keys.eval_log(ev["id"]),
-            keys.eval_queue(),
-            keys.eval_cancel(ev["id"]),
-        ],
-        args=[ev["id"], name, f"{time.time():.3f}", dead_evaluator_reason(name)],
-    )
-    return _text(res) != "alive"
+    return ev
 
 
 def _public(ev: dict[str, Any]) -> EvaluationPublic:
@@ -157,7 +126,7 @@ def _public(ev: dict[str, Any]) -> EvaluationPublic:
 
 async def get_evaluation(*, redis: Redis, keys: Keys, eval_id: str) -> EvaluationPublic:
     ev = await _load(redis, keys, eval_id)
-    if await reap_if_dead(redis=redis, keys=keys, ev=ev):
+    if await EVALUATIONS.areap_if_dead(redis, keys, ev):
         ev = await _load(redis, keys, eval_id)
     return _public(ev)
 
@@ -165,9 +134,8 @@ async def get_evaluation(*, redis: Redis, keys: Keys, eval_id: str) -> Evaluatio
 async def list_evaluations(
     *, redis: Redis, keys: Keys, limit: int, experiment_id: str | None = None
 ) -> list[EvaluationPublic]:
-    ids = [_text(x) for x in await redis.zrevrange(keys.evaluations(), 0, limit - 1)]
     out = []
-    for eval_id in ids:
+    for eval_id in await arun(redis, EVALUATIONS.newest(keys, limit)):
         try:
             ev = await get_evaluation(redis=redis, keys=keys, eval_id=eval_id)
         except NotFound:
@@ -180,12 +148,7 @@ async def list_evaluations(
 async def cancel_evaluation(*, redis: Redis, keys: Keys, eval_id: str) -> EvaluationPublic:
     """A queued evaluation is cancelled at once; a running one when its evaluator stops lm-eval (about a second)."""
     await _load(redis, keys, eval_id)
-    res = _text(
-        await redis.register_script(CANCEL_LUA)(
-            keys=[keys.evaluation(eval_id), keys.eval_queue(), keys.eval_cancel(eval_id), keys.eval_log(eval_id)],
-            args=[eval_id, f"{time.time():.3f}"],
-        )
-    )
+    res = _text(await acall(redis, EVALUATIONS.cancel(keys, eval_id)))
     if res == "missing":
         raise NotFound(f"evaluation {eval_id!r} not found")
     if res not in ("cancelled-now", "cancelling"):
@@ -193,19 +156,17 @@ async def cancel_evaluation(*, redis: Redis, keys: Keys, eval_id: str) -> Evalua
     return await get_evaluation(redis=redis, keys=keys, eval_id=eval_id)
 
 
-async def log_lines(
+def log_lines(
     *, redis: Redis, keys: Keys, eval_id: str, follow: bool, after: str = "0-0", poll_ms: int = 1000
 ) -> AsyncIterator[bytes]:
     """The evaluation's log records as NDJSON, oldest first; with `follow`, new ones until it ends."""
-    await _load(redis, keys, eval_id)
-
-    async def progress() -> Progress:
-        ev = await _load(redis, keys, eval_id)
-        if EvalState(ev["state"]) in TERMINAL:
-            return "ended"
-        return "reaped" if await reap_if_dead(redis=redis, keys=keys, ev=ev) else "running"
-
-    async for line in stream_log(
-        redis, keys.eval_log(eval_id), follow=follow, after=after, poll_ms=poll_ms, progress=progress
-    ):
-        yield line
+    return record_log(
+        redis,
+        keys,
+        EVALUATIONS,
+        eval_id,
+        lambda: _load(redis, keys, eval_id),
+        follow=follow,
+        after=after,
+        poll_ms=poll_ms,
+    )

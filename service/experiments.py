@@ -27,24 +27,25 @@ from redis.asyncio import Redis
 from grape import experiments as ex
 from grape.evaluations import EvaluationRequest
 from grape.experiments import ArmSpec, ExperimentState
-from grape.jobs import ENQUEUE_LUA, JobSpec, JobState, decode_job, new_job_fields
+from grape.jobs import JobSpec, JobState, new_job_fields
 from grape.keys import Keys
 from grape.records import DatasetState
 from grape.redis_client import as_str
 from grape.settings import Settings
+from grape.store.datasets import check_selection
+from grape.store.errors import Invalid
+from grape.store.io import acall, arun
+from grape.store.jobqueue import TERMINAL, TRAINING
 from grape.strategies import STRATEGIES, SelectParams
 from service import evaluations as eval_svc
-from service import tasks as task_svc
-from service.datasets import dataset_status, selection_lines
+from service.datasets import dataset_meta, dataset_status, selection_lines
 from service.errors import ApiError, Conflict, NotFound, Unprocessable
 from service.experiment_schemas import ExperimentCreate, ExperimentCreated, ExperimentPublic
 from service.model_access import check_chat_template, check_model
-from service.store import dataset_meta
 
 log = logging.getLogger(__name__)
 
 LOCK_MS = 60_000
-EVAL_TERMINAL = ("succeeded", "failed", "cancelled")
 ARM_ACTIVE = ("queued", "training", "evaluating")
 
 
@@ -66,9 +67,9 @@ def check_arms(body: ExperimentCreate, meta: dict[str, str]) -> None:
     seen: dict[str, int] = {}
     for i, arm in enumerate(body.arms):
         try:
-            task_svc.check_strategies(meta, [arm.strategy], body.dataset_id)
-        except Unprocessable as exc:
-            raise Unprocessable(f"arms[{i}].{exc.message}") from None
+            check_selection(meta, [arm.strategy], body.dataset_id)
+        except Invalid as exc:
+            raise Unprocessable(f"arms[{i}].{exc}") from None
         if _per_instruction(arm.strategy) and arm.n is not None:
             raise Unprocessable(
                 f"arms[{i}].n: {arm.strategy} picks a response per instruction; the experiment draws "
@@ -340,16 +341,10 @@ def _job_spec(exp: dict[str, Any], arm: dict[str, Any]) -> JobSpec:
 
 async def _enqueue(redis: Redis, keys: Keys, settings: Settings, exp: dict[str, Any], arm: dict[str, Any]) -> bool:
     job_id = arm["job_id"]
-    if await redis.exists(keys.job(job_id)):
+    if await redis.exists(keys.training.record(job_id)):
         return True  # queued before a crash, not yet recorded
-    now = time.time()
-    args: list[Any] = [job_id, f"{now:.3f}", settings.max_queued_jobs]
-    for k, v in new_job_fields(job_id, _job_spec(exp, arm), now).items():
-        args += [k, v]
-    ok = await redis.register_script(ENQUEUE_LUA)(
-        keys=[keys.job(job_id), keys.jobs(), keys.job_queue(), keys.job_log(job_id)], args=args
-    )
-    return bool(ok)
+    fields = new_job_fields(job_id, _job_spec(exp, arm), time.time())
+    return bool(await acall(redis, TRAINING.enqueue(keys, job_id, fields, settings.max_queued_jobs)))
 
 
 def _eval_body(exp: dict[str, Any], model: str) -> EvaluationRequest:
@@ -405,15 +400,12 @@ async def _advance_arm(redis: Redis, keys: Keys, settings: Settings, exp: dict[s
         arm["job_created"], arm["state"] = True, "training"
         arm.pop("note", None)
     if arm["state"] == "training":
-        raw = await redis.hgetall(keys.job(arm["job_id"]))
-        if not raw:
+        job = await arun(redis, TRAINING.read(keys, arm["job_id"]))
+        if job is None:
             arm["state"], arm["error"] = "failed", f"training job {arm['job_id']} disappeared"
             return
-        job = decode_job(raw)
-        from service.training import reap_if_dead
-
-        if await reap_if_dead(redis=redis, keys=keys, job=job):  # its trainer died: resumed or failed
-            job = decode_job(await redis.hgetall(keys.job(arm["job_id"])))
+        if await TRAINING.areap_if_dead(redis, keys, job):  # its trainer died: resumed or failed
+            job = await arun(redis, TRAINING.read(keys, arm["job_id"])) or job
         arm["job_state"] = job["state"]
         arm["step"], arm["max_steps"] = job.get("step"), job.get("max_steps")
         arm["pairs_trained"], arm["tokens_trained"] = job.get("train_records"), job.get("tokens_seen")
@@ -440,7 +432,7 @@ async def _advance(redis: Redis, keys: Keys, settings: Settings, exp: dict[str, 
         if arm["state"] in ARM_ACTIVE:
             await _advance_arm(redis, keys, settings, exp, arm)
     base = exp.get("base")
-    if base is not None and base.get("eval_state") not in EVAL_TERMINAL:
+    if base is not None and base.get("eval_state") not in TERMINAL:
         if not base.get("eval_id"):
             await _start_eval(redis, keys, settings, exp, base, exp["base_model"])
         if base.get("eval_id"):
@@ -448,7 +440,7 @@ async def _advance(redis: Redis, keys: Keys, settings: Settings, exp: dict[str, 
     states = [a["state"] for a in exp["arms"]]
     if any(s in ("queued", "training") for s in states):
         exp["state"] = ExperimentState.training.value
-    elif "evaluating" in states or (base is not None and base.get("eval_state") not in EVAL_TERMINAL):
+    elif "evaluating" in states or (base is not None and base.get("eval_state") not in TERMINAL):
         exp["state"] = ExperimentState.evaluating.value
     else:
         ok = "succeeded" in states
@@ -516,7 +508,7 @@ async def cancel_experiment(*, redis: Redis, keys: Keys, settings: Settings, exp
                     await cancel_job(redis=redis, keys=keys, job_id=arm["job_id"])
             await _cancel_eval(redis, keys, arm)
             arm["state"], arm["error"] = "cancelled", "experiment cancelled"
-        if exp.get("base") and exp["base"].get("eval_state") not in EVAL_TERMINAL:
+        if exp.get("base") and exp["base"].get("eval_state") not in TERMINAL:
             await _cancel_eval(redis, keys, exp["base"])
         exp["state"], exp["finished"] = ExperimentState.cancelled.value, time.time()
         await redis.set(keys.experiment(exp_id), orjson.dumps(exp))
@@ -530,4 +522,4 @@ async def _cancel_eval(redis: Redis, keys: Keys, slot: dict[str, Any]) -> None:
     if slot.get("eval_id"):
         with contextlib.suppress(ApiError):  # ended meanwhile
             await eval_svc.cancel_evaluation(redis=redis, keys=keys, eval_id=slot["eval_id"])
-    slot["eval_state"] = "cancelled" if slot.get("eval_state") not in EVAL_TERMINAL else slot["eval_state"]
+    slot["eval_state"] = "cancelled" if slot.get("eval_state") not in TERMINAL else slot["eval_state"]

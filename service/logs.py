@@ -1,33 +1,54 @@
-"""One reader of a job-like log stream (training jobs, evaluations): its records as NDJSON, oldest first;
-with `follow`, new ones as they come until the owner reaches a terminal state."""
+"""One reader of a queued record's log stream (training jobs, evaluations: grape.store.jobqueue): its records
+as NDJSON, oldest first; with `follow`, new ones as they come until the record reaches a terminal state."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Literal
+from typing import Annotated, Any
 
 import orjson
+from fastapi import Query
+from fastapi.responses import StreamingResponse
 from redis.asyncio import Redis
 
-from grape.jobs import decode_log
+from grape.keys import Keys
+from grape.store.jobqueue import TERMINAL, JobQueue, decode_log
+from service.errors import Conflict, NotFound
 
 PAGE = 500
 
-Progress = Literal["ended", "reaped", "running"]
-"""What the owner of a followed log is doing: `ended` (terminal, or gone: the stream ends after its last
-records), `reaped` (its dead runner was just reaped: look again at once), `running` (wait for records)."""
+LOG_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"application/x-ndjson": {}},
+        "description": 'One record per line: {"id", "t", "level", "msg", "data"?}.',
+    }
+}
+"""The OpenAPI answer of a `.../logs` route."""
+
+After = Annotated[str, Query(pattern=r"^\d{1,19}-\d{1,19}$", description="Only records after this record id.")]
+"""A `.../logs` route's `after` parameter."""
 
 
-async def stream_log(
+def ndjson(lines: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(lines, media_type="application/x-ndjson")
+
+
+async def record_log(
     redis: Redis,
-    log_key: str,
+    keys: Keys,
+    queue: JobQueue,
+    item_id: str,
+    load: Callable[[], Awaitable[dict[str, Any]]],
     *,
     follow: bool,
-    after: str,
-    poll_ms: int,
-    progress: Callable[[], Awaitable[Progress]],
+    after: str = "0-0",
+    poll_ms: int = 1000,
 ) -> AsyncIterator[bytes]:
+    """The log of the record `load` reads (it raises NotFound first, before a line is sent). While followed,
+    a record whose holder died is reaped on the way; one deleted (or unreadable) meanwhile ends the stream."""
+    await load()
+    log_key = queue.space(keys).log(item_id)
     last = after
     while True:
         rows = await redis.xrange(log_key, min=f"({last}" if last != "0-0" else "-", max="+", count=PAGE)
@@ -39,12 +60,15 @@ async def stream_log(
             continue
         if not follow:
             return
-        state = await progress()
-        if state == "ended":
+        try:
+            record = await load()
+        except (NotFound, Conflict):
+            record = None
+        if record is None or record["state"] in TERMINAL:
             for entry_id, fields in await redis.xrange(log_key, min=f"({last}", max="+"):
                 yield orjson.dumps(decode_log(entry_id, fields)) + b"\n"
             return
-        if state == "reaped":
-            continue
+        if await queue.areap_if_dead(redis, keys, record):
+            continue  # its holder was dead: look again at once
         if not await redis.xread({log_key: last}, block=poll_ms, count=PAGE):
             await asyncio.sleep(0)

@@ -37,10 +37,10 @@ from prometheus_client.exposition import choose_encoder
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from grape.store import heartbeats
 from grape.keys import GROUP, Keys, model_key
 from grape.records import DatasetState
 from grape.redis_client import as_str as _s
+from grape.store import heartbeats
 from service.datasets import list_datasets
 from service.schemas import DatasetPublic
 

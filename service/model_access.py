@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from grape.store import heartbeats
 from grape.chat_templates import known_names
 from grape.keys import Keys
 from grape.models import allowed_models
 from grape.settings import Settings
+from grape.store import heartbeats
 from service.errors import Unprocessable, shown
 
 SHOWN_MODELS = 50

@@ -19,10 +19,12 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from grape.evaluations import ENQUEUE_LUA, START_LUA, EvalSpec, new_evaluation_fields
+from grape.evaluations import EvalSpec, new_evaluation_fields
 from grape.jobs import JobSpec, new_job_fields
 from grape.keys import Keys
 from grape.settings import Settings
+from grape.store.io import call
+from grape.store.jobqueue import EVALUATIONS
 from service.app import create_app
 from tests.conftest import MODEL, ROOT, start_gateway
 
@@ -49,7 +51,7 @@ def start_evaluator(redis_url: str, keys: Keys, name: str, log: Path, **env: str
 
 def wait_alive(rclient: redis.Redis, keys: Keys, name: str, proc: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + 180
-    while not rclient.exists(keys.evaluator(name)):
+    while not rclient.exists(keys.evaluations.holder(name)):
         if proc.poll() is not None:
             raise RuntimeError(f"evaluator {name} exited: {log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
@@ -271,7 +273,7 @@ def test_killed_evaluator_evaluation_taken_over_by_another(gw, redis_url, keys, 
         assert ev["evaluator"] == "doomed"
         b = start_evaluator(redis_url, keys, "heir", log_b)
         deadline = time.monotonic() + 300
-        while rclient.hget(keys.evaluation(eval_id), "done_requests") is None:  # lm-eval is scoring
+        while rclient.hget(keys.evaluations.record(eval_id), "done_requests") is None:  # lm-eval is scoring
             assert time.monotonic() < deadline and a.poll() is None, log_a.read_text()[-3000:]
             time.sleep(0.05)
         a.send_signal(signal.SIGKILL)
@@ -284,7 +286,9 @@ def test_killed_evaluator_evaluation_taken_over_by_another(gw, redis_url, keys, 
 
         wait_alive(rclient, keys, "heir", b, log_b)
         while True:  # the heir's own reaping (not a read through the gateway) must requeue it
-            held = [x.decode() if x else x for x in rclient.hmget(keys.evaluation(eval_id), "state", "evaluator")]
+            held = [
+                x.decode() if x else x for x in rclient.hmget(keys.evaluations.record(eval_id), "state", "evaluator")
+            ]
             if held[0] in TERMINAL or held == ["running", "heir"]:
                 break
             assert time.monotonic() - killed < 60, f"not taken over within a minute of the kill: {held}"
@@ -329,14 +333,14 @@ def test_cancel_and_sigterm_hand_back(gw, redis_url, keys, rclient, tmp_path) ->
         assert proc.wait(timeout=60) == 0
         ev = gw.get(f"/v1/evaluations/{second}").json()
         assert ev["state"] == "queued" and ev["attempts"] == 0, ev  # a hand-back is not an attempt
-        assert not children_of(second) and not rclient.exists(keys.evaluator("e1"))
-        assert rclient.lrange(keys.eval_queue(), 0, -1) == [second.encode()]
+        assert not children_of(second) and not rclient.exists(keys.evaluations.holder("e1"))
+        assert rclient.lrange(keys.evaluations.queue(), 0, -1) == [second.encode()]
 
         third = gw.post("/v1/evaluations", json=body)  # no evaluator left
         assert third.status_code == 503, third.text
         r = gw.post(f"/v1/evaluations/{second}/cancel")  # queued: cancelled at once
         assert r.status_code == 202 and r.json()["state"] == "cancelled"
-        assert rclient.llen(keys.eval_queue()) == 0
+        assert rclient.llen(keys.evaluations.queue()) == 0
         listed = gw.get("/v1/evaluations").json()["evaluations"]
         assert [e["id"] for e in listed] == [second, first]
     finally:
@@ -347,24 +351,19 @@ def test_dead_evaluator_fails_the_evaluation_after_max_attempts(gw, keys, rclien
     """Reaping by the gateway when the evaluation is read: queued again while attempts remain, then failed."""
     spec = EvalSpec(model=MODEL, tasks=[TASK], base_model=MODEL)
     eval_id = f"ev-{uuid.uuid4().hex[:12]}"
-    args: list[Any] = [eval_id, f"{time.time():.3f}", 100]
-    for k, v in new_evaluation_fields(eval_id, spec, time.time(), max_attempts=2).items():
-        args += [k, v]
-    enqueue, start = rclient.register_script(ENQUEUE_LUA), rclient.register_script(START_LUA)
-    assert enqueue(
-        keys=[keys.evaluation(eval_id), keys.evaluations(), keys.eval_queue(), keys.eval_log(eval_id)], args=args
-    )
+    fields = new_evaluation_fields(eval_id, spec, time.time(), max_attempts=2)
+    assert call(rclient, EVALUATIONS.enqueue(keys, eval_id, fields, 100))
     for attempt, expected in ((1, "queued"), (2, "failed")):
         # an evaluator "ghost" takes it, as the loop does, and dies without a heartbeat
-        assert rclient.lmove(keys.eval_queue(), keys.eval_claimed("ghost"), "RIGHT", "LEFT") == eval_id.encode()
-        start(
-            keys=[keys.eval_claimed("ghost"), keys.evaluation(eval_id), keys.eval_log(eval_id)],
-            args=[eval_id, "ghost", f"{time.time():.3f}"],
+        assert (
+            rclient.lmove(keys.evaluations.queue(), keys.evaluations.claimed("ghost"), "RIGHT", "LEFT")
+            == eval_id.encode()
         )
+        call(rclient, EVALUATIONS.start(keys, eval_id, "ghost"))
         ev = gw.get(f"/v1/evaluations/{eval_id}").json()
         assert ev["state"] == expected and ev["attempts"] == attempt, ev
     assert ev["error"] == "evaluator ghost stopped sending heartbeats (process died or lost Redis) (attempt 2 of 2)"
-    assert rclient.llen(keys.eval_queue()) == 0 and rclient.llen(keys.eval_claimed("ghost")) == 0
+    assert rclient.llen(keys.evaluations.queue()) == 0 and rclient.llen(keys.evaluations.claimed("ghost")) == 0
 
 
 def test_lm_eval_model_args_of_a_lora_job(model_path, tmp_path) -> None:

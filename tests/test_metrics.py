@@ -6,8 +6,8 @@ import httpx
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from grape.store.scoring import chunked
 from grape.settings import Settings
+from grape.store.scoring import chunked
 from service import metrics as service_metrics
 from service.app import create_app
 from tests.conftest import MODEL, create, load_pool, wait_done

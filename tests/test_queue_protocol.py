@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 from grape.keys import GROUP
-from grape.store.scoring import RESULTS_LUA, ItemResult, results_args
+from grape.store.io import call
+from grape.store.scoring import ItemResult, results
 from tests.conftest import MODEL, create, load_pool, wait_done
 from workers.loop import Worker
 
@@ -14,15 +15,13 @@ def test_a_redelivered_result_overwrites_and_never_double_counts(api, rclient, k
     ds = create(api)
     api.post(f"/v1/datasets/{ds}/items", json={"items": load_pool(1, max_chars=50, candidates=2)})
     item_id = load_pool(1)[0]["id"]
-    script = rclient.register_script(RESULTS_LUA)
     res = ItemResult(item_id, 2, scores=[{"logprob_sum": -3.0, "tokens": 3, "prompt_tokens": 5}] * 2)
-    argv_keys = [keys.scores(ds), keys.failed(ds), keys.stats(ds), keys.stream(MODEL)]
     for _ in range(3):
-        script(keys=argv_keys, args=results_args(GROUP, "", time.time(), [res]))
+        call(rclient, results(keys, "logprob", MODEL, ds, "", time.time(), [res]))
     st = api.get(f"/v1/datasets/{ds}").json()
     assert (st["scored_items"], st["scored_candidates"], st["tokens_scored"], st["state"]) == (1, 2, 16, "done")
     # a late failure report for an item already scored changes nothing
-    script(keys=argv_keys, args=results_args(GROUP, "", time.time(), [ItemResult(item_id, 2, error="late")]))
+    call(rclient, results(keys, "logprob", MODEL, ds, "", time.time(), [ItemResult(item_id, 2, error="late")]))
     st = api.get(f"/v1/datasets/{ds}").json()
     assert (st["scored_items"], st["failed_items"]) == (1, 0)
 
@@ -51,15 +50,8 @@ def test_poison_item_fails_alone_after_max_deliveries(api, rclient, keys, hf_bac
     Worker(rclient, keys, MODEL, hf_backend).ensure_group()
     ((entry_id, _),) = rclient.xreadgroup(GROUP, "crashy", {stream: ">"}, count=1)[0][1]
     # the first item was scored before the crash; then workers kept dying on the second one
-    rclient.register_script(RESULTS_LUA)(
-        keys=[keys.scores(ds), keys.failed(ds), keys.stats(ds), stream],
-        args=results_args(
-            GROUP,
-            "",
-            time.time(),
-            [ItemResult(items[0]["id"], 2, scores=[{"logprob_sum": -1.0, "tokens": 1, "prompt_tokens": 1}] * 2)],
-        ),
-    )
+    scored = ItemResult(items[0]["id"], 2, scores=[{"logprob_sum": -1.0, "tokens": 1, "prompt_tokens": 1}] * 2)
+    call(rclient, results(keys, "logprob", MODEL, ds, "", time.time(), [scored]))
     for _ in range(3):  # three more deliveries that "died": delivery count now 4
         rclient.xclaim(stream, GROUP, "crashy", min_idle_time=0, message_ids=[entry_id])
     worker_factory(claim_idle_ms=200, max_deliveries=3)

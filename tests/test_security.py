@@ -37,12 +37,12 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from grape.store import heartbeats
 from grape.chat_templates import BUILTIN, UnknownTemplate, load_template
 from grape.client import GrapeClient
 from grape.jobs import OPTIMIZERS, SCHEDULERS, Hyperparameters, JobSpec, LoraSpec
 from grape.keys import Keys, model_key
 from grape.settings import Settings
+from grape.store import heartbeats
 from service.app import create_app
 from tests.conftest import MODEL, load_pool, ndjson, start_gateway
 from tests.test_training import HP, LORA, _claim_as, scored_dataset, wait_job
@@ -261,7 +261,7 @@ def test_every_route_has_a_body_limit_chunked_or_not(gateway, rclient, keys) -> 
     assert r.status_code == 413 and "GRAPE_MAX_BODY_BYTES" in r.json()["detail"]
     # nothing was stored: no job, no item, nothing new under the prefix but the dataset itself
     assert c.get("/v1/training-jobs").json()["jobs"] == []
-    assert rclient.zcard(keys.jobs()) == 0
+    assert rclient.zcard(keys.training.ids()) == 0
     assert c.get(f"/v1/datasets/{ds}").json()["items"] == 0
     stored = sum(rclient.memory_usage(k) or 0 for k in rclient.scan_iter(match=f"{keys.prefix}:*"))
     assert stored < 2**20
@@ -597,7 +597,7 @@ def test_every_operator_setting_in_a_request_is_a_422_naming_it(api, keys, rclie
     for extra, field in rows:
         refused(api.post("/v1/training-jobs", json={"dataset_id": FAKE_DS, **extra}), field)
     assert api.get("/v1/training-jobs").json() == {"jobs": [], "unreadable": []}
-    assert rclient.llen(keys.job_queue()) == 0
+    assert rclient.llen(keys.training.queue()) == 0
 
     # the 422 names where the setting comes from instead
     r = api.post("/v1/training-jobs", json={"dataset_id": FAKE_DS, "hyperparameters": {"report_to": "wandb"}})
@@ -624,7 +624,7 @@ def test_a_huge_body_with_a_junk_field_is_refused_and_nothing_is_stored(api, rcl
     r = api.post("/v1/training-jobs", content=body, headers={"content-type": "application/json"})
     assert r.status_code in (413, 422), r.status_code
     assert len(r.content) < 64 * 1024, len(r.content)  # the junk is not echoed back
-    assert rclient.zcard(keys.jobs()) == 0 and api.get("/v1/training-jobs").json()["jobs"] == []
+    assert rclient.zcard(keys.training.ids()) == 0 and api.get("/v1/training-jobs").json()["jobs"] == []
 
 
 def test_the_allow_list_is_typed_bounded_and_real_sftconfig_fields() -> None:
@@ -796,14 +796,14 @@ def test_jobs_can_be_deleted_but_not_while_running(api, worker_factory, rclient,
     for path in ("", "/logs"):
         assert api.get(f"/v1/training-jobs/{queued}{path}").status_code == 404
     assert api.delete(f"/v1/training-jobs/{queued}").status_code == 404
-    assert not rclient.exists(keys.job(queued), keys.job_log(queued))
-    assert rclient.lrange(keys.job_queue(), 0, -1) == [running.encode()]
+    assert not rclient.exists(keys.training.record(queued), keys.training.log(queued))
+    assert rclient.lrange(keys.training.queue(), 0, -1) == [running.encode()]
 
     assert _claim_as(rclient, keys, "live-1") == running
-    rclient.set(keys.trainer("live-1"), b"{}", ex=30)
+    rclient.set(keys.training.holder("live-1"), b"{}", ex=30)
     r = api.delete(f"/v1/training-jobs/{running}")
     assert r.status_code == 409 and "cancel it first" in r.json()["detail"]
-    rclient.delete(keys.trainer("live-1"))  # its trainer died: reaped (failed), then deletable
+    rclient.delete(keys.training.holder("live-1"))  # its trainer died: reaped (failed), then deletable
     assert api.delete(f"/v1/training-jobs/{running}").status_code == 204
     assert api.get("/v1/training-jobs").json()["jobs"] == []
     for bad in ("job-nope", "ds-0123456789ab", "job-0123456789ab:log"):
@@ -822,10 +822,12 @@ def test_a_bad_record_in_redis_never_makes_the_job_list_500(api, rclient, keys) 
     good = {"dataset_id": FAKE_DS, "base_model": MODEL}
     bad_spec = {**good, "hyperparameters": {"num_train_epochs": None}}  # Infinity as an old version stored it
     for job_id, spec in (("job-00000000000a", bad_spec), ("job-00000000000b", good)):
-        rclient.hset(keys.job(job_id), mapping={"id": job_id, "state": "failed", "spec": json.dumps(spec)})
-        rclient.hset(keys.job(job_id), mapping={"dataset_id": FAKE_DS, "base_model": MODEL, "created": "1"})
-        rclient.zadd(keys.jobs(), {job_id: 1})
-    rclient.hset(keys.job("job-00000000000b"), mapping={"loss": "nan", "grad_norm": "inf"})  # a diverged run
+        rclient.hset(keys.training.record(job_id), mapping={"id": job_id, "state": "failed", "spec": json.dumps(spec)})
+        rclient.hset(keys.training.record(job_id), mapping={"dataset_id": FAKE_DS, "base_model": MODEL, "created": "1"})
+        rclient.zadd(keys.training.ids(), {job_id: 1})
+    rclient.hset(
+        keys.training.record("job-00000000000b"), mapping={"loss": "nan", "grad_norm": "inf"}
+    )  # a diverged run
     r = api.get("/v1/training-jobs")
     assert r.status_code == 200, r.text
     assert [j["id"] for j in r.json()["jobs"]] == ["job-00000000000b"] and r.json()["unreadable"] == [
@@ -858,10 +860,10 @@ def test_a_sigkilled_trainers_job_is_resumed_within_a_minute_with_defaults(
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 600
-        while not rclient.hget(keys.job(job_id), "checkpoints") or b"checkpoint-" not in rclient.hget(
-            keys.job(job_id), "checkpoints"
+        while not rclient.hget(keys.training.record(job_id), "checkpoints") or b"checkpoint-" not in rclient.hget(
+            keys.training.record(job_id), "checkpoints"
         ):
-            assert proc.poll() is None and time.monotonic() < deadline, rclient.hgetall(keys.job(job_id))
+            assert proc.poll() is None and time.monotonic() < deadline, rclient.hgetall(keys.training.record(job_id))
             time.sleep(0.1)
         proc.send_signal(signal.SIGKILL)
         killed = time.monotonic()
@@ -870,13 +872,17 @@ def test_a_sigkilled_trainers_job_is_resumed_within_a_minute_with_defaults(
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-    assert rclient.hget(keys.job(job_id), "state") == b"running" and rclient.exists(keys.trainer("doomed"))
+    assert rclient.hget(keys.training.record(job_id), "state") == b"running" and rclient.exists(
+        keys.training.holder("doomed")
+    )
 
     live = TrainerLoop(rclient, keys, defaults, name="survivor")  # default heartbeat and reaping interval
     thread = threading.Thread(target=live.run, kwargs={"max_jobs": 1}, daemon=True)
     thread.start()
     try:
-        while rclient.hget(keys.job(job_id), "trainer") == b"doomed":  # read from Redis: nothing reaps on read
+        while (
+            rclient.hget(keys.training.record(job_id), "trainer") == b"doomed"
+        ):  # read from Redis: nothing reaps on read
             assert time.monotonic() - killed < 60, "the dead trainer's job was not taken over within a minute"
             time.sleep(0.2)
         taken = time.monotonic() - killed

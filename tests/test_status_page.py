@@ -23,8 +23,8 @@ import pytest
 import redis
 from playwright.sync_api import Page, sync_playwright
 
-from grape.jobs import log_fields
 from grape.redis_server import free_port
+from grape.store.jobqueue import log_fields
 from tests.conftest import MODEL, create, load_pool, wait_done
 from tests.system_packages import ensure_binary
 
@@ -177,11 +177,11 @@ def test_status_page_shows_progress_and_wins_while_scoring(chromium, redis_url, 
             job = r.json()["id"]
             losses = [2.41, 2.12, 1.93, 1.71, 1.62]
             rc = redis.Redis.from_url(redis_url)
-            rc.set(keys.trainer("page-trainer"), b"{}", ex=120)
+            rc.set(keys.training.holder("page-trainer"), b"{}", ex=120)
             for step, loss in enumerate(losses, start=1):
-                rc.xadd(keys.job_log(job), log_fields(f"step {step}: loss {loss}", step=step, loss=loss))
+                rc.xadd(keys.training.log(job), log_fields(f"step {step}: loss {loss}", step=step, loss=loss))
             rc.hset(
-                keys.job(job),
+                keys.training.record(job),
                 mapping={"state": "running", "trainer": "page-trainer", "step": "5", "max_steps": "10",
                          "loss": "1.62", "started": f"{time.time():.3f}"},
             )  # fmt: skip

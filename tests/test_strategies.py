@@ -11,8 +11,8 @@ import pytest
 
 from grape.compare import compare, format_table
 from grape.registry import UnknownName
-from grape.strategies import STRATEGIES, ScoredItem, SelectParams, get_strategy, strategy_needs
 from grape.score_kinds import decode_vector, encode_vector, normalize_scores, tasks_for
+from grape.strategies import STRATEGIES, ScoredItem, SelectParams, get_strategy, strategy_needs
 from tests.conftest import load_pool
 
 SOURCES = ["a", "b", "c", "d"]

@@ -16,7 +16,9 @@ import orjson
 import pytest
 import torch
 
-from grape.jobs import START_LUA, Hyperparameters, JobSpec, LoraSpec
+from grape.jobs import Hyperparameters, JobSpec, LoraSpec
+from grape.store.io import call
+from grape.store.jobqueue import TRAINING
 from tests.conftest import MODEL, create, load_pool, wait_done
 from trainer.context import Outcome, Stop
 from trainer.loop import TrainerLoop
@@ -289,10 +291,9 @@ def test_jobs_are_refused_until_the_dataset_is_scored_and_the_selection_has_reco
 
 
 def _claim_as(rclient, keys, trainer: str) -> str:
-    """What a trainer does when it takes a job (BLMOVE + START_LUA), for a trainer that then dies."""
-    job_id = rclient.blmove(keys.job_queue(), keys.job_claimed(trainer), 1, "RIGHT", "LEFT").decode()
-    start = rclient.register_script(START_LUA)
-    assert start(keys=[keys.job_claimed(trainer), keys.job(job_id), keys.job_log(job_id)], args=[job_id, trainer, 1])
+    """What a trainer does when it takes a job (BLMOVE + start), for a trainer that then dies."""
+    job_id = rclient.blmove(keys.training.queue(), keys.training.claimed(trainer), 1, "RIGHT", "LEFT").decode()
+    assert call(rclient, TRAINING.start(keys, job_id, trainer))
     return job_id
 
 
@@ -303,19 +304,19 @@ def test_jobs_of_dead_trainers_fail_or_resume_and_queued_jobs_cancel(api, worker
     # the gateway sees the running job's trainer has no heartbeat: failed with the reason, not running forever
     st = api.get(f"/v1/training-jobs/{first}").json()
     assert st["state"] == "failed" and "trainer ghost-1 stopped sending heartbeats" in st["error"]
-    assert rclient.llen(keys.job_claimed("ghost-1")) == 0
+    assert rclient.llen(keys.training.claimed("ghost-1")) == 0
 
     second = api.post("/v1/training-jobs", json={"dataset_id": ds, "auto_resume": True, "max_attempts": 2}).json()["id"]
     assert _claim_as(rclient, keys, "ghost-2") == second
-    rclient.set(keys.trainer("ghost-2"), b"{}", ex=1)
+    rclient.set(keys.training.holder("ghost-2"), b"{}", ex=1)
     live = TrainerLoop(rclient, keys, settings, name="live")
     assert live.reap_dead() == {}  # ghost-2 still has a heartbeat
     time.sleep(1.2)
     assert live.reap_dead() == {second: "resumed"}  # asked for auto_resume: queued again, to resume
     st = api.get(f"/v1/training-jobs/{second}").json()
     assert (st["state"], st["attempts"]) == ("queued", 1)
-    assert rclient.hget(keys.job(second), "resume") == b"1"
-    assert rclient.lrange(keys.job_queue(), 0, -1) == [second.encode()]
+    assert rclient.hget(keys.training.record(second), "resume") == b"1"
+    assert rclient.lrange(keys.training.queue(), 0, -1) == [second.encode()]
     assert _claim_as(rclient, keys, "ghost-3") == second  # second attempt of 2 dies too: now it fails
     assert live.reap_dead() == {second: "failed"}
     assert api.get(f"/v1/training-jobs/{second}").json()["state"] == "failed"
@@ -325,7 +326,7 @@ def test_jobs_of_dead_trainers_fail_or_resume_and_queued_jobs_cancel(api, worker
     assert r.status_code == 202 and r.json()["state"] == "queued"
     r = api.post(f"/v1/training-jobs/{second}/cancel")
     assert r.status_code == 202 and r.json()["state"] == "cancelled"
-    assert rclient.llen(keys.job_queue()) == 0
+    assert rclient.llen(keys.training.queue()) == 0
     assert api.post(f"/v1/training-jobs/{first}/cancel").status_code == 409
 
 

@@ -18,8 +18,10 @@ import orjson
 import redis
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from grape.jobs import CANCEL, LOG_MAXLEN, REQUEUE, JobState, log_fields
+from grape.jobs import JobState
 from grape.keys import Keys
+from grape.redis_client import as_str
+from grape.store.jobqueue import CANCEL, REQUEUE, TRAINING
 from trainer.context import Stop, checkpoint_dirs
 
 log = logging.getLogger(__name__)
@@ -49,28 +51,26 @@ class JobProgressCallback(TrainerCallback):
     def _hset(self, **fields: Any) -> None:
         mapping = {k: _field(v) for k, v in fields.items()}
         try:
-            self.r.hset(self.keys.job(self.job_id), mapping=mapping)
+            self.r.hset(self.keys.training.record(self.job_id), mapping=mapping)
         except redis.RedisError as exc:  # progress is best effort; training goes on
             log.warning("job %s: progress not written: %s", self.job_id, exc)
 
     def _log(self, msg: str, level: str = "info", **data: Any) -> None:
         try:
-            self.r.xadd(self.keys.job_log(self.job_id), log_fields(msg, level, **data), maxlen=LOG_MAXLEN)
+            TRAINING.log(self.r, self.keys, self.job_id, msg, level, **data)
         except redis.RedisError as exc:
             log.warning("job %s: log record not written: %s", self.job_id, exc)
 
     def _read_stop(self) -> Stop:
         try:
             with self.r.pipeline(transaction=False) as pipe:
-                pipe.get(self.keys.job_cancel(self.job_id))
-                pipe.hmget(self.keys.job(self.job_id), ["state", "trainer"])
+                pipe.get(self.keys.training.cancel(self.job_id))
+                pipe.hmget(self.keys.training.record(self.job_id), ["state", "trainer"])
                 flag, (state, trainer) = pipe.execute()
         except redis.RedisError as exc:
             log.warning("job %s: cancel flag not read: %s", self.job_id, exc)
             return Stop.none
-        flag = flag.decode() if isinstance(flag, bytes) else flag
-        state = state.decode() if isinstance(state, bytes) else state
-        trainer = trainer.decode() if isinstance(trainer, bytes) else trainer
+        flag, state, trainer = (as_str(x) if x is not None else None for x in (flag, state, trainer))
         if state != JobState.running or trainer != self.trainer:
             return Stop.lost
         if flag == CANCEL:

@@ -1,11 +1,9 @@
 """The job consumer: take a training job from the Redis queue, materialize its selected set, train, report.
 
-One job at a time per trainer (a trainer owns its GPUs). The queue is a list: BLMOVE takes the oldest id
-into this trainer's claimed list and `START_LUA` marks it running, so a job is always either queued or
-held by exactly one trainer. A heartbeat key with a TTL says the trainer is alive; a background thread
-refreshes it and reaps the jobs of trainers whose heartbeat is gone (`REAP_LUA`: failed, or queued again
-to resume when the job asked for it). The gateway does the same when it reads a running job, so a job
-is never left "running" after its trainer died, even when no other trainer is up.
+One job at a time per trainer (a trainer owns its GPUs). Claiming, the heartbeat and reaping the jobs of
+dead trainers are the shared consumer's (grape.store.consumer, over grape.store.jobqueue.TRAINING); this
+module is what a trainer does with a job. The gateway reaps too when it reads a running job, so a job is
+never left "running" after its trainer died, even when no other trainer is up.
 
 Launchers: `inline` trains in this process (CPU, tests, one GPU); `process` starts `python -m trainer.sft`
 per job (a crash or a leak dies with the job); `accelerate` starts `accelerate launch --config_file CFG
@@ -21,11 +19,8 @@ import importlib.util
 import logging
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -35,21 +30,13 @@ import orjson
 import redis
 
 from grape.experiments import write_stored_selection
-from grape.jobs import (
-    CANCEL,
-    FINISH_LUA,
-    LOG_MAXLEN,
-    REAP_LUA,
-    REQUEUE,
-    START_LUA,
-    JobSpec,
-    JobState,
-    dead_trainer_reason,
-    log_fields,
-)
+from grape.jobs import JobSpec, JobState
 from grape.keys import Keys, is_job_id
-from grape.selection_io import write_selection
+from grape.redis_client import as_str
 from grape.settings import Settings
+from grape.store.consumer import QueueConsumer
+from grape.store.datasets import write_selection
+from grape.store.jobqueue import CANCEL, REQUEUE, TRAINING
 from grape.strategies import SelectParams
 from trainer.context import OUTCOME_FILE, Outcome, Stop, TrainContext, checkpoint_dirs
 
@@ -57,7 +44,7 @@ log = logging.getLogger(__name__)
 
 Launcher = Literal["inline", "process", "accelerate"]
 DELETED_KEEP_S = 86_400
-"""How long a deleted job's id stays in `Keys.jobs_deleted` for trainers to remove its directory."""
+"""How long a deleted job's id stays in `Keys.training.deleted()` for trainers to remove its directory."""
 SELECTION_FILE = "selection.jsonl"
 TRAIN_LOG_FILE = "train.log"
 
@@ -84,7 +71,9 @@ def accelerate_config_path(name_or_path: str) -> Path:
     return cfg
 
 
-class TrainerLoop:
+class TrainerLoop(QueueConsumer):
+    queue = TRAINING
+
     def __init__(
         self,
         client: redis.Redis,
@@ -97,25 +86,17 @@ class TrainerLoop:
         num_processes: int | None = None,
         block_s: float = 2.0,
     ) -> None:
-        self.r = client
-        self.keys = keys
-        self.settings = settings
-        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        super().__init__(client, keys, settings, name=name, block_s=block_s)
         self.launcher = launcher
         self.accelerate_config = accelerate_config
         self.num_processes = num_processes
-        self.block_s = block_s
-        self.ttl = settings.trainer_heartbeat_s
-        self.jobs_done = 0
-        self.current: str | None = None
-        self._stop = threading.Event()
-        self._start = client.register_script(START_LUA)
-        self._finish = client.register_script(FINISH_LUA)
-        self._reap = client.register_script(REAP_LUA)
         if launcher == "accelerate":
             accelerate_config_path(accelerate_config or "multi_gpu")  # fail at start, not per job
 
-    # lifecycle -----------------------------------------------------------------------------------
+    def run(self, *, max_jobs: int | None = None, idle_exit_s: float | None = None) -> int:
+        """Take jobs until stopped (or `max_jobs` ran, or the queue was empty `idle_exit_s`). Returns jobs run."""
+        return self.consume(max_count=max_jobs, idle_exit_s=idle_exit_s)
+
     def stop(self, *_: Any) -> None:
         """Stop claiming; a running job saves a checkpoint after its current step and is queued again."""
         if not self._stop.is_set():
@@ -125,65 +106,29 @@ class TrainerLoop:
         job = self.current
         if job is not None:
             try:
-                self.r.set(self.keys.job_cancel(job), REQUEUE, nx=True)  # an asked cancel stays a cancel
+                self.r.set(self.q.cancel(job), REQUEUE, nx=True)  # an asked cancel stays a cancel
             except redis.RedisError as exc:
                 log.warning("could not hand back job %s: %s", job, exc)
 
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+    def heartbeat_info(self) -> dict[str, Any]:
+        return {"job": self.current, "launcher": self.launcher}
 
-    def run(self, *, max_jobs: int | None = None, idle_exit_s: float | None = None) -> int:
-        """Take jobs until stopped (or `max_jobs` ran, or the queue was empty `idle_exit_s`). Returns jobs run."""
-        self.heartbeat()
-        keeper = threading.Thread(target=self._keep_alive, name="trainer-heartbeat", daemon=True)
-        keeper.start()
-        idle_since = time.monotonic()
-        log.info("trainer %s: waiting for jobs on %s (launcher %s)", self.name, self.keys.job_queue(), self.launcher)
-        try:
-            while not self._stop.is_set():
-                if max_jobs is not None and self.jobs_done >= max_jobs:
-                    break
-                raw = self.r.blmove(
-                    self.keys.job_queue(), self.keys.job_claimed(self.name), self.block_s, "RIGHT", "LEFT"
-                )
-                if raw is None:
-                    if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
-                        break
-                    continue
-                self.run_job(raw.decode() if isinstance(raw, bytes) else raw)
-                idle_since = time.monotonic()
-        finally:
-            self._stop.set()
-            keeper.join(timeout=5)
-            self.r.delete(self.keys.trainer(self.name))
-        log.info("trainer %s: stopped after %d job(s)", self.name, self.jobs_done)
-        return self.jobs_done
+    def housekeeping(self) -> None:
+        self.remove_deleted()
 
-    # heartbeat and reaping ------------------------------------------------------------------------
-    def heartbeat(self) -> None:
-        info = {"name": self.name, "pid": os.getpid(), "job": self.current, "launcher": self.launcher}
-        info["heartbeat"] = time.time()
-        self.r.set(self.keys.trainer(self.name), orjson.dumps(info), ex=max(1, int(self.ttl)))
-
-    def _keep_alive(self) -> None:
-        while not self._stop.wait(max(0.5, self.ttl / 3)):
-            try:
-                self.heartbeat()
-                self.reap_dead()
-                self.remove_deleted()
-            except redis.RedisError as exc:
-                log.warning("heartbeat failed: %s", exc)
+    def error_of(self, exc: Exception) -> str:
+        self._log(self.current or "", "traceback", "error", traceback=traceback.format_exc(limit=20))
+        return str(exc) if isinstance(exc, JobError) else super().error_of(exc)
 
     def remove_deleted(self) -> list[str]:
         """Remove the directories of deleted jobs (DELETE /v1/training-jobs/{id}) from this trainer's train
         dir. Every trainer does it for its own disk; an id stays listed for DELETED_KEEP_S. Returns removed ids."""
-        key = self.keys.jobs_deleted()
+        key = self.q.deleted()
         self.r.zremrangebyscore(key, "-inf", time.time() - DELETED_KEEP_S)
         root = self.settings.training_dir().resolve()
         removed = []
         for raw in self.r.zrange(key, 0, 9999):
-            job_id = raw.decode() if isinstance(raw, bytes) else raw
+            job_id = as_str(raw)
             if not is_job_id(job_id) or job_id == self.current:
                 continue
             path = root / job_id
@@ -193,49 +138,6 @@ class TrainerLoop:
                 log.info("trainer %s: removed %s of deleted job %s", self.name, path, job_id)
         return removed
 
-    def reap_dead(self) -> dict[str, str]:
-        """Jobs held by trainers whose heartbeat is gone: failed, or queued again. Returns job id -> outcome."""
-        out: dict[str, str] = {}
-        prefix = self.keys.job_claimed("")
-        for key in self.r.scan_iter(match=self.keys.job_claimed_pattern(), count=200):
-            trainer = (key.decode() if isinstance(key, bytes) else key)[len(prefix) :]
-            if trainer == self.name or self.r.exists(self.keys.trainer(trainer)):
-                continue
-            for raw in self.r.lrange(key, 0, -1):
-                job_id = raw.decode() if isinstance(raw, bytes) else raw
-                step = self.r.hget(self.keys.job(job_id), "step")
-                res = self._reap(
-                    keys=[
-                        self.keys.trainer(trainer),
-                        key,
-                        self.keys.job(job_id),
-                        self.keys.job_log(job_id),
-                        self.keys.job_queue(),
-                        self.keys.job_cancel(job_id),
-                    ],
-                    args=[job_id, trainer, f"{time.time():.3f}", dead_trainer_reason(trainer, step and step.decode())],
-                )
-                out[job_id] = res.decode() if isinstance(res, bytes) else res
-                log.warning("trainer %s: reaped job %s of dead trainer %s: %s", self.name, job_id, trainer, out[job_id])
-        return out
-
-    # one job -------------------------------------------------------------------------------------
-    def _log(self, job_id: str, msg: str, level: str = "info", **data: Any) -> None:
-        self.r.xadd(self.keys.job_log(job_id), log_fields(msg, level, **data), maxlen=LOG_MAXLEN)
-
-    def _end(self, job_id: str, state: JobState, message: str, *, error: str = "", level: str = "info") -> bool:
-        done = self._finish(
-            keys=[
-                self.keys.job_claimed(self.name),
-                self.keys.job(job_id),
-                self.keys.job_log(job_id),
-                self.keys.job_cancel(job_id),
-                self.keys.job_queue(),
-            ],
-            args=[job_id, self.name, state.value, f"{time.time():.3f}", error, message, level],
-        )
-        return bool(done)
-
     def output_dir(self, job_id: str) -> Path:
         """The job's own directory, GRAPE_TRAIN_DIR/<job id>: nothing in a request chooses it, and ids are
         the gateway's (`job-` and 12 hex digits), so two jobs never share one."""
@@ -243,34 +145,16 @@ class TrainerLoop:
             raise JobError(f"training job id {job_id!r} is not one the gateway makes (job-<12 hex digits>)")
         return self.settings.training_dir().resolve() / job_id
 
-    def run_job(self, job_id: str) -> None:
-        raw = self._start(
-            keys=[self.keys.job_claimed(self.name), self.keys.job(job_id), self.keys.job_log(job_id)],
-            args=[job_id, self.name, f"{time.time():.3f}"],
-        )
-        if raw is None:
-            log.info("job %s was cancelled or removed before it started", job_id)
-            return
-        self.current = job_id
-        self.heartbeat()
-        try:
-            self._run(job_id, JobSpec.model_validate_json(raw))
-        except Exception as exc:  # noqa: BLE001 - any error fails the job with its reason, the trainer goes on
-            error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, JobError) else str(exc)
-            log.exception("job %s failed", job_id)
-            self._log(job_id, "traceback", "error", traceback=traceback.format_exc(limit=20))
-            self._end(job_id, JobState.failed, f"failed: {error}", error=error, level="error")
-        finally:
-            self.current = None
-            self.jobs_done += 1
+    def work(self, job_id: str, spec_json: bytes) -> None:
+        self._run(job_id, JobSpec.model_validate_json(spec_json))
 
     def _run(self, job_id: str, spec: JobSpec) -> None:
-        resume = self.r.hget(self.keys.job(job_id), "resume") == b"1"
+        resume = self.r.hget(self.q.record(job_id), "resume") == b"1"
         out = self.output_dir(job_id)
         if not resume and checkpoint_dirs(out):
             raise JobError(f"{out} already holds checkpoints of an earlier run of this job: resume the job instead")
         out.mkdir(parents=True, exist_ok=True)
-        self.r.hset(self.keys.job(job_id), mapping={"output_dir": str(out), "resume": ""})
+        self.r.hset(self.q.record(job_id), mapping={"output_dir": str(out), "resume": ""})
         data = out / SELECTION_FILE
         if resume and data.exists():  # a resumed run trains on exactly the records of the first run
             with open(data, "rb") as f:
@@ -283,22 +167,22 @@ class TrainerLoop:
             params = SelectParams(k=spec.k, reduce=spec.reduce, n=spec.n, tau=spec.tau, seed=spec.seed)
             n = write_selection(self.r, self.keys, spec.dataset_id, spec.strategy, params, data)
             self._log(job_id, f"selected set materialized: {n} records ({spec.strategy}, k={spec.k}) in {data}")
-        self.r.hset(self.keys.job(job_id), "train_records", n)
+        self.r.hset(self.q.record(job_id), "train_records", n)
         if n == 0:
             raise JobError(f"the selection of dataset {spec.dataset_id} ({spec.strategy}) is empty: nothing to train")
-        flag = self.r.get(self.keys.job_cancel(job_id))
-        if flag is not None and flag.decode() == CANCEL:
+        flag = self.r.get(self.q.cancel(job_id))
+        if flag is not None and as_str(flag) == CANCEL:
             self._end(job_id, JobState.cancelled, "cancelled before training started")
             return
-        if flag is not None and flag.decode() == REQUEUE:
+        if flag is not None and as_str(flag) == REQUEUE:
             self._end(job_id, JobState.queued, f"handed back before training started (trainer {self.name} stopped)")
             return
         ctx = TrainContext(job_id, spec, data, out, resume=resume, trainer_name=self.name, settings=self.settings)
         outcome = self._train(ctx)
         ckpts = checkpoint_dirs(out)
-        self.r.hset(self.keys.job(job_id), "checkpoints", orjson.dumps(ckpts).decode())
+        self.r.hset(self.q.record(job_id), "checkpoints", orjson.dumps(ckpts).decode())
         if outcome.stop is Stop.none:
-            self.r.hset(self.keys.job(job_id), "model_path", outcome.model_path or "")
+            self.r.hset(self.q.record(job_id), "model_path", outcome.model_path or "")
             self._end(
                 job_id,
                 JobState.succeeded,

@@ -199,7 +199,7 @@ def train(ctx: TrainContext, client: Any, keys: Any) -> Outcome:
     """Train the job; progress goes to Redis through the callback. Raises on errors (the loop fails the job)."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    from grape.jobs import LOG_MAXLEN, log_fields
+    from grape.store.jobqueue import TRAINING
     from trainer.callbacks import JobProgressCallback
 
     callback = JobProgressCallback(client, keys, ctx.job_id, ctx.trainer_name)
@@ -210,14 +210,13 @@ def train(ctx: TrainContext, client: Any, keys: Any) -> Outcome:
         resume_from = get_last_checkpoint(str(ctx.output_dir))
     if main:
         kind = "LoRA adapter" if info["lora"] else "full fine-tuning"
-        client.xadd(
-            keys.job_log(ctx.job_id),
-            log_fields(
-                f"model {ctx.spec.base_model} loaded ({kind}); {info['records']} records, {info['template']} "
-                "template" + (f"; resuming from {resume_from}" if resume_from else ""),
-                model_path=info["model_path"],
-            ),
-            maxlen=LOG_MAXLEN,
+        TRAINING.log(
+            client,
+            keys,
+            ctx.job_id,
+            f"model {ctx.spec.base_model} loaded ({kind}); {info['records']} records, {info['template']} "
+            "template" + (f"; resuming from {resume_from}" if resume_from else ""),
+            model_path=info["model_path"],
         )
     trainer.train(resume_from_checkpoint=resume_from)
     steps = trainer.state.global_step
@@ -252,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     client = connect(settings.redis_url or DEFAULT_REDIS_URL)
     keys = Keys(settings.key_prefix)
-    raw = client.hget(keys.job(args.job), "spec")
+    raw = client.hget(keys.training.record(args.job), "spec")
     if raw is None:
         print(f"training job {args.job} not found", file=sys.stderr)
         return 2

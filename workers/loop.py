@@ -6,7 +6,7 @@ caller of `run`) only runs the backend, and with a backend that streams (vLLM) a
 running engine before the current one is done, so the engine never drains between batches; a writer
 writes each batch's results as soon as it is scored and acks a chunk when the last of its items is written.
 
-Delivery is at-least-once, result writes are idempotent (grape.store.scoring.RESULTS_LUA): an item is counted
+Delivery is at-least-once, result writes are idempotent (grape.store.scoring.RESULTS): an item is counted
 once however often it is written. A chunk pending on a dead worker is taken over with XAUTOCLAIM once it
 has been idle `claim_idle_ms` (30 s by default); while a worker holds chunks, a keeper thread re-claims
 them six times per idle time, so a slow batch on a live worker is never mistaken for a dead worker. A
@@ -31,20 +31,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import redis
 
-from grape.store import heartbeats
 from grape.keys import GROUP, Keys
-from grape.store.scoring import HANDBACK_LUA, RESULTS_LUA, ItemResult, results_args
 from grape.redis_client import as_str
 from grape.settings import DEFAULT_CLAIM_IDLE_MS
+from grape.store import datasets, heartbeats, scoring
+from grape.store.io import call, run
+from grape.store.scoring import ItemResult
 from workers import metrics as worker_metrics
 from workers.backends.base import ScoringBackend
 from workers.runners import load_task
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(eq=False)
@@ -144,8 +143,6 @@ class Worker:
         self._ready: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch))  # reader -> compute
         self._done: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch))  # compute -> writer
         self._error: BaseException | None = None
-        self._write = client.register_script(RESULTS_LUA)
-        self._handback = client.register_script(HANDBACK_LUA)
         self._claim_cursor = "0-0"
         self._meta: dict[str, dict[str, str]] = {}
 
@@ -315,27 +312,14 @@ class Worker:
 
     @staticmethod
     def _entry(entry_id: Any, fields: dict[Any, Any], deliveries: int) -> Entry:
-        f = {as_str(k): v for k, v in fields.items()}
-        return Entry(as_str(entry_id), as_str(f["ds"]), orjson.loads(f["items"]), deliveries)
+        return Entry(as_str(entry_id), *scoring.parse_entry(fields), deliveries)
 
     def _load(self, entries: list[Entry]) -> list[tuple[dict[str, str] | None, list[dict[str, Any]]]]:
         """Each entry's dataset settings and items, in one round trip for all of them."""
-        pipe = self.r.pipeline(transaction=False)
-        unknown = sorted({e.dataset for e in entries if e.dataset not in self._meta})
-        for ds in unknown:
-            pipe.hgetall(self.keys.dataset(ds))
-        for e in entries:
-            pipe.hmget(self.keys.items(e.dataset), e.item_ids) if e.item_ids else pipe.echo("")
-        got = pipe.execute()
-        for ds, raw in zip(unknown, got, strict=False):
-            if raw:
-                self._meta[ds] = {as_str(k): as_str(v) for k, v in raw.items()}
-        out = []
-        for e, raws in zip(entries, got[len(unknown) :], strict=True):
-            meta = self._meta.get(e.dataset)
-            items = [orjson.loads(x) for x in raws if x is not None] if meta is not None and e.item_ids else []
-            out.append((meta, items))
-        return out
+        chunks = [(e.dataset, e.item_ids) for e in entries]
+        metas, items = run(self.r, datasets.load_chunks(self.keys, chunks, known=self._meta))
+        self._meta.update(metas)
+        return [(self._meta.get(e.dataset), its) for e, its in zip(entries, items, strict=True)]
 
     def _schedule(self, entries: list[Entry]) -> None:
         """Turn claimed entries into batches for the compute thread. Fresh entries are scored together, in
@@ -389,7 +373,7 @@ class Worker:
         self._write_results(entry.dataset, "", [ItemResult(poison["id"], len(poison["candidates"]), error=reason)])
         if rest:
             # requeue as a fresh entry: HSETNX finds them stored, so re-add the stream entry directly
-            self.r.xadd(self.stream, {"ds": entry.dataset, "items": orjson.dumps([it["id"] for it in rest])})
+            self.r.xadd(self.stream, scoring.entry(entry.dataset, [it["id"] for it in rest]))
         self._ack(entry)
         log.error("dead-lettered item %s of dataset %s", poison["id"], entry.dataset)
 
@@ -504,7 +488,7 @@ class Worker:
                 continue  # never scheduled: left pending, reclaimed after the idle time
             rest = [i for i in e.item_ids if i in e.todo]
             if rest:
-                self._handback(keys=[self.stream], args=[GROUP, e.id, e.dataset, orjson.dumps(rest)])
+                call(self.r, scoring.handback(self.stream, e.id, e.dataset, rest))
                 log.info("handed back %d unscored items of entry %s", len(rest), e.id)
             else:
                 self._ack(e)
@@ -518,18 +502,9 @@ class Worker:
     def _write_results(
         self, dataset: str, entry_id: str, results: list[ItemResult], only_if_dataset: bool = False
     ) -> None:
-        k = self.keys
-        if only_if_dataset and not self.r.exists(k.dataset(dataset)):
+        if only_if_dataset and not self.r.exists(self.keys.dataset(dataset)):
             return  # a dataset deleted while we scored: do not recreate its keys
-        self._write(
-            keys=[
-                k.task_results(dataset, self.task),
-                k.task_failed(dataset, self.task),
-                k.task_stats(dataset, self.task),
-                self.stream,
-            ],
-            args=results_args(GROUP, entry_id, time.time(), results),
-        )
+        call(self.r, scoring.results(self.keys, self.task, self.model, dataset, entry_id, time.time(), results))
         worker_metrics.record_results(self.model, self.task, dataset, results)
         for r in results:
             self.stats.items += 1

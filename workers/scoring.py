@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from grape.formatting import FormatError, prompt_ids, resolve_template, response_ids, response_ids_batch
-from grape.store.scoring import ItemResult
 from grape.records import Template
+from grape.store.scoring import ItemResult
 from workers.backends.base import ScoreRequest, ScoringBackend
 
 log = logging.getLogger(__name__)

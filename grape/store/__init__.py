@@ -7,6 +7,7 @@
 - `scoring`: the gateway <-> worker protocol: ingest, results and hand-back scripts with their builders.
 - `jobqueue`: the job queues of trainers (training jobs) and evaluators (evaluations): one protocol, two
   key spaces.
+- `consumer`: the loop a trainer or an evaluator runs over its queue (claim, heartbeat, reap, end).
 - `heartbeats`: who is alive (workers, trainers, evaluators).
 - `errors`: what the store raises (`NotFound`, `Invalid`, `Conflict`).
 

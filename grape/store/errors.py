@@ -4,6 +4,11 @@ trainer and the evaluator fail the job with the message."""
 from __future__ import annotations
 
 
+def shown(value: str, limit: int = 64) -> str:
+    """A caller's value quoted for an error message: repr (escapes anything odd), cut to `limit` characters."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
 class StoreError(Exception):
     """Base of the store's errors; the message is for the user."""
 

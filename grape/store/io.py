@@ -67,16 +67,25 @@ def run(client: Any, plan: Plan[T]) -> T:
 async def arun(client: Any, plan: Plan[T], *, offload: bool = False) -> T:
     """Drive a plan with an asyncio client (`redis.asyncio.Redis`). `offload`: run the plan's own work between
     round trips (decoding a page of JSON, say) in a worker thread, so the event loop keeps answering."""
-    step: Callable[[Any], list[Cmd]] = plan.send
+
+    def step(replies: list[Any]) -> tuple[bool, Any]:
+        # the plan's end comes back as a value: a StopIteration cannot cross a thread's future
+        try:
+            return False, plan.send(replies)
+        except StopIteration as done:
+            return True, done.value
+
     try:
         cmds = next(plan)
-        while True:
-            async with client.pipeline(transaction=False) as pipe:
-                _queue(pipe, cmds)
-                replies = await pipe.execute()
-            cmds = await anyio.to_thread.run_sync(step, replies) if offload else step(replies)
     except StopIteration as done:
         return done.value
+    while True:
+        async with client.pipeline(transaction=False) as pipe:
+            _queue(pipe, cmds)
+            replies = await pipe.execute()
+        finished, cmds = await anyio.to_thread.run_sync(step, replies) if offload else step(replies)
+        if finished:
+            return cmds
 
 
 def pages(client: Any, page: Callable[[int], Plan[Page[T]]], start: int = 0) -> Iterator[list[T]]:

@@ -6,14 +6,25 @@ chunk's item ids, all in one script so a crash never leaves an item stored but n
 
 Results (worker): per item, write its scores (or its failure), bump the counters only when the field is
 new (a redelivered chunk overwrites, never double counts), then XACK + XDEL the entry, in one script.
+
+Each script is a `Lua` beside the one function that builds its keys and arguments (`ingest`, `results`,
+`handback`); a stream entry (`{"ds", "items"}`) is built by `entry` and read by `parse_entry` alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-INGEST_LUA = """
+import orjson
+
+from grape.keys import GROUP, Keys
+from grape.redis_client import as_str
+from grape.score_kinds import extra_tasks, task_model
+from grape.store.io import Call, Lua
+
+INGEST = Lua("""
 -- KEYS: items, order, stats, stream, then the streams of the dataset's extra tasks (grape.score_kinds), if any
 -- ARGV: dataset id, n, then n x (item id, item json, candidates)
 local new = {}
@@ -36,9 +47,9 @@ if #new > 0 then
   end
 end
 return new
-"""
+""")
 
-RESULTS_LUA = """
+RESULTS = Lua("""
 -- KEYS: scores, failed, stats, stream
 -- ARGV: group, entry id ('' for none), now, n, then n x (item id, 'ok'|'fail', payload, candidates, tokens)
 local n = tonumber(ARGV[4])
@@ -71,16 +82,72 @@ if ARGV[2] ~= '' then
   redis.call('XDEL', KEYS[4], ARGV[2])
 end
 return n
-"""
+""")
 
-HANDBACK_LUA = """
+HANDBACK = Lua("""
 -- KEYS: stream   ARGV: group, entry id, dataset id, json list of the item ids not yet scored
 -- A stopping worker queues what it did not score as a fresh entry and acks the old one, atomically.
 redis.call('XADD', KEYS[1], '*', 'ds', ARGV[3], 'items', ARGV[4])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
-"""
+""")
+
+
+def entry(dataset_id: str, item_ids: list[str]) -> dict[str, Any]:
+    """The fields of a stream entry: one chunk of a dataset's item ids (the scripts write the same two)."""
+    return {"ds": dataset_id, "items": orjson.dumps(item_ids)}
+
+
+def parse_entry(fields: Mapping[Any, Any]) -> tuple[str, list[str]]:
+    """A stream entry's dataset id and item ids."""
+    f = {as_str(k): v for k, v in fields.items()}
+    return as_str(f["ds"]), orjson.loads(f["items"])
+
+
+def ingest(keys: Keys, dataset_id: str, meta: Mapping[str, str], items: list[dict[str, Any]]) -> Call:
+    """Store one chunk of new items and queue it on the target model's stream and each extra task's."""
+    streams = [keys.task_stream(t, task_model(meta, t)) for t in extra_tasks(meta)]
+    args: list[Any] = [dataset_id, len(items)]
+    for it in items:
+        args += [it["id"], orjson.dumps(it), len(it["candidates"])]
+    return INGEST.call(
+        [
+            keys.items(dataset_id),
+            keys.order(dataset_id),
+            keys.stats(dataset_id),
+            keys.stream(meta["target_model"]),
+            *streams,
+        ],
+        args,
+    )
+
+
+def results(
+    keys: Keys, task: str, model: str, dataset_id: str, entry_id: str, now: float, rows: list[ItemResult]
+) -> Call:
+    """Write a task's results for items of a dataset; with `entry_id`, ack and delete that entry too."""
+    args: list[Any] = [GROUP, entry_id, f"{now:.3f}", len(rows)]
+    for r in rows:
+        if r.scores is not None:
+            args += [r.item_id, "ok", orjson.dumps(r.scores), r.candidates, r.pair_tokens]
+        else:
+            args += [r.item_id, "fail", r.error or "unknown error", r.candidates, 0]
+    stream = keys.task_stream(task, model)
+    return RESULTS.call(
+        [
+            keys.task_results(dataset_id, task),
+            keys.task_failed(dataset_id, task),
+            keys.task_stats(dataset_id, task),
+            stream,
+        ],
+        args,
+    )
+
+
+def handback(stream: str, entry_id: str, dataset_id: str, item_ids: list[str]) -> Call:
+    """Queue the unscored items of an entry as a fresh entry and ack the old one, atomically."""
+    return HANDBACK.call([stream], [GROUP, entry_id, dataset_id, orjson.dumps(item_ids)])
 
 
 @dataclass(frozen=True)
@@ -95,27 +162,6 @@ class ItemResult:
     @property
     def pair_tokens(self) -> int:
         return sum(s["tokens"] + s["prompt_tokens"] for s in self.scores or [])
-
-
-def results_args(group: str, entry_id: str, now: float, results: list[ItemResult]) -> list[Any]:
-    import orjson
-
-    args: list[Any] = [group, entry_id, f"{now:.3f}", len(results)]
-    for r in results:
-        if r.scores is not None:
-            args += [r.item_id, "ok", orjson.dumps(r.scores), r.candidates, r.pair_tokens]
-        else:
-            args += [r.item_id, "fail", r.error or "unknown error", r.candidates, 0]
-    return args
-
-
-def ingest_args(dataset_id: str, items: list[dict[str, Any]]) -> list[Any]:
-    import orjson
-
-    args: list[Any] = [dataset_id, len(items)]
-    for it in items:
-        args += [it["id"], orjson.dumps(it), len(it["candidates"])]
-    return args
 
 
 def chunked(items: list[dict[str, Any]], pairs: int) -> list[list[dict[str, Any]]]:

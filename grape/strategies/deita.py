@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from grape.strategies.base import Pick, ScoredItem, SelectParams, budget
 from grape.score_kinds import decode_vector
+from grape.strategies.base import Pick, ScoredItem, SelectParams, budget
 
 DEFAULT_N = 6000
 

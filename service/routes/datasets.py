@@ -6,12 +6,11 @@ from fastapi import APIRouter, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from grape.strategies import STRATEGIES, SelectParams
+from grape.strategies import SelectParams
 from service import compare as compare_svc
 from service import datasets as svc
-from service import tasks as task_svc
 from service.deps import DatasetId, KeysDep, RedisDep, SettingsDep, upload_slot
-from service.errors import TooLarge, Unprocessable
+from service.errors import TooLarge
 from service.ingest import parse_upload, upload_type
 from service.model_access import check_model
 from service.schemas import (
@@ -26,7 +25,6 @@ from service.schemas import (
     ScoresQueued,
     ScoresRequest,
 )
-from service.store import dataset_meta
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -98,7 +96,7 @@ async def upload_items(
     dataset_id: DatasetId, request: Request, redis: RedisDep, keys: KeysDep, settings: SettingsDep
 ) -> IngestResult:
     ctype = upload_type(request.headers.get("content-type", ""))  # 415 before anything is read
-    await dataset_meta(redis, keys, dataset_id)  # 404 before the body is read
+    await svc.dataset_meta(redis, keys, dataset_id)  # 404 before the body is read
     with upload_slot(request, settings):  # 429 past GRAPE_MAX_CONCURRENT_UPLOADS: bounds the memory of parsing
         body = await read_body(request, settings.max_body_bytes)
         # parsing and validating thousands of items is CPU work: off the event loop, so status calls stay quick
@@ -152,14 +150,7 @@ async def selection(
     tau: Annotated[float, Query(ge=-1, le=1, description="deita: cosine similarity threshold.")] = 0.9,
     seed: int = 0,
 ) -> StreamingResponse:
-    if strategy not in STRATEGIES:
-        try:
-            STRATEGIES.get(strategy)
-        except KeyError as exc:
-            raise Unprocessable(f"strategy: {exc}") from None
-    await task_svc.check_selection(redis=redis, keys=keys, dataset_id=dataset_id, strategy=strategy)
-    ds = await svc.dataset_status(redis=redis, keys=keys, dataset_id=dataset_id)
-    lines = svc.selection_lines(
+    ds, lines = await svc.selection(
         redis=redis,
         keys=keys,
         dataset_id=dataset_id,
@@ -175,7 +166,7 @@ async def request_scores(
     dataset_id: DatasetId, body: ScoresRequest, redis: RedisDep, keys: KeysDep, settings: SettingsDep
 ) -> ScoresQueued:
     """Ask for more score kinds; the items already stored are queued for the tasks that are new."""
-    queued = await task_svc.request_scores(redis=redis, keys=keys, settings=settings, dataset_id=dataset_id, body=body)
+    queued = await svc.request_scores(redis=redis, keys=keys, settings=settings, dataset_id=dataset_id, body=body)
     dataset = await svc.dataset_status(redis=redis, keys=keys, dataset_id=dataset_id)
     return ScoresQueued(queued_tasks=queued, dataset=dataset)
 

@@ -11,6 +11,7 @@ from grape.evaluations import EvalState
 from service import evaluations as svc
 from service.deps import KeysDep, RedisDep, SettingsDep
 from service.evaluation_schemas import EvaluationCreate, EvaluationCreated, EvaluationList, EvaluationPublic
+from service.logs import LOG_RESPONSES, After, ndjson
 
 router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
 
@@ -39,28 +40,17 @@ async def get_evaluation(eval_id: str, redis: RedisDep, keys: KeysDep) -> Evalua
     return await svc.get_evaluation(redis=redis, keys=keys, eval_id=eval_id)
 
 
-@router.get(
-    "/{eval_id}/logs",
-    response_class=StreamingResponse,
-    responses={
-        200: {
-            "content": {"application/x-ndjson": {}},
-            "description": 'One record per line: {"id", "t", "level", "msg", "data"?}.',
-        }
-    },
-)
+@router.get("/{eval_id}/logs", response_class=StreamingResponse, responses=LOG_RESPONSES)
 async def evaluation_logs(
     eval_id: str,
     redis: RedisDep,
     keys: KeysDep,
     follow: Annotated[bool, Query(description="Keep streaming new records until the evaluation ends.")] = False,
-    after: Annotated[
-        str, Query(pattern=r"^\d{1,19}-\d{1,19}$", description="Only records after this record id.")
-    ] = "0-0",
+    after: After = "0-0",
 ) -> StreamingResponse:
     await svc.get_evaluation(redis=redis, keys=keys, eval_id=eval_id)  # 404 before the stream starts
     lines = svc.log_lines(redis=redis, keys=keys, eval_id=eval_id, follow=follow, after=after)
-    return StreamingResponse(lines, media_type="application/x-ndjson")
+    return ndjson(lines)
 
 
 @router.post("/{eval_id}/cancel", response_model=EvaluationPublic, status_code=status.HTTP_202_ACCEPTED)

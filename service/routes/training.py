@@ -9,6 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from service import training as svc
 from service.deps import JobId, KeysDep, RedisDep, SettingsDep
+from service.logs import LOG_RESPONSES, After, ndjson
 from service.training_schemas import TrainingJobCreate, TrainingJobCreated, TrainingJobList, TrainingJobPublic
 
 router = APIRouter(prefix="/v1/training-jobs", tags=["training"])
@@ -33,28 +34,17 @@ async def get_training_job(job_id: JobId, redis: RedisDep, keys: KeysDep) -> Tra
     return await svc.get_job(redis=redis, keys=keys, job_id=job_id)
 
 
-@router.get(
-    "/{job_id}/logs",
-    response_class=StreamingResponse,
-    responses={
-        200: {
-            "content": {"application/x-ndjson": {}},
-            "description": 'One record per line: {"id", "t", "level", "msg", "data"?}.',
-        }
-    },
-)
+@router.get("/{job_id}/logs", response_class=StreamingResponse, responses=LOG_RESPONSES)
 async def training_job_logs(
     job_id: JobId,
     redis: RedisDep,
     keys: KeysDep,
     follow: Annotated[bool, Query(description="Keep streaming new records until the job ends.")] = False,
-    after: Annotated[
-        str, Query(pattern=r"^\d{1,19}-\d{1,19}$", description="Only records after this record id.")
-    ] = "0-0",
+    after: After = "0-0",
 ) -> StreamingResponse:
     await svc.get_job(redis=redis, keys=keys, job_id=job_id)  # 404 before the stream starts
     lines = svc.log_lines(redis=redis, keys=keys, job_id=job_id, follow=follow, after=after)
-    return StreamingResponse(lines, media_type="application/x-ndjson")
+    return ndjson(lines)
 
 
 @router.post("/{job_id}/cancel", response_model=TrainingJobPublic, status_code=status.HTTP_202_ACCEPTED)

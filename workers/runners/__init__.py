@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from grape.store.scoring import ItemResult
 from grape.registry import Registry
+from grape.store.scoring import ItemResult
 
 TaskRunner = Callable[[list[tuple[dict[str, Any], str]]], list[ItemResult]]
 

@@ -21,9 +21,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from grape.store.scoring import ItemResult
 from grape.records import prompt_messages
 from grape.score_kinds import encode_vector
+from grape.store.scoring import ItemResult
 from workers.runners.common import Prepared, run_batched
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from grape.store.scoring import ItemResult
 from grape.records import prompt_messages
+from grape.store.scoring import ItemResult
 from workers.backends.base import ScoreRequest
 from workers.runners.common import Prepared, run_batched
 

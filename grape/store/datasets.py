@@ -1,0 +1,329 @@
+"""A dataset in Redis: its metadata, counters, items, pages of scored items and the selection by any strategy.
+
+Every read is a plan (grape.store.io), written once: the gateway drives it with its asyncio client
+(`arun`/`apages`, the JSON decoding and the selecting off the event loop with `offload=True`), the trainer and
+the worker with their sync clients (`run`/`pages`). The selection is checked once (`check_selection`: the
+strategies are known and the scores they need were requested) and then made by one page function,
+`selection`, whose NDJSON bytes the gateway streams and the trainer writes to its file (`write_selection`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from grape.keys import Keys, is_dataset_id, new_dataset_id
+from grape.redis_client import as_str
+from grape.score_kinds import ScoreTask, dataset_scores, extra_tasks, normalize_scores, task_model, tasks_for
+from grape.store import scoring
+from grape.store.errors import Invalid, NotFound, shown
+from grape.store.io import Page, Plan, cmd, one, pages, run
+from grape.strategies import STRATEGIES, Pick, ScoredItem, SelectParams, strategy_needs
+
+PAGE = 500
+"""Items read per round trip (and NDJSON records per chunk of a pool-wide selection)."""
+
+ITEM_EXTRAS = ("unconditioned", "rating")
+"""The extra task results shown with an item (not the embeddings: large, and of no use to a reader)."""
+
+Counters = dict[str, float]
+
+
+def _text(raw: Mapping[Any, Any]) -> dict[str, str]:
+    return {as_str(k): as_str(v) for k, v in raw.items()}
+
+
+def _floats(raw: Mapping[Any, Any]) -> Counters:
+    return {as_str(k): float(as_str(v)) for k, v in raw.items()}
+
+
+# ---- metadata and counters -----------------------------------------------------------------------------
+
+
+def meta(keys: Keys, dataset_id: str) -> Plan[dict[str, str] | None]:
+    """The dataset's metadata, or None when there is none (or `dataset_id` is not an id at all: a value from a
+    body, like a training job's dataset_id, must not name another key)."""
+    if not is_dataset_id(dataset_id):
+        return None
+    raw = yield from one("hgetall", keys.dataset(dataset_id))
+    return _text(raw) if raw else None
+
+
+def require_meta(keys: Keys, dataset_id: str) -> Plan[dict[str, str]]:
+    found = yield from meta(keys, dataset_id)
+    if found is None:
+        raise NotFound(f"dataset {shown(dataset_id)} not found")
+    return found
+
+
+def ids(keys: Keys) -> Plan[list[str]]:
+    """Every dataset id, oldest first."""
+    raw = yield from one("zrange", keys.datasets(), 0, -1)
+    return [as_str(x) for x in raw]
+
+
+def counters(keys: Keys, dataset_id: str, tasks: Iterable[ScoreTask]) -> Plan[tuple[Counters, list[Counters]]]:
+    """The dataset's counters (items, candidates, scored..., t_start, t_last) and those of each task."""
+    stats, *per_task = yield [
+        cmd("hgetall", keys.stats(dataset_id)),
+        *(cmd("hgetall", keys.task_stats(dataset_id, t)) for t in tasks),
+    ]
+    return _floats(stats), [_floats(raw) for raw in per_task]
+
+
+def create(keys: Keys, fields: Mapping[str, str]) -> Plan[str]:
+    """A new dataset with these metadata fields (and `created`); its id."""
+    dataset_id, now = new_dataset_id(), time.time()
+    yield [
+        cmd("hset", keys.dataset(dataset_id), None, None, {**fields, "created": f"{now:.3f}"}),
+        cmd("zadd", keys.datasets(), {dataset_id: now}),
+    ]
+    return dataset_id
+
+
+def delete(keys: Keys, dataset_id: str) -> Plan[None]:
+    yield from require_meta(keys, dataset_id)
+    per_task = (k(dataset_id, t) for t in ScoreTask for k in (keys.task_results, keys.task_failed, keys.task_stats))
+    parts = (keys.dataset, keys.items, keys.order, keys.scores, keys.failed, keys.stats)
+    yield [cmd("delete", *(k(dataset_id) for k in parts), *per_task), cmd("zrem", keys.datasets(), dataset_id)]
+
+
+# ---- items ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """One item as stored: the item, its logprob scores or the reason it failed, and its ITEM_EXTRAS."""
+
+    item: dict[str, Any]
+    scores: list[dict[str, Any]] | None
+    error: str | None
+    extra: dict[str, list[dict[str, Any]]]
+
+
+def item(keys: Keys, dataset_id: str, item_id: str) -> Plan[StoredItem]:
+    yield from require_meta(keys, dataset_id)
+    raw, scores, error, *extra = yield [
+        cmd("hget", keys.items(dataset_id), item_id),
+        cmd("hget", keys.scores(dataset_id), item_id),
+        cmd("hget", keys.failed(dataset_id), item_id),
+        *(cmd("hget", keys.task_results(dataset_id, n), item_id) for n in ITEM_EXTRAS),
+    ]
+    if raw is None:
+        raise NotFound(f"item {shown(item_id)} not found in dataset {dataset_id!r}")
+    return StoredItem(
+        orjson.loads(raw),
+        orjson.loads(scores) if scores else None,
+        as_str(error) if error is not None else None,
+        {n: orjson.loads(x) for n, x in zip(ITEM_EXTRAS, extra, strict=True) if x is not None},
+    )
+
+
+def failures(keys: Keys, dataset_id: str, limit: int) -> Plan[list[tuple[str, str]]]:
+    """Up to `limit` failed items as (id, reason), in the hash's scan order."""
+    yield from require_meta(keys, dataset_id)
+    out: list[tuple[str, str]] = []
+    cursor = 0
+    while True:
+        cursor, page = yield from one("hscan", keys.failed(dataset_id), cursor, None, 500)
+        for k, v in page.items():
+            out.append((as_str(k), as_str(v)))
+            if len(out) >= limit:
+                return out
+        if not cursor:
+            return out
+
+
+def items_page(keys: Keys, dataset_id: str, start: int) -> Plan[Page[dict[str, Any]]]:
+    """A page of stored items in upload order (the next page starts after it; None: this was the last)."""
+    order = yield from one("lrange", keys.order(dataset_id), start, start + PAGE - 1)
+    if not order:
+        return [], None
+    raws = yield from one("hmget", keys.items(dataset_id), order)
+    return [orjson.loads(x) for x in raws if x is not None], start + len(order) if len(order) == PAGE else None
+
+
+def load_chunks(
+    keys: Keys, chunks: list[tuple[str, list[str]]], known: Collection[str]
+) -> Plan[tuple[dict[str, dict[str, str]], list[list[dict[str, Any]]]]]:
+    """For a worker's claimed chunks (dataset id, item ids), in one round trip: the metadata of the datasets
+    not `known` yet (a deleted one is left out) and each chunk's stored items."""
+    unknown = sorted({ds for ds, _ in chunks if ds not in known})
+    got = yield [
+        *(cmd("hgetall", keys.dataset(ds)) for ds in unknown),
+        *(cmd("hmget", keys.items(ds), item_ids) if item_ids else cmd("echo", "") for ds, item_ids in chunks),
+    ]
+    metas = {ds: _text(raw) for ds, raw in zip(unknown, got, strict=False) if raw}
+    items = [
+        [orjson.loads(x) for x in raws if x is not None] if item_ids else []
+        for (_, item_ids), raws in zip(chunks, got[len(unknown) :], strict=True)
+    ]
+    return metas, items
+
+
+# ---- score kinds ---------------------------------------------------------------------------------------
+
+
+def _enqueue(keys: Keys, dataset_id: str, streams: list[str], items: list[dict[str, Any]], pairs: int) -> Plan[None]:
+    chunks = scoring.chunked(items, pairs)
+    if streams and chunks:
+        yield [cmd("xadd", s, scoring.entry(dataset_id, [it["id"] for it in c])) for s in streams for c in chunks]
+
+
+def request_scores(
+    keys: Keys,
+    dataset_id: str,
+    scores: list[str],
+    models: Mapping[str, str | None],
+    pairs: int,
+) -> Plan[list[str]]:
+    """Add score kinds to a dataset and queue its stored items (chunks of about `pairs` pairs) for the tasks
+    that are new; the tasks queued. `models` ("scorer_model", "embedding_model"): chosen only for a task not
+    requested before."""
+    found = yield from require_meta(keys, dataset_id)
+    try:
+        wanted = normalize_scores([*dataset_scores(found), *scores])
+    except ValueError as exc:
+        raise Invalid(f"scores: {exc}") from None
+    before = set(tasks_for(dataset_scores(found)))
+    new_tasks = [t for t in tasks_for(wanted) if t not in before]
+    update: dict[str, str] = {"scores": orjson.dumps(wanted).decode()}
+    for field, task in (("scorer_model", ScoreTask.rating), ("embedding_model", ScoreTask.embedding)):
+        value = models.get(field)
+        if value is None or value == task_model(found, task):
+            continue
+        if task in before:
+            raise Invalid(f"{field}: the {task.value} scores were already requested with {task_model(found, task)!r}")
+        update[field] = value
+    yield [cmd("hset", keys.dataset(dataset_id), None, None, update)]
+    found.update(update)
+    # after the metadata: an upload running now either sees the new tasks or is seen here (catch_up)
+    streams = [keys.task_stream(t, task_model(found, t)) for t in new_tasks]
+    nxt: int | None = 0
+    while streams and nxt is not None:
+        stored, nxt = yield from items_page(keys, dataset_id, nxt)
+        yield from _enqueue(keys, dataset_id, streams, stored, pairs)
+    return [t.value for t in new_tasks]
+
+
+def catch_up(
+    keys: Keys, dataset_id: str, before: Mapping[str, str], accepted: list[dict[str, Any]], pairs: int
+) -> Plan[None]:
+    """After an upload: queue its new items for the tasks requested while it ran (its ingest script only knew
+    the tasks of `before`). A duplicate entry is harmless: results are idempotent."""
+    if not accepted:
+        return
+    now = yield from meta(keys, dataset_id)
+    if now is None:
+        return
+    known = set(extra_tasks(before))
+    streams = [keys.task_stream(t, task_model(now, t)) for t in extra_tasks(now) if t not in known]
+    yield from _enqueue(keys, dataset_id, streams, accepted, pairs)
+
+
+# ---- selection -----------------------------------------------------------------------------------------
+
+
+def selection_needs(names: Iterable[str]) -> tuple[str, ...]:
+    """The strategies' extra tasks (grape.score_kinds), unioned; `Invalid` for a strategy that is not known."""
+    needs: list[str] = []
+    for name in names:
+        try:
+            needs += [n for n in strategy_needs(name) if n not in needs]
+        except (KeyError, ValueError) as exc:
+            raise Invalid(f"strategy: {exc}") from None
+    return tuple(needs)
+
+
+def check_scores(found: Mapping[str, str], needs: Iterable[str], dataset_id: str) -> None:
+    """`Invalid` when the dataset did not ask for scores the strategies need."""
+    have = set(tasks_for(dataset_scores(found)))
+    missing = [n for n in needs if ScoreTask(n) not in have]
+    if missing:
+        raise Invalid(
+            f"strategy needs the scores {', '.join(missing)}, not requested for this dataset: "
+            f'POST /v1/datasets/{dataset_id}/scores {{"scores": {orjson.dumps(missing).decode()}}}'
+        )
+
+
+def check_selection(found: Mapping[str, str], names: Iterable[str], dataset_id: str) -> tuple[str, ...]:
+    """The strategies, each known and with the scores it needs requested; their needs."""
+    needs = selection_needs(names)
+    check_scores(found, needs, dataset_id)
+    return needs
+
+
+def scored(keys: Keys, dataset_id: str, needs: tuple[str, ...] = ()) -> Callable[[int], Plan[Page[ScoredItem]]]:
+    """Pages of scored items in upload order (for `pages`/`apages`); unscored and failed items are left out.
+    `needs`: extra task results (grape.score_kinds) attached where an item has them."""
+
+    def page(start: int) -> Plan[Page[ScoredItem]]:
+        order = yield from one("lrange", keys.order(dataset_id), start, start + PAGE - 1)
+        if not order:
+            return [], None
+        raw_items, raw_scores, *extra = yield [
+            cmd("hmget", keys.items(dataset_id), order),
+            cmd("hmget", keys.scores(dataset_id), order),
+            *(cmd("hmget", keys.task_results(dataset_id, n), order) for n in needs),
+        ]
+        rows = [
+            ScoredItem(
+                orjson.loads(it),
+                orjson.loads(sc),
+                {n: orjson.loads(x[j]) for n, x in zip(needs, extra, strict=True) if x[j] is not None},
+            )
+            for j, (it, sc) in enumerate(zip(raw_items, raw_scores, strict=True))
+            if it is not None and sc is not None
+        ]
+        return rows, start + len(order) if len(order) == PAGE else None
+
+    return page
+
+
+def _ndjson(picks: Iterable[Pick]) -> bytes:
+    return b"".join(orjson.dumps(p.record()) + b"\n" for p in picks)
+
+
+def selection(keys: Keys, dataset_id: str, strategy: str, params: SelectParams) -> Callable[[int], Plan[Page[bytes]]]:
+    """The selected SFT records as NDJSON chunks, page after page (for `pages`/`apages`; check the strategy
+    first, `check_selection`). A per-item strategy (`per_item`) gives each page's picks as that page is read;
+    a pool-wide one reads every page, then gives its picks in chunks of PAGE records."""
+    select = STRATEGIES.get(strategy)
+    per_item = getattr(select, "per_item", False)
+    read = scored(keys, dataset_id, strategy_needs(strategy))
+    pool: list[ScoredItem] = []
+
+    def page(start: int) -> Plan[Page[bytes]]:
+        rows, nxt = yield from read(start)
+        if per_item:
+            chunks = [_ndjson(select(rows, params))]
+        else:
+            pool.extend(rows)
+            picks = list(select(pool, params)) if nxt is None else []
+            chunks = [_ndjson(picks[i : i + PAGE]) for i in range(0, len(picks), PAGE)]
+        return [c for c in chunks if c], nxt
+
+    return page
+
+
+def write_selection(r: Any, keys: Keys, dataset_id: str, strategy: str, params: SelectParams, path: str | Path) -> int:
+    """Write the selection as NDJSON (to a temporary name, then renamed), exactly as the gateway's `/selection`
+    answers it; the record count."""
+    check_selection(run(r, require_meta(keys, dataset_id)), [strategy], dataset_id)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    n = 0
+    with open(tmp, "wb") as f:
+        for chunks in pages(r, selection(keys, dataset_id, strategy, params)):
+            for chunk in chunks:
+                f.write(chunk)
+                n += chunk.count(b"\n")  # one per record: orjson escapes newlines inside strings
+    os.replace(tmp, path)
+    return n

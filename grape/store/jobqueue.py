@@ -1,0 +1,454 @@
+"""The job queues: training jobs (run by trainers) and evaluations (run by evaluators), one protocol.
+
+A record lives in one hash (`QueueKeys.record`), its log in a stream (`QueueKeys.log`). The gateway creates
+it and LPUSHes its id on the queue (`enqueue`). A holder (a trainer, an evaluator) BLMOVEs the oldest id
+into its own claimed list and starts it (`start`); the id stays there until the holder ends it (`finish`).
+A holder publishes a heartbeat key with a TTL; when it is gone, any holder (and the gateway, when the
+record is read) reaps the records of the dead one (`reap`): a running record is queued again when its kind
+allows it (a training job that asked for `auto_resume`; an evaluation, which starts over), else failed with
+the reason; one that was being cancelled ends cancelled. Every state change is one script, so two processes
+never both move a record.
+
+Cancel (`cancel`) ends a queued record at once and sets the cancel flag (`QueueKeys.cancel`) of a running
+one, which its holder polls. The flag's other value, `requeue`, is how a holder shutting down hands its
+record back: queued again (a training job resumes from its checkpoint; an evaluation's attempt is not
+counted). Training jobs can also be resumed and deleted (`resume`, `delete`).
+
+The two kinds differ only in what `JobQueue` is given: the holder's name field, the fields a start clears,
+what a hand-back and a dead holder do, the log messages, how a record's fields decode. Each script has one
+builder method here returning an `io.Call`; no caller lists keys.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from string import Template
+from typing import Any
+
+import orjson
+
+from grape.keys import Keys, QueueKeys
+from grape.redis_client import as_str
+from grape.store.io import Call, Lua, Plan, acall, call, one
+
+CANCEL = "cancel"
+REQUEUE = "requeue"
+LOG_MAXLEN = 10_000
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+"""The states a record never leaves (except a training job, by an explicit resume); JobState and EvalState
+are StrEnums of these names, so their members are found in it."""
+
+
+# ---- log records: one shape for both kinds ---------------------------------------------------------------
+
+
+def log_fields(msg: str, level: str = "info", **data: Any) -> dict[str, str]:
+    """One log record, as stream fields."""
+    fields = {"t": f"{time.time():.3f}", "level": level, "msg": msg}
+    if data:
+        fields["data"] = orjson.dumps(data).decode()
+    return fields
+
+
+def decode_log(entry_id: Any, fields: dict[Any, Any]) -> dict[str, Any]:
+    """A log stream entry as the record the API returns: {"id", "t", "level", "msg", "data"?}."""
+    f = {as_str(k): as_str(v) for k, v in fields.items()}
+    rec: dict[str, Any] = {"id": as_str(entry_id), "t": float(f.get("t", 0)), "level": f.get("level", "info")}
+    rec["msg"] = f.get("msg", "")
+    if "data" in f:
+        rec["data"] = orjson.loads(f["data"])
+    return rec
+
+
+# ---- the scripts, one template each --------------------------------------------------------------------
+# `$...` are the kind's parts (JobQueue); `now` is passed in (scripts stay deterministic for replication).
+# Log XADDs trim to LOG_MAXLEN, defined once above.
+
+_ENQUEUE = """
+-- KEYS: record, ids zset, queue, log   ARGV: id, now, max queued, then field/value pairs of the new hash
+if redis.call('LLEN', KEYS[3]) >= tonumber(ARGV[3]) then return 0 end
+local fields = {}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('LPUSH', KEYS[3], ARGV[1])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info', 'msg', 'queued')
+return 1
+"""
+
+_START = """
+-- KEYS: claimed list, record, log   ARGV: id, holder, now
+-- the id was just moved from the queue to this holder's claimed list; run it only if still queued
+local st = redis.call('HGET', KEYS[2], 'state')
+if st ~= 'queued' then
+  redis.call('LREM', KEYS[1], 0, ARGV[1])
+  return false
+end
+local attempts = redis.call('HINCRBY', KEYS[2], 'attempts', 1)
+redis.call('HSET', KEYS[2], 'state', 'running', '$holder', ARGV[2], 'started', ARGV[3], 'progress_at', ARGV[3])
+redis.call('HDEL', KEYS[2], 'error', 'finished', $start_clears)
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'info',
+  'msg', 'started on $holder ' .. ARGV[2] .. ' (attempt ' .. attempts .. ')')
+return redis.call('HGET', KEYS[2], 'spec')
+"""
+
+_FINISH = """
+-- KEYS: claimed list, record, log, cancel flag, queue
+-- ARGV: id, holder, state, now, error, message, level, then field/value pairs to set (results...)
+-- only the holder of a running record may end it; state 'queued' hands it back
+local st = redis.call('HGET', KEYS[2], 'state')
+redis.call('LREM', KEYS[1], 0, ARGV[1])
+if st ~= 'running' or redis.call('HGET', KEYS[2], '$holder') ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[4])
+redis.call('HDEL', KEYS[2], 'cancel_requested')
+if ARGV[3] == 'queued' then
+  $handback
+  redis.call('HSET', KEYS[2], 'state', 'queued', '$holder', '')
+  redis.call('RPUSH', KEYS[5], ARGV[1])
+else
+  redis.call('HSET', KEYS[2], 'state', ARGV[3], 'finished', ARGV[4]$end_sets)
+  if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'error', ARGV[5]) end
+end
+for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[4], 'level', ARGV[7], 'msg', ARGV[6])
+return 1
+"""
+
+_REAP = """
+-- KEYS: holder heartbeat, its claimed list, record, log, queue, cancel flag   ARGV: id, holder, now, reason
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'alive' end
+local st = redis.call('HGET', KEYS[3], 'state')
+redis.call('LREM', KEYS[2], 0, ARGV[1])
+if not st then return 'gone' end
+if st == 'queued' then
+  -- taken from the queue by the dead holder but never started: back to the head of the queue
+  if not redis.call('LPOS', KEYS[5], ARGV[1]) then redis.call('RPUSH', KEYS[5], ARGV[1]) end
+  return 'requeued'
+end
+if st ~= 'running' or redis.call('HGET', KEYS[3], '$holder') ~= ARGV[2] then return 'skip' end
+local attempts = tonumber(redis.call('HGET', KEYS[3], 'attempts') or '0')
+local max = tonumber(redis.call('HGET', KEYS[3], 'max_attempts') or '1')
+local cancelling = redis.call('GET', KEYS[6]) == 'cancel'
+redis.call('DEL', KEYS[6])
+redis.call('HDEL', KEYS[3], 'cancel_requested')
+if cancelling then
+  redis.call('HSET', KEYS[3], 'state', 'cancelled', 'finished', ARGV[3], '$holder', ''$end_sets)
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'info',
+    'msg', ARGV[4] .. '; it was being cancelled: cancelled')
+  return 'cancelled'
+end
+if $requeue_if attempts < max then
+  redis.call('HSET', KEYS[3], 'state', 'queued', '$holder', ''$requeue_sets)
+  redis.call('RPUSH', KEYS[5], ARGV[1])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'warning',
+    'msg', ARGV[4] .. '; $requeue_msg (attempt ' .. attempts .. ' of ' .. max .. '$requeue_of)')
+  return '$requeued'
+end
+local reason = ARGV[4]$fail_suffix
+redis.call('HSET', KEYS[3], 'state', 'failed', 'error', reason, 'finished', ARGV[3]$end_sets)
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'error', 'msg', reason)
+return 'failed'
+"""
+
+_CANCEL = """
+-- KEYS: record, queue, cancel flag, log   ARGV: id, now
+local st = redis.call('HGET', KEYS[1], 'state')
+if not st then return 'missing' end
+if st == 'queued' then
+  redis.call('LREM', KEYS[2], 0, ARGV[1])
+  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished', ARGV[2])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info',
+    'msg', 'cancelled while queued')
+  return 'cancelled-now'
+end
+if st == 'running' then
+  redis.call('SET', KEYS[3], 'cancel')
+  redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[2])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info',
+    'msg', 'cancel requested: $running_cancel')
+  return 'cancelling'
+end
+return st
+"""
+
+_RESUME = """
+-- KEYS: record, queue, cancel flag, log   ARGV: id, now
+local st = redis.call('HGET', KEYS[1], 'state')
+if not st then return 'missing' end
+if st ~= 'failed' and st ~= 'cancelled' then return st end
+redis.call('DEL', KEYS[3])
+redis.call('HSET', KEYS[1], 'state', 'queued', 'resume', '1', '$holder', '', 'attempts', '0')
+redis.call('HDEL', KEYS[1], 'error', 'finished', 'cancel_requested')
+redis.call('LPUSH', KEYS[2], ARGV[1])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info',
+  'msg', 'queued again to resume from its last checkpoint')
+return 'queued'
+"""
+
+_DELETE = """
+-- KEYS: record, ids zset, queue, log, cancel flag, deleted zset   ARGV: id, now
+-- a running record is refused (cancel it first); anything else goes, even a record that cannot be decoded
+if redis.call('EXISTS', KEYS[1]) == 0 and not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 'missing' end
+local st = redis.call('HGET', KEYS[1], 'state')
+if st == 'running' then return 'running' end
+redis.call('LREM', KEYS[3], 0, ARGV[1])
+redis.call('DEL', KEYS[1], KEYS[4], KEYS[5])
+redis.call('ZREM', KEYS[2], ARGV[1])
+-- holders remove what they keep of it when they see it here (trainer.loop.TrainerLoop.remove_deleted)
+redis.call('ZADD', KEYS[6], ARGV[2], ARGV[1])
+return 'deleted'
+"""
+
+
+def _now() -> str:
+    return f"{time.time():.3f}"
+
+
+def _lua(template: str, parts: dict[str, str]) -> Lua:
+    return Lua(f"local LOG_MAXLEN = {LOG_MAXLEN}\n" + Template(template).substitute(parts))
+
+
+# ---- the queue -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a record's hash fields decode: numbers as numbers, JSON parsed, empty fields None."""
+
+    floats: frozenset[str]
+    ints: frozenset[str]
+    json: frozenset[str]
+    defaults: tuple[tuple[str, Any], ...] = ()
+
+    def __call__(self, raw: dict[Any, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in ((as_str(k), as_str(v)) for k, v in raw.items()):
+            if v == "":
+                out[k] = None
+            elif k in self.floats:
+                x = float(v)
+                out[k] = x if math.isfinite(x) else None  # a diverged loss (nan) is "unknown", never a bad reply
+            elif k in self.ints:
+                x = float(v)
+                out[k] = int(x) if math.isfinite(x) else None
+            elif k in self.json:
+                out[k] = orjson.loads(v)
+            else:
+                out[k] = v
+        for k, v in self.defaults:
+            out.setdefault(k, v)
+        return out
+
+
+@dataclass(frozen=True)
+class ScriptParts:
+    """What the scripts of one kind say differently: Lua snippets and words put into the templates above."""
+
+    start_clears: str  # the progress fields a (re)start removes, as Lua strings
+    handback: str  # what a hand-back (finish as `queued`) does besides queueing again
+    requeue_msg: str  # a dead holder's record queued again: what the log says
+    requeued: str  # ... and what the reap script answers
+    running_cancel: str  # the log of a running record's cancel: what happens next
+    end_sets: str = ""  # field/value pairs an end also sets
+    requeue_if: str = ""  # a condition (ending in `and`) for queueing a dead holder's record again
+    requeue_sets: str = ""  # field/value pairs set when it is
+    requeue_of: str = ""  # words after "(attempt N of M"
+    fail_suffix: str = ""  # a Lua expression appended to the failed record's error
+
+
+class JobQueue:
+    """One kind of queued work: its key space, its scripts (each with its call builder), its record decoding,
+    and the operations both its holders and the gateway use."""
+
+    def __init__(
+        self,
+        *,
+        space: Callable[[Keys], QueueKeys],
+        holder: str,
+        what: str,
+        scripts: ScriptParts,
+        decoding: Decoding,
+        dead_reason: Callable[[str, Any], str],
+        heartbeat_setting: str,
+        holders_index: bool = False,
+    ) -> None:
+        self.space = space
+        self.holder = holder  # the record's field naming its holder, and the holder's kind in its keys
+        self.what = what
+        self.decode = decoding
+        self.dead_reason = dead_reason
+        self.heartbeat_setting = heartbeat_setting
+        self.holders_index = holders_index  # whether holders also list themselves in `QueueKeys.holders()`
+        parts = {"holder": holder, **asdict(scripts)}
+        self._enqueue, self._start, self._finish = _lua(_ENQUEUE, parts), _lua(_START, parts), _lua(_FINISH, parts)
+        self._reap, self._cancel, self._resume = _lua(_REAP, parts), _lua(_CANCEL, parts), _lua(_RESUME, parts)
+        self._delete = _lua(_DELETE, parts)
+
+    def heartbeat_s(self, settings: Any) -> float:
+        """A holder's heartbeat TTL, from the settings (GRAPE_TRAINER_HEARTBEAT_S, GRAPE_EVALUATOR_HEARTBEAT_S)."""
+        return float(getattr(settings, self.heartbeat_setting))
+
+    # the script calls --------------------------------------------------------------------------------
+    def enqueue(self, keys: Keys, item_id: str, fields: dict[str, str], max_queued: int) -> Call:
+        """Create the record and queue it; the script answers 0 when `max_queued` are queued already."""
+        q = self.space(keys)
+        args: list[Any] = [item_id, fields.get("created") or _now(), max_queued]
+        for k, v in fields.items():
+            args += [k, v]
+        return self._enqueue.call([q.record(item_id), q.ids(), q.queue(), q.log(item_id)], args)
+
+    def start(self, keys: Keys, item_id: str, holder: str) -> Call:
+        """Run a claimed record: its spec (JSON), or None when it is no longer queued."""
+        q = self.space(keys)
+        return self._start.call([q.claimed(holder), q.record(item_id), q.log(item_id)], [item_id, holder, _now()])
+
+    def finish(
+        self,
+        keys: Keys,
+        item_id: str,
+        holder: str,
+        state: str,
+        message: str,
+        *,
+        error: str = "",
+        level: str = "info",
+        fields: dict[str, Any] | None = None,
+    ) -> Call:
+        """End a running record as `state` (`queued`: hand it back), setting `fields` (JSON-encoded) with it."""
+        q = self.space(keys)
+        args: list[Any] = [item_id, holder, state, _now(), error, message, level]
+        for k, v in (fields or {}).items():
+            args += [k, orjson.dumps(v).decode()]
+        keys_ = [q.claimed(holder), q.record(item_id), q.log(item_id), q.cancel(item_id), q.queue()]
+        return self._finish.call(keys_, args)
+
+    def reap(self, keys: Keys, item_id: str, holder: str, step: Any = None) -> Call:
+        """The record of a holder whose heartbeat is gone: queued again, cancelled or failed (see the module)."""
+        q = self.space(keys)
+        keys_ = [q.holder(holder), q.claimed(holder), q.record(item_id), q.log(item_id), q.queue(), q.cancel(item_id)]
+        return self._reap.call(keys_, [item_id, holder, _now(), self.dead_reason(holder, step)])
+
+    def _move(self, script: Lua, keys: Keys, item_id: str) -> Call:
+        q = self.space(keys)
+        return script.call([q.record(item_id), q.queue(), q.cancel(item_id), q.log(item_id)], [item_id, _now()])
+
+    def cancel(self, keys: Keys, item_id: str) -> Call:
+        """Answers `cancelled-now`, `cancelling`, `missing`, or the state it cannot be cancelled in."""
+        return self._move(self._cancel, keys, item_id)
+
+    def resume(self, keys: Keys, item_id: str) -> Call:
+        """Queue a failed or cancelled record again; answers `queued`, `missing`, or the state it is in."""
+        return self._move(self._resume, keys, item_id)
+
+    def delete(self, keys: Keys, item_id: str) -> Call:
+        """Remove a record that is not running; answers `deleted`, `missing` or `running`."""
+        q = self.space(keys)
+        keys_ = [q.record(item_id), q.ids(), q.queue(), q.log(item_id), q.cancel(item_id), q.deleted()]
+        return self._delete.call(keys_, [item_id, _now()])
+
+    # reads (plans: one implementation, run by io.run or io.arun) ---------------------------------------
+    def read(self, keys: Keys, item_id: str) -> Plan[dict[str, Any] | None]:
+        """The decoded record, or None when there is none (decoding errors propagate: the caller names them)."""
+        raw = yield from one("hgetall", self.space(keys).record(item_id))
+        return self.decode(raw) if raw else None
+
+    def newest(self, keys: Keys, limit: int) -> Plan[list[str]]:
+        """The ids of the newest `limit` records."""
+        ids = yield from one("zrevrange", self.space(keys).ids(), 0, limit - 1)
+        return [as_str(x) for x in ids]
+
+    # what a holder does (sync) -----------------------------------------------------------------------
+    def log(self, client: Any, keys: Keys, item_id: str, msg: str, level: str = "info", **data: Any) -> None:
+        """Append one record to a record's log."""
+        client.xadd(self.space(keys).log(item_id), log_fields(msg, level, **data), maxlen=LOG_MAXLEN)
+
+    def reap_dead(self, client: Any, keys: Keys, *, alive: str) -> dict[str, str]:
+        """Reap the records held by holders (other than `alive`) whose heartbeat is gone. id -> outcome."""
+        q = self.space(keys)
+        out: dict[str, str] = {}
+        prefix = q.claimed("")
+        for key in client.scan_iter(match=q.claimed_pattern(), count=200):
+            holder = as_str(key)[len(prefix) :]
+            if holder == alive or client.exists(q.holder(holder)):
+                continue
+            for raw in client.lrange(key, 0, -1):
+                item_id = as_str(raw)
+                step = client.hget(q.record(item_id), "step")
+                out[item_id] = as_str(call(client, self.reap(keys, item_id, holder, step and as_str(step))))
+        return out
+
+    # what the gateway does (async) -------------------------------------------------------------------
+    async def areap_if_dead(self, redis: Any, keys: Keys, record: dict[str, Any]) -> bool:
+        """A running record whose holder has no heartbeat is reaped now, not left running. Whether it was."""
+        holder = record.get(self.holder)
+        if record.get("state") != "running" or not holder or await redis.exists(self.space(keys).holder(holder)):
+            return False
+        res = await acall(redis, self.reap(keys, record["id"], holder, record.get("step")))
+        return as_str(res) != "alive"
+
+
+# ---- the two kinds ---------------------------------------------------------------------------------------
+
+
+def _dead_trainer(trainer: str, step: Any) -> str:
+    at = f" at step {step}" if step not in (None, "", b"") else ""
+    return f"trainer {trainer} stopped sending heartbeats{at} (process died or lost Redis)"
+
+
+def _dead_evaluator(evaluator: str, _step: Any) -> str:
+    return f"evaluator {evaluator} stopped sending heartbeats (process died or lost Redis)"
+
+
+TRAINING = JobQueue(
+    space=lambda keys: keys.training,
+    holder="trainer",
+    what="training job",
+    scripts=ScriptParts(
+        start_clears="'eta_seconds'",
+        handback="redis.call('HSET', KEYS[2], 'resume', '1')",  # the next run resumes from the checkpoint
+        requeue_msg="queued again to resume from its last checkpoint",
+        requeued="resumed",
+        running_cancel="stopping after the current step, with a checkpoint",
+        end_sets=", 'eta_seconds', ''",
+        requeue_if="redis.call('HGET', KEYS[3], 'auto_resume') == '1' and",
+        requeue_sets=", 'resume', '1'",
+    ),
+    decoding=Decoding(
+        floats=frozenset({"created", "started", "finished", "epoch", "loss", "learning_rate", "grad_norm"})
+        | {"eta_seconds", "progress_at", "cancel_requested", "steps_per_second"},
+        ints=frozenset({"step", "max_steps", "tokens_seen", "attempts", "train_records", "max_attempts"}),
+        json=frozenset({"spec", "checkpoints"}),
+        defaults=(("checkpoints", []),),
+    ),
+    dead_reason=_dead_trainer,
+    heartbeat_setting="trainer_heartbeat_s",
+)
+"""Training jobs (grape.jobs): a dead trainer's job is queued again to resume when it asked for it."""
+
+EVALUATIONS = JobQueue(
+    space=lambda keys: keys.evaluations,
+    holder="evaluator",
+    what="evaluation",
+    scripts=ScriptParts(
+        start_clears="'done_requests', 'total_requests'",
+        handback="redis.call('HINCRBY', KEYS[2], 'attempts', -1)",  # a hand-back does not count as an attempt
+        requeue_msg="queued again to start over",
+        requeued="requeued",
+        running_cancel="the evaluator stops lm-eval",
+        requeue_of=" done",
+        fail_suffix=" .. ' (attempt ' .. attempts .. ' of ' .. max .. ')'",
+    ),
+    decoding=Decoding(
+        floats=frozenset({"created", "started", "finished", "cancel_requested", "progress_at"}),
+        ints=frozenset({"attempts", "max_attempts", "done_requests", "total_requests"}),
+        json=frozenset({"spec", "results", "versions", "higher_is_better", "n_samples"}),
+    ),
+    dead_reason=_dead_evaluator,
+    heartbeat_setting="evaluator_heartbeat_s",
+    holders_index=True,
+)
+"""Evaluations (grape.evaluations): no checkpoint, so a dead evaluator's evaluation starts over, until
+`max_attempts` runs started."""
