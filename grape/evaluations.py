@@ -40,7 +40,6 @@ class EvalState(StrEnum):
     cancelled = "cancelled"  # stopped on request
 
 
-
 class EvaluationSettings(BaseModel):
     """How a model is evaluated: the lm-eval tasks and their bounded settings. An evaluation request and an
     experiment's `evaluation` both take these, checked by the same validators."""

@@ -162,7 +162,7 @@ def test_refused_at_creation_naming_the_field(shared, settings, rclient) -> None
         r = api.post("/v1/evaluations", json={**body, "model": job_id})
         assert r.status_code == 422 and r.json()["detail"] == f"model: training job {job_id} not found", r.text
         spec = JobSpec(dataset_id="ds-000000000000", base_model=MODEL)
-        rclient.hset(shared["keys"].job(job_id), mapping=new_job_fields(job_id, spec, time.time()))
+        rclient.hset(shared["keys"].training.record(job_id), mapping=new_job_fields(job_id, spec, time.time()))
         r = api.post("/v1/evaluations", json={**body, "model": job_id})
         assert r.status_code == 409 and r.json()["detail"].startswith(f"model: training job {job_id} is queued")
 
@@ -170,7 +170,7 @@ def test_refused_at_creation_naming_the_field(shared, settings, rclient) -> None
         lora_job = f"job-{uuid.uuid4().hex[:12]}"
         spec = JobSpec(dataset_id="ds-000000000000", base_model=MODEL, lora={"r": 4})
         fields = {**new_job_fields(lora_job, spec, time.time()), "state": "succeeded", "model_path": "/x/adapter"}
-        rclient.hset(shared["keys"].job(lora_job), mapping=fields)
+        rclient.hset(shared["keys"].training.record(lora_job), mapping=fields)
         r = api.post("/v1/evaluations", json={**body, "model": lora_job})
         assert r.status_code == 201, r.text
         assert api.post(f"/v1/evaluations/{r.json()['id']}/cancel").status_code == 202
