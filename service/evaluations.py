@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 from redis.asyncio import Redis
 
 from grape.evaluations import (
@@ -37,16 +36,14 @@ from service.model_access import check_model
 NO_EVALUATOR = "no evaluator is running: start `grape evaluator` (it publishes the lm-eval tasks it can run)"
 
 
+HOUR_S = 3600.0
+
+
 async def live_evaluators(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
     """Heartbeats of the evaluators alive now (their TTL key exists)."""
-    now = time.time()
-    q = keys.evaluations
-    await redis.zremrangebyscore(q.holders(), "-inf", now - 3600)
-    names = [_text(n) for n in await redis.zrange(q.holders(), 0, -1)]
-    if not names:
-        return []
-    raws = await redis.mget([q.holder(n) for n in names])
-    return [orjson.loads(r) for r in raws if r]
+    # any name that beat in the last hour, kept only while its TTL key exists: the gateway does not know the
+    # evaluators' GRAPE_EVALUATOR_HEARTBEAT_S
+    return await EVALUATIONS.beats(keys, HOUR_S).live(redis)
 
 
 async def check_tasks(*, redis: Redis, keys: Keys, tasks: list[str]) -> None:

@@ -16,7 +16,6 @@ import threading
 import time
 from typing import Any
 
-import orjson
 import redis
 
 from grape.keys import Keys
@@ -40,6 +39,7 @@ class QueueConsumer:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.block_s = block_s
         self.ttl = self.queue.heartbeat_s(settings)
+        self.beats = self.queue.beats(keys, self.ttl)
         self.done = 0
         self.current: str | None = None
         self._stop = threading.Event()
@@ -94,22 +94,14 @@ class QueueConsumer:
         finally:
             self._stop.set()
             keeper.join(timeout=5)
-            pipe = self.r.pipeline(transaction=False)
-            pipe.delete(self.q.holder(self.name))
-            if self.queue.holders_index:
-                pipe.zrem(self.q.holders(), self.name)
-            pipe.execute()
+            self.beats.remove(self.r, self.name)
         log.info("%s %s: stopped after %d %s(s)", self.queue.holder, self.name, self.done, self.queue.what)
         return self.done
 
     # heartbeat and reaping ------------------------------------------------------------------------
     def heartbeat(self) -> None:
         info = {"name": self.name, "pid": os.getpid(), **self.heartbeat_info(), "heartbeat": time.time()}
-        pipe = self.r.pipeline(transaction=False)
-        pipe.set(self.q.holder(self.name), orjson.dumps(info), ex=max(1, int(self.ttl)))
-        if self.queue.holders_index:
-            pipe.zadd(self.q.holders(), {self.name: info["heartbeat"]})
-        pipe.execute()
+        self.beats.publish(self.r, self.name, info)
 
     def _keep_alive(self) -> None:
         while not self._stop.wait(max(0.5, self.ttl / 3)):

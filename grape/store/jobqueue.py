@@ -32,6 +32,7 @@ import orjson
 
 from grape.keys import Keys, QueueKeys
 from grape.redis_client import as_str
+from grape.store.heartbeats import Beats
 from grape.store.io import Call, Lua, Plan, acall, call, one
 
 CANCEL = "cancel"
@@ -223,6 +224,11 @@ class Decoding:
     json: frozenset[str]
     defaults: tuple[tuple[str, Any], ...] = ()
 
+    @classmethod
+    def of(cls, floats: str, ints: str, json: str, defaults: tuple[tuple[str, Any], ...] = ()) -> Decoding:
+        """From space-separated field names."""
+        return cls(frozenset(floats.split()), frozenset(ints.split()), frozenset(json.split()), defaults)
+
     def __call__(self, raw: dict[Any, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in ((as_str(k), as_str(v)) for k, v in raw.items()):
@@ -271,25 +277,30 @@ class JobQueue:
         what: str,
         scripts: ScriptParts,
         decoding: Decoding,
-        dead_reason: Callable[[str, Any], str],
-        heartbeat_setting: str,
         holders_index: bool = False,
     ) -> None:
         self.space = space
         self.holder = holder  # the record's field naming its holder, and the holder's kind in its keys
         self.what = what
         self.decode = decoding
-        self.dead_reason = dead_reason
-        self.heartbeat_setting = heartbeat_setting
         self.holders_index = holders_index  # whether holders also list themselves in `QueueKeys.holders()`
         parts = {"holder": holder, **asdict(scripts)}
         self._enqueue, self._start, self._finish = _lua(_ENQUEUE, parts), _lua(_START, parts), _lua(_FINISH, parts)
         self._reap, self._cancel, self._resume = _lua(_REAP, parts), _lua(_CANCEL, parts), _lua(_RESUME, parts)
         self._delete = _lua(_DELETE, parts)
 
+    def beats(self, keys: Keys, ttl: float) -> Beats:
+        """Where this kind's holders publish their heartbeats."""
+        q = self.space(keys)
+        return Beats(q.holder, q.holders() if self.holders_index else None, ttl)
+
+    def dead_reason(self, holder: str, step: Any = None) -> str:
+        at = f" at step {step}" if step not in (None, "", b"") else ""
+        return f"{self.holder} {holder} stopped sending heartbeats{at} (process died or lost Redis)"
+
     def heartbeat_s(self, settings: Any) -> float:
         """A holder's heartbeat TTL, from the settings (GRAPE_TRAINER_HEARTBEAT_S, GRAPE_EVALUATOR_HEARTBEAT_S)."""
-        return float(getattr(settings, self.heartbeat_setting))
+        return float(getattr(settings, f"{self.holder}_heartbeat_s"))  # trainer_heartbeat_s, evaluator_...
 
     # the script calls --------------------------------------------------------------------------------
     def enqueue(self, keys: Keys, item_id: str, fields: dict[str, str], max_queued: int) -> Call:
@@ -393,15 +404,6 @@ class JobQueue:
 # ---- the two kinds ---------------------------------------------------------------------------------------
 
 
-def _dead_trainer(trainer: str, step: Any) -> str:
-    at = f" at step {step}" if step not in (None, "", b"") else ""
-    return f"trainer {trainer} stopped sending heartbeats{at} (process died or lost Redis)"
-
-
-def _dead_evaluator(evaluator: str, _step: Any) -> str:
-    return f"evaluator {evaluator} stopped sending heartbeats (process died or lost Redis)"
-
-
 TRAINING = JobQueue(
     space=lambda keys: keys.training,
     holder="trainer",
@@ -416,15 +418,13 @@ TRAINING = JobQueue(
         requeue_if="redis.call('HGET', KEYS[3], 'auto_resume') == '1' and",
         requeue_sets=", 'resume', '1'",
     ),
-    decoding=Decoding(
-        floats=frozenset({"created", "started", "finished", "epoch", "loss", "learning_rate", "grad_norm"})
-        | {"eta_seconds", "progress_at", "cancel_requested", "steps_per_second"},
-        ints=frozenset({"step", "max_steps", "tokens_seen", "attempts", "train_records", "max_attempts"}),
-        json=frozenset({"spec", "checkpoints"}),
+    decoding=Decoding.of(
+        "created started finished epoch loss learning_rate grad_norm eta_seconds progress_at cancel_requested "
+        "steps_per_second",
+        "step max_steps tokens_seen attempts train_records max_attempts",
+        "spec checkpoints",
         defaults=(("checkpoints", []),),
     ),
-    dead_reason=_dead_trainer,
-    heartbeat_setting="trainer_heartbeat_s",
 )
 """Training jobs (grape.jobs): a dead trainer's job is queued again to resume when it asked for it."""
 
@@ -441,13 +441,11 @@ EVALUATIONS = JobQueue(
         requeue_of=" done",
         fail_suffix=" .. ' (attempt ' .. attempts .. ' of ' .. max .. ')'",
     ),
-    decoding=Decoding(
-        floats=frozenset({"created", "started", "finished", "cancel_requested", "progress_at"}),
-        ints=frozenset({"attempts", "max_attempts", "done_requests", "total_requests"}),
-        json=frozenset({"spec", "results", "versions", "higher_is_better", "n_samples"}),
+    decoding=Decoding.of(
+        "created started finished cancel_requested progress_at",
+        "attempts max_attempts done_requests total_requests",
+        "spec results versions higher_is_better n_samples",
     ),
-    dead_reason=_dead_evaluator,
-    heartbeat_setting="evaluator_heartbeat_s",
     holders_index=True,
 )
 """Evaluations (grape.evaluations): no checkpoint, so a dead evaluator's evaluation starts over, until
