@@ -31,9 +31,10 @@ import redis
 
 from grape.evaluations import EvalSpec, EvalState
 from grape.keys import Keys
-from grape.redis_client import as_str
 from grape.settings import Settings
+from grape.store import eval_tasks
 from grape.store.consumer import QueueConsumer
+from grape.store.io import run
 from grape.store.jobqueue import CANCEL, EVALUATIONS, REQUEUE
 
 log = logging.getLogger(__name__)
@@ -76,22 +77,13 @@ class EvaluatorLoop(QueueConsumer):
         self.tasks = frozenset(known_tasks(self.task_dir, self.settings.cache_dir))
         log.info("evaluator %s: %d lm-eval tasks known (%.1f s)", self.name, len(self.tasks), time.monotonic() - t0)
 
-    def publish_tasks(self) -> None:
-        """The task names this evaluator can run, for the gateway's check at creation (a union over evaluators)."""
-        names = sorted(self.tasks)
-        pipe = self.r.pipeline(transaction=False)
-        for i in range(0, len(names), 2000):
-            pipe.sadd(self.keys.eval_tasks(), *names[i : i + 2000])
-        pipe.execute()
-
     def prepare(self) -> None:
         if not self.tasks:
             self.load_tasks()
-        self.publish_tasks()
+        eval_tasks.publish(self.r, self.keys, self.tasks)  # for the gateway's check at creation
 
     def heartbeat_info(self) -> dict[str, Any]:
-        if not self.r.exists(self.keys.eval_tasks()):  # Redis lost it (a restart without persistence)
-            self.publish_tasks()
+        eval_tasks.publish_if_lost(self.r, self.keys, self.tasks)
         return {
             "evaluation": self.current,
             "backend": self.settings.eval_backend,
@@ -131,7 +123,7 @@ class EvaluatorLoop(QueueConsumer):
         elif stop == REQUEUE:
             self._end(eval_id, EvalState.queued, f"handed back: evaluator {self.name} is stopping")
         elif stop == "lost":
-            self.r.lrem(self.q.claimed(self.name), 0, eval_id)
+            EVALUATIONS.release(self.r, self.keys, eval_id, self.name)
             log.warning("evaluation %s was taken from evaluator %s while it ran; stopped", eval_id, self.name)
         elif "results" in outcome:
             summary = "; ".join(
@@ -158,20 +150,16 @@ class EvaluatorLoop(QueueConsumer):
         reader = threading.Thread(target=self._pump, args=(eval_id, proc.stdout, tail), daemon=True)
         reader.start()
         stop = ""
-        last_held_check = time.monotonic()
         try:
             while proc.poll() is None:
                 time.sleep(POLL_S)
-                flag = self.r.get(self.q.cancel(eval_id))
+                flag, held = run(self.r, EVALUATIONS.watch(self.keys, eval_id, self.name))
                 if flag is not None:
-                    stop = CANCEL if as_str(flag) == CANCEL else REQUEUE
+                    stop = CANCEL if flag == CANCEL else REQUEUE
                 elif self._stop.is_set():
                     stop = REQUEUE
-                elif time.monotonic() - last_held_check > 2:
-                    last_held_check = time.monotonic()
-                    held = self.r.hmget(self.q.record(eval_id), "state", "evaluator")
-                    if [as_str(x) if x is not None else None for x in held] != [EvalState.running.value, self.name]:
-                        stop = "lost"
+                elif not held:
+                    stop = "lost"
                 if stop:
                     self._kill(proc)
                     break
@@ -211,10 +199,7 @@ class EvaluatorLoop(QueueConsumer):
                         done, total = int(m.group(2)), int(m.group(3))
                         if time.monotonic() - last_progress > 1 or done == total:
                             last_progress = time.monotonic()
-                            self.r.hset(
-                                self.q.record(eval_id),
-                                mapping={"done_requests": done, "total_requests": total, "progress_at": time.time()},
-                            )
+                            self._set(eval_id, done_requests=done, total_requests=total, progress_at=time.time())
                         continue
                     if NOISE.search(line):
                         continue

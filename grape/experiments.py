@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from grape.evaluations import EvaluationSettings
 from grape.jobs import SEED_MAX, Hyperparameters, LoraSpec
 from grape.keys import Keys
+from grape.store.experiments import arm_selection
+from grape.store.io import run
 
 EXP_ID = re.compile(r"exp-[0-9a-f]{12}")
 
@@ -144,7 +146,7 @@ def parse_ref(ref: str) -> tuple[str, int]:
 def write_stored_selection(r: redis.Redis, keys: Keys, ref: str, path: str | Path) -> int:
     """Write an experiment arm's stored selection as NDJSON at `path` (temporary name, then renamed)."""
     exp_id, arm = parse_ref(ref)
-    raw = r.get(keys.experiment_selection(exp_id, arm))
+    raw = run(r, arm_selection(keys, exp_id, arm))
     if raw is None:
         raise ValueError(f"the selection of experiment arm {ref} is not stored (experiment deleted?)")
     path = Path(path)

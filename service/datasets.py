@@ -166,7 +166,7 @@ async def ingest(
             rejected=[r.model_dump() for r in rejected],
             rejected_total=n_rejected,
         )
-    backlog = await redis.xlen(keys.stream(meta["target_model"]))
+    backlog = await arun(redis, scoring.queued(keys, meta["target_model"]))
     if backlog >= settings.max_queue_chunks:
         raise Busy(
             f"queue of {meta['target_model']} holds {backlog} chunks (limit {settings.max_queue_chunks}, "

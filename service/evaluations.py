@@ -26,6 +26,7 @@ from grape.jobs import JobState
 from grape.keys import Keys, is_job_id
 from grape.redis_client import as_str as _text
 from grape.settings import Settings
+from grape.store import eval_tasks
 from grape.store.io import acall, arun
 from grape.store.jobqueue import EVALUATIONS, TRAINING
 from service.errors import Busy, Conflict, NotFound, Unprocessable
@@ -51,12 +52,11 @@ async def check_tasks(*, redis: Redis, keys: Keys, tasks: list[str]) -> None:
     checked when asked, not after an hour of training. 503 without a live evaluator, 422 naming the task."""
     if not await live_evaluators(redis, keys):
         raise Busy(NO_EVALUATOR, retry_after=30, status=503)
-    known = await redis.smismember(keys.eval_tasks(), tasks)
+    known = await arun(redis, eval_tasks.known(keys, tasks))
     unknown = [t for t, ok in zip(tasks, known, strict=True) if not ok]
     if not unknown:
         return
-    names = [_text(n) for n in await redis.smembers(keys.eval_tasks())]
-    near = difflib.get_close_matches(unknown[0], names, n=5, cutoff=0.6)
+    near = difflib.get_close_matches(unknown[0], await arun(redis, eval_tasks.every(keys)), n=5, cutoff=0.6)
     hint = f"; did you mean {', '.join(near)}?" if near else ""
     raise Unprocessable(
         f"tasks: {', '.join(repr(t) for t in unknown)} not known to the evaluators (lm-eval's tasks and those in "

@@ -30,8 +30,8 @@ from grape.experiments import ArmSpec, ExperimentState
 from grape.jobs import JobSpec, JobState, new_job_fields
 from grape.keys import Keys
 from grape.records import DatasetState
-from grape.redis_client import as_str
 from grape.settings import Settings
+from grape.store import experiments as exp_store
 from grape.store.datasets import check_selection
 from grape.store.errors import Invalid
 from grape.store.io import acall, arun
@@ -45,7 +45,6 @@ from service.model_access import check_chat_template, check_model
 
 log = logging.getLogger(__name__)
 
-LOCK_MS = 60_000
 ARM_ACTIVE = ("queued", "training", "evaluating")
 
 
@@ -206,13 +205,7 @@ async def create_experiment(
         "best": {},
         "versions": {},
     }
-    async with redis.pipeline(transaction=True) as pipe:
-        for i, lines in enumerate(selections):
-            pipe.set(keys.experiment_selection(exp_id, i), b"".join(lines))
-        pipe.set(keys.experiment(exp_id), orjson.dumps(record))
-        pipe.zadd(keys.experiments(), {exp_id: now})
-        pipe.sadd(keys.experiments_active(), exp_id)
-        await pipe.execute()
+    await arun(redis, exp_store.create(keys, exp_id, record, (b"".join(lines) for lines in selections), now))
     await advance_one(redis=redis, keys=keys, settings=settings, exp_id=exp_id)  # queue the jobs now
     return ExperimentCreated(id=exp_id, state=ExperimentState.queued)
 
@@ -221,10 +214,10 @@ async def create_experiment(
 
 
 async def _load(redis: Redis, keys: Keys, exp_id: str) -> dict[str, Any]:
-    raw = await redis.get(keys.experiment(exp_id)) if ex.is_experiment_id(exp_id) else None
-    if raw is None:
+    exp = await arun(redis, exp_store.load(keys, exp_id)) if ex.is_experiment_id(exp_id) else None
+    if exp is None:
         raise NotFound(f"experiment {exp_id!r} not found")
-    return orjson.loads(raw)
+    return exp
 
 
 async def get_experiment(*, redis: Redis, keys: Keys, settings: Settings, exp_id: str) -> ExperimentPublic:
@@ -234,9 +227,8 @@ async def get_experiment(*, redis: Redis, keys: Keys, settings: Settings, exp_id
 
 
 async def list_experiments(*, redis: Redis, keys: Keys, limit: int) -> list[ExperimentPublic]:
-    ids = [as_str(x) for x in await redis.zrevrange(keys.experiments(), 0, limit - 1)]
     out = []
-    for exp_id in ids:
+    for exp_id in await arun(redis, exp_store.newest(keys, limit)):
         try:
             out.append(ExperimentPublic.model_validate(await _load(redis, keys, exp_id)))
         except NotFound:
@@ -248,7 +240,7 @@ async def arm_selection(*, redis: Redis, keys: Keys, exp_id: str, arm: int) -> b
     exp = await _load(redis, keys, exp_id)
     if not 0 <= arm < len(exp["arms"]):
         raise NotFound(f"experiment {exp_id} has arms 0..{len(exp['arms']) - 1}, not {arm}")
-    raw = await redis.get(keys.experiment_selection(exp_id, arm))
+    raw = await arun(redis, exp_store.arm_selection(keys, exp_id, arm))
     if raw is None:
         raise NotFound(f"the selection of arm {arm} of experiment {exp_id} is not stored")
     return raw
@@ -256,26 +248,24 @@ async def arm_selection(*, redis: Redis, keys: Keys, exp_id: str, arm: int) -> b
 
 # ---- the lock ------------------------------------------------------------------------------------------
 
-_UNLOCK_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
 
 class _Lock:
     """A short per-experiment lock: one process advances (or cancels) an experiment at a time."""
 
     def __init__(self, redis: Redis, keys: Keys, exp_id: str) -> None:
-        self.redis, self.key, self.token = redis, keys.experiment_lock(exp_id), uuid.uuid4().hex
+        self.redis, self.keys, self.exp_id, self.token = redis, keys, exp_id, uuid.uuid4().hex
 
     async def acquire(self, wait_s: float = 0.0) -> bool:
         deadline = time.monotonic() + wait_s
         while True:
-            if await self.redis.set(self.key, self.token, nx=True, px=LOCK_MS):
+            if await arun(self.redis, exp_store.try_lock(self.keys, self.exp_id, self.token)):
                 return True
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.05)
 
     async def release(self) -> None:
-        await self.redis.eval(_UNLOCK_LUA, 1, self.key, self.token)
+        await acall(self.redis, exp_store.unlock(self.keys, self.exp_id, self.token))
 
 
 # ---- advancing -----------------------------------------------------------------------------------------
@@ -291,20 +281,19 @@ async def advance_one(*, redis: Redis, keys: Keys, settings: Settings, exp_id: s
         before = orjson.dumps(exp)
         if ExperimentState(exp["state"]) not in ex.TERMINAL:
             await _advance(redis, keys, settings, exp)
-        if orjson.dumps(exp) != before:
-            await redis.set(keys.experiment(exp_id), orjson.dumps(exp))
-        if ExperimentState(exp["state"]) in ex.TERMINAL:
-            await redis.srem(keys.experiments_active(), exp_id)
+        changed = orjson.dumps(exp) != before
+        finished = ExperimentState(exp["state"]) in ex.TERMINAL
+        await arun(redis, exp_store.save(keys, exp_id, exp if changed else None, finished=finished))
     finally:
         await lock.release()
 
 
 async def advance_active(*, redis: Redis, keys: Keys, settings: Settings) -> None:
-    for exp_id in [as_str(x) for x in await redis.smembers(keys.experiments_active())]:
+    for exp_id in await arun(redis, exp_store.active(keys)):
         try:
             await advance_one(redis=redis, keys=keys, settings=settings, exp_id=exp_id)
         except NotFound:
-            await redis.srem(keys.experiments_active(), exp_id)
+            await arun(redis, exp_store.forget(keys, exp_id))
 
 
 async def driver(*, redis: Redis, keys: Keys, settings: Settings, interval_s: float) -> None:
@@ -511,8 +500,7 @@ async def cancel_experiment(*, redis: Redis, keys: Keys, settings: Settings, exp
         if exp.get("base") and exp["base"].get("eval_state") not in TERMINAL:
             await _cancel_eval(redis, keys, exp["base"])
         exp["state"], exp["finished"] = ExperimentState.cancelled.value, time.time()
-        await redis.set(keys.experiment(exp_id), orjson.dumps(exp))
-        await redis.srem(keys.experiments_active(), exp_id)
+        await arun(redis, exp_store.save(keys, exp_id, exp, finished=True))
     finally:
         await lock.release()
     return ExperimentPublic.model_validate(exp)

@@ -13,7 +13,9 @@ from fastapi.responses import StreamingResponse
 from redis.asyncio import Redis
 
 from grape.keys import Keys
-from grape.store.jobqueue import TERMINAL, JobQueue, decode_log
+from grape.store import logs
+from grape.store.io import arun
+from grape.store.jobqueue import TERMINAL, JobQueue
 from service.errors import Conflict, NotFound
 
 PAGE = 500
@@ -51,12 +53,11 @@ async def record_log(
     log_key = queue.space(keys).log(item_id)
     last = after
     while True:
-        rows = await redis.xrange(log_key, min=f"({last}" if last != "0-0" else "-", max="+", count=PAGE)
-        for entry_id, fields in rows:
-            rec = decode_log(entry_id, fields)
+        recs = await arun(redis, logs.page(log_key, last, PAGE))
+        for rec in recs:
             last = rec["id"]
             yield orjson.dumps(rec) + b"\n"
-        if len(rows) == PAGE:
+        if len(recs) == PAGE:
             continue
         if not follow:
             return
@@ -65,10 +66,10 @@ async def record_log(
         except (NotFound, Conflict):
             record = None
         if record is None or record["state"] in TERMINAL:
-            for entry_id, fields in await redis.xrange(log_key, min=f"({last}", max="+"):
-                yield orjson.dumps(decode_log(entry_id, fields)) + b"\n"
+            for rec in await arun(redis, logs.page(log_key, last)):
+                yield orjson.dumps(rec) + b"\n"
             return
         if await queue.areap_if_dead(redis, keys, record):
             continue  # its holder was dead: look again at once
-        if not await redis.xread({log_key: last}, block=poll_ms, count=PAGE):
+        if not await arun(redis, logs.wait(log_key, last, poll_ms)):
             await asyncio.sleep(0)

@@ -35,16 +35,17 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
-from grape.keys import GROUP, Keys, model_key
+from grape.keys import Keys, model_key
 from grape.records import DatasetState
-from grape.redis_client import as_str as _s
-from grape.store import heartbeats
+from grape.score_kinds import ScoreTask
+from grape.store import heartbeats, scoring
+from grape.store.io import arun
 from service.datasets import list_datasets
 from service.schemas import DatasetPublic
 
-PRIMARY_TASK = "logprob"
+PRIMARY_TASK = ScoreTask.logprob.value
 SCRAPE_TIMEOUT_S = 5.0
 """A scrape answers within this (grape_up 0) even while the Redis client retries a lost connection."""
 
@@ -55,16 +56,10 @@ class Snapshot:
 
     redis_up: bool = True
     datasets: list[DatasetPublic] = field(default_factory=list)
-    queues: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  # (model, task) -> (len, pending)
+    queues: scoring.QueueDepths = field(default_factory=dict)
     dead: dict[tuple[str, str], int] = field(default_factory=dict)
     workers: Counter[tuple[str, str]] = field(default_factory=Counter)
     beats: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _queue_of(suffix: str) -> tuple[str, str]:
-    """(model, task) of a stream key suffix: `{model}` for the primary task, `{task}:{model}` otherwise."""
-    task, sep, model = suffix.partition(":")
-    return (model, task) if sep else (suffix, PRIMARY_TASK)
 
 
 async def snapshot(*, redis: Redis, keys: Keys) -> Snapshot:
@@ -76,17 +71,7 @@ async def snapshot(*, redis: Redis, keys: Keys) -> Snapshot:
 
 async def _read(redis: Redis, keys: Keys) -> Snapshot:
     snap = Snapshot(datasets=await list_datasets(redis=redis, keys=keys))
-    queue_prefix, dead_prefix = f"{keys.prefix}:q:", f"{keys.prefix}:dead:"
-    async for raw in redis.scan_iter(match=f"{queue_prefix}*", count=500, _type="stream"):
-        key = _s(raw)
-        try:
-            pending = int((await redis.xpending(key, GROUP))["pending"])
-        except ResponseError:  # no consumer group yet: no worker has read this stream
-            pending = 0
-        snap.queues[_queue_of(key[len(queue_prefix) :])] = (int(await redis.xlen(key)), pending)
-    async for raw in redis.scan_iter(match=f"{dead_prefix}*", count=500, _type="stream"):
-        key = _s(raw)
-        snap.dead[_queue_of(key[len(dead_prefix) :])] = int(await redis.xlen(key))
+    snap.queues, snap.dead = await arun(redis, scoring.queue_depths(keys))
     snap.beats = await heartbeats.live(redis, keys)
     for info in snap.beats:
         snap.workers[(model_key(str(info.get("model", ""))), str(info.get("task", PRIMARY_TASK)))] += 1

@@ -173,7 +173,7 @@ async def delete_job(*, redis: Redis, keys: Keys, job_id: str) -> None:
     (GRAPE_TRAIN_DIR/<job id>) is removed by the trainers, which watch `Keys.training.deleted()`."""
     if not is_job_id(job_id):
         raise _not_found(job_id)
-    state = _text(await redis.hget(keys.training.record(job_id), "state"))
+    state = await arun(redis, TRAINING.field(keys, job_id, "state"))
     if state == JobState.running:  # a running job whose trainer died is reaped first, then deletable
         with contextlib.suppress(Conflict):  # an unreadable record: the script below decides on the raw state
             await TRAINING.areap_if_dead(redis, keys, await _load(redis, keys, job_id))

@@ -3,18 +3,21 @@ evaluations go through the same scripts, differing only where the kind says so."
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as aredis
 
 from grape.keys import Keys
 from grape.settings import Settings
+from grape.store import eval_tasks
 from grape.store.consumer import QueueConsumer
-from grape.store.io import call
-from grape.store.jobqueue import EVALUATIONS, TRAINING, JobQueue, decode_log, log_fields
+from grape.store.io import arun, call, run
+from grape.store.jobqueue import CANCEL, EVALUATIONS, REQUEUE, TRAINING, JobQueue, decode_log, log_fields
 
 KINDS = [pytest.param(TRAINING, id="training"), pytest.param(EVALUATIONS, id="evaluations")]
 
@@ -197,6 +200,60 @@ def test_resume_and_delete_a_training_job(rclient, keys: Keys) -> None:
     assert rclient.zscore(q.ids(), job) is None and rclient.zscore(q.deleted(), job) is not None
     assert call(rclient, TRAINING.delete(keys, job)) == b"missing"
     assert call(rclient, TRAINING.resume(keys, job)) == b"missing"
+
+
+@pytest.mark.parametrize("queue", KINDS)
+def test_what_a_holder_polls_and_writes(rclient, keys: Keys, queue: JobQueue) -> None:
+    q = queue.space(keys)
+    item_id = new(rclient, keys, queue)
+    claim(rclient, keys, queue, "h1")
+    assert run(rclient, queue.watch(keys, item_id, "h1")) == (None, True)
+    assert run(rclient, queue.watch(keys, item_id, "h2")) == (None, False)  # not this holder's
+    queue.set_fields(rclient, keys, item_id, {"progress_at": 1.5, "step": 3, "note": ""})
+    assert rclient.hmget(q.record(item_id), "progress_at", "step", "note") == [b"1.5", b"3", b""]
+    assert run(rclient, queue.field(keys, item_id, "step")) == "3"
+    assert run(rclient, queue.field(keys, item_id, "nope")) is None
+    assert run(rclient, queue.field(keys, "missing", "state")) is None
+
+    queue.hand_back(rclient, keys, item_id)
+    assert run(rclient, queue.watch(keys, item_id, "h1")) == (REQUEUE, True)
+    rclient.delete(q.cancel(item_id))
+    assert call(rclient, queue.cancel(keys, item_id)) == b"cancelling"
+    queue.hand_back(rclient, keys, item_id)  # an asked cancel stays a cancel
+    assert run(rclient, queue.watch(keys, item_id, "h1")) == (CANCEL, True)
+
+    # taken from the holder (reaped): it only drops the id from its claimed list
+    rclient.hset(q.record(item_id), mapping={"state": "queued", queue.holder: ""})
+    assert run(rclient, queue.watch(keys, item_id, "h1"))[1] is False
+    queue.release(rclient, keys, item_id, "h1")
+    assert rclient.llen(q.claimed("h1")) == 0 and record(rclient, keys, queue, item_id)["state"] == "queued"
+
+
+def test_deleted_ids_are_kept_for_a_while(rclient, keys: Keys) -> None:
+    job = new(rclient, keys, TRAINING)
+    assert call(rclient, TRAINING.delete(keys, job)) == b"deleted"
+    rclient.zadd(keys.training.deleted(), {"job-000000000000": time.time() - 100})
+    assert sorted(TRAINING.deleted_ids(rclient, keys, 1000)) == sorted([job, "job-000000000000"])
+    assert TRAINING.deleted_ids(rclient, keys, 50) == [job]  # the old one is dropped from the list
+    assert rclient.zcard(keys.training.deleted()) == 1
+
+
+def test_published_evaluation_tasks(rclient, keys: Keys, redis_url: str) -> None:
+    names = [f"task_{i}" for i in range(eval_tasks.CHUNK + 5)]  # more than one SADD
+    eval_tasks.publish(rclient, keys, names)
+    eval_tasks.publish(rclient, keys, ["other"])  # a second evaluator: the union
+    assert rclient.scard(keys.eval_tasks()) == len(names) + 1
+    rclient.delete(keys.eval_tasks())
+    eval_tasks.publish_if_lost(rclient, keys, ["other"])
+    eval_tasks.publish_if_lost(rclient, keys, ["not again"])  # present: left as it is
+    assert run(rclient, eval_tasks.every(keys)) == {"other"}
+
+    async def gateway() -> tuple[list[bool], set[str]]:  # the gateway drives the same plans with asyncio
+        async with aredis.Redis.from_url(redis_url) as client:
+            known = await arun(client, eval_tasks.known(keys, ["x", "other"]))
+            return known, await arun(client, eval_tasks.every(keys))
+
+    assert asyncio.run(gateway()) == ([False, True], {"other"})
 
 
 def test_records_and_logs_decode_in_one_shape() -> None:

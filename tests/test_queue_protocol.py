@@ -1,12 +1,20 @@
-"""The Redis protocol on a real Redis: idempotent results, reclaiming from dead consumers, poison items."""
+"""The Redis protocol on a real Redis: idempotent results, reclaiming from dead consumers, poison items; the
+store's stream functions (grape.store.scoring, grape.store.logs) one by one."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
-from grape.keys import GROUP
-from grape.store.io import call
-from grape.store.scoring import ItemResult, results
+import pytest
+import redis
+import redis.asyncio
+
+from grape.keys import GROUP, Keys
+from grape.store import datasets, logs, scoring
+from grape.store.io import arun, call, run
+from grape.store.jobqueue import log_fields
+from grape.store.scoring import Delivery, ItemResult, results
 from tests.conftest import MODEL, create, load_pool, wait_done
 from workers.loop import Worker
 
@@ -62,3 +70,97 @@ def test_poison_item_fails_alone_after_max_deliveries(api, rclient, keys, hf_bac
     assert api.get(f"/v1/datasets/{ds}/items/{items[2]['id']}").json()["state"] == "scored"
     dead = rclient.xrange(keys.dead(MODEL))
     assert len(dead) == 1 and dead[0][1][b"item"] == items[1]["id"].encode()
+
+
+def _claim(rclient: redis.Redis, stream: str, consumer: str, **kw: int) -> tuple[str, list, list]:
+    kw = {"idle_ms": 60_000, "count": 10, "block_ms": 10, **kw}
+    return run(rclient, scoring.claim(stream, consumer, cursor="0-0", **kw))
+
+
+def test_claim_reads_new_entries_then_reclaims_idle_ones_with_their_delivery_count(rclient, keys) -> None:
+    stream = keys.stream(MODEL)
+    with pytest.raises(redis.ResponseError, match="NOGROUP"):  # the worker recreates a lost group on this
+        _claim(rclient, stream, "a")
+    scoring.ensure_group(rclient, stream)
+    scoring.ensure_group(rclient, stream)  # an existing group is no error
+    ids = [rclient.xadd(stream, scoring.entry("ds-1", [f"i{n}", f"j{n}"])).decode() for n in range(3)]
+    _, reclaimed, fresh = _claim(rclient, stream, "a", count=2)
+    assert reclaimed == [] and fresh == [Delivery(ids[n], "ds-1", [f"i{n}", f"j{n}"], 1) for n in range(2)]
+    time.sleep(0.05)
+    # "a" went silent: "b" takes its two entries over (second delivery) and reads the third, new
+    _, reclaimed, fresh = _claim(rclient, stream, "b", idle_ms=20, count=3)
+    assert [(d.id, d.deliveries) for d in reclaimed] == [(ids[0], 2), (ids[1], 2)]
+    assert fresh == [Delivery(ids[2], "ds-1", ["i2", "j2"], 1)]
+    # nothing new and nothing idle: an empty answer after blocking block_ms
+    assert _claim(rclient, stream, "b", idle_ms=60_000)[1:] == ([], [])
+
+
+def test_touch_keeps_a_slow_consumers_entries_from_looking_idle(rclient, keys) -> None:
+    stream = keys.stream(MODEL)
+    scoring.ensure_group(rclient, stream)
+    entry_id = rclient.xadd(stream, scoring.entry("ds-1", ["i"])).decode()
+    _claim(rclient, stream, "slow")
+    time.sleep(0.15)
+    run(rclient, scoring.touch(stream, "slow", [entry_id]))
+    assert _claim(rclient, stream, "other", idle_ms=100)[1] == []
+    time.sleep(0.15)
+    assert [d.id for d in _claim(rclient, stream, "other", idle_ms=100)[1]] == [entry_id]
+
+
+def test_written_flags_start_time_dead_letter_and_requeue(rclient, keys) -> None:
+    ds = "ds-000000000001"
+    rclient.hset(keys.task_results(ds, "rating"), "b", "{}")
+    assert run(rclient, scoring.written(keys, "rating", ds, ["a", "b", "c"])) == [False, True, False]
+    run(rclient, scoring.mark_started(keys, "rating", [ds], 100.0))
+    run(rclient, scoring.mark_started(keys, "rating", [ds], 200.0))  # the first start is kept
+    assert rclient.hget(keys.task_stats(ds, "rating"), "t_start") == b"100.000"
+    assert rclient.hget(keys.stats(ds), "t_start") is None
+    run(rclient, scoring.dead_letter(keys, "rating", MODEL, ds, "1-1", "a", "it killed workers"))
+    ((_, fields),) = rclient.xrange(keys.task_dead("rating", MODEL))
+    assert fields == {b"ds": ds.encode(), b"entry": b"1-1", b"item": b"a", b"error": b"it killed workers"}
+    run(rclient, scoring.requeue(keys.task_stream("rating", MODEL), ds, ["b", "c"]))
+    ((_, fields),) = rclient.xrange(keys.task_stream("rating", MODEL))
+    assert scoring.parse_entry(fields) == (ds, ["b", "c"])
+    assert run(rclient, datasets.exists(keys, ds)) is False
+    rclient.hset(keys.dataset(ds), "name", "x")
+    assert run(rclient, datasets.exists(keys, ds)) is True
+
+
+def _gateway(redis_url: str, plan):  # the gateway's driver: asyncio client, as service/ runs these plans
+    async def go():
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            return await arun(client, plan)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+def test_queue_depths_and_dead_letters_by_model_and_task(rclient, redis_url, keys) -> None:
+    assert _gateway(redis_url, scoring.queue_depths(keys)) == ({}, {})
+    stream, extra = keys.stream(MODEL), keys.task_stream("rating", "org/judge:v1")
+    scoring.ensure_group(rclient, stream)
+    for n in range(3):
+        rclient.xadd(stream, scoring.entry("ds-1", [str(n)]))
+    rclient.xadd(extra, scoring.entry("ds-1", ["x"]))  # no worker read it yet: no group, no pending
+    _claim(rclient, stream, "w", count=2)
+    rclient.xadd(keys.task_dead("rating", "org/judge:v1"), {"ds": "ds-1"})
+    assert _gateway(redis_url, scoring.queued(keys, MODEL)) == 3
+    assert _gateway(redis_url, scoring.queue_depths(keys)) == (
+        {(MODEL, "logprob"): (3, 2), ("org/judge%3Av1", "rating"): (1, 0)},
+        {("org/judge%3Av1", "rating"): 1},
+    )
+
+
+def test_log_pages_after_a_record_and_waiting_for_the_next(rclient, redis_url, keys: Keys) -> None:
+    log_key = keys.training.log("job-000000000001")
+    ids = [rclient.xadd(log_key, log_fields(f"m{n}", step=n)).decode() for n in range(3)]
+    first = _gateway(redis_url, logs.page(log_key, "0-0", 2))
+    assert [(r["id"], r["msg"], r["level"], r["data"]) for r in first] == [
+        (ids[0], "m0", "info", {"step": 0}),
+        (ids[1], "m1", "info", {"step": 1}),
+    ]
+    assert [r["id"] for r in _gateway(redis_url, logs.page(log_key, ids[0]))] == ids[1:]
+    assert _gateway(redis_url, logs.wait(log_key, ids[2], 10)) is False
+    assert _gateway(redis_url, logs.wait(log_key, ids[1], 10)) is True

@@ -18,9 +18,8 @@ import orjson
 import redis
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from grape.jobs import JobState
 from grape.keys import Keys
-from grape.redis_client import as_str
+from grape.store.io import run
 from grape.store.jobqueue import CANCEL, REQUEUE, TRAINING
 from trainer.context import Stop, checkpoint_dirs
 
@@ -49,9 +48,8 @@ class JobProgressCallback(TrainerCallback):
 
     # helpers -------------------------------------------------------------------------------------
     def _hset(self, **fields: Any) -> None:
-        mapping = {k: _field(v) for k, v in fields.items()}
         try:
-            self.r.hset(self.keys.training.record(self.job_id), mapping=mapping)
+            TRAINING.set_fields(self.r, self.keys, self.job_id, {k: _field(v) for k, v in fields.items()})
         except redis.RedisError as exc:  # progress is best effort; training goes on
             log.warning("job %s: progress not written: %s", self.job_id, exc)
 
@@ -63,21 +61,13 @@ class JobProgressCallback(TrainerCallback):
 
     def _read_stop(self) -> Stop:
         try:
-            with self.r.pipeline(transaction=False) as pipe:
-                pipe.get(self.keys.training.cancel(self.job_id))
-                pipe.hmget(self.keys.training.record(self.job_id), ["state", "trainer"])
-                flag, (state, trainer) = pipe.execute()
+            flag, held = run(self.r, TRAINING.watch(self.keys, self.job_id, self.trainer))
         except redis.RedisError as exc:
             log.warning("job %s: cancel flag not read: %s", self.job_id, exc)
             return Stop.none
-        flag, state, trainer = (as_str(x) if x is not None else None for x in (flag, state, trainer))
-        if state != JobState.running or trainer != self.trainer:
+        if not held:
             return Stop.lost
-        if flag == CANCEL:
-            return Stop.cancel
-        if flag == REQUEUE:
-            return Stop.requeue
-        return Stop.none
+        return Stop(flag) if flag in (CANCEL, REQUEUE) else Stop.none
 
     @staticmethod
     def _agree(args: TrainingArguments, code: int) -> int:

@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any, Literal
@@ -32,10 +31,10 @@ import redis
 from grape.experiments import write_stored_selection
 from grape.jobs import JobSpec, JobState
 from grape.keys import Keys, is_job_id
-from grape.redis_client import as_str
 from grape.settings import Settings
 from grape.store.consumer import QueueConsumer
 from grape.store.datasets import write_selection
+from grape.store.io import run
 from grape.store.jobqueue import CANCEL, REQUEUE, TRAINING
 from grape.strategies import SelectParams
 from trainer.context import OUTCOME_FILE, Outcome, Stop, TrainContext, checkpoint_dirs
@@ -106,7 +105,7 @@ class TrainerLoop(QueueConsumer):
         job = self.current
         if job is not None:
             try:
-                self.r.set(self.q.cancel(job), REQUEUE, nx=True)  # an asked cancel stays a cancel
+                TRAINING.hand_back(self.r, self.keys, job)
             except redis.RedisError as exc:
                 log.warning("could not hand back job %s: %s", job, exc)
 
@@ -123,12 +122,9 @@ class TrainerLoop(QueueConsumer):
     def remove_deleted(self) -> list[str]:
         """Remove the directories of deleted jobs (DELETE /v1/training-jobs/{id}) from this trainer's train
         dir. Every trainer does it for its own disk; an id stays listed for DELETED_KEEP_S. Returns removed ids."""
-        key = self.q.deleted()
-        self.r.zremrangebyscore(key, "-inf", time.time() - DELETED_KEEP_S)
         root = self.settings.training_dir().resolve()
         removed = []
-        for raw in self.r.zrange(key, 0, 9999):
-            job_id = as_str(raw)
+        for job_id in TRAINING.deleted_ids(self.r, self.keys, DELETED_KEEP_S):
             if not is_job_id(job_id) or job_id == self.current:
                 continue
             path = root / job_id
@@ -149,12 +145,12 @@ class TrainerLoop(QueueConsumer):
         self._run(job_id, JobSpec.model_validate_json(spec_json))
 
     def _run(self, job_id: str, spec: JobSpec) -> None:
-        resume = self.r.hget(self.q.record(job_id), "resume") == b"1"
+        resume = run(self.r, TRAINING.field(self.keys, job_id, "resume")) == "1"
         out = self.output_dir(job_id)
         if not resume and checkpoint_dirs(out):
             raise JobError(f"{out} already holds checkpoints of an earlier run of this job: resume the job instead")
         out.mkdir(parents=True, exist_ok=True)
-        self.r.hset(self.q.record(job_id), mapping={"output_dir": str(out), "resume": ""})
+        self._set(job_id, output_dir=str(out), resume="")
         data = out / SELECTION_FILE
         if resume and data.exists():  # a resumed run trains on exactly the records of the first run
             with open(data, "rb") as f:
@@ -167,22 +163,22 @@ class TrainerLoop(QueueConsumer):
             params = SelectParams(k=spec.k, reduce=spec.reduce, n=spec.n, tau=spec.tau, seed=spec.seed)
             n = write_selection(self.r, self.keys, spec.dataset_id, spec.strategy, params, data)
             self._log(job_id, f"selected set materialized: {n} records ({spec.strategy}, k={spec.k}) in {data}")
-        self.r.hset(self.q.record(job_id), "train_records", n)
+        self._set(job_id, train_records=n)
         if n == 0:
             raise JobError(f"the selection of dataset {spec.dataset_id} ({spec.strategy}) is empty: nothing to train")
-        flag = self.r.get(self.q.cancel(job_id))
-        if flag is not None and as_str(flag) == CANCEL:
+        flag, _ = run(self.r, TRAINING.watch(self.keys, job_id, self.name))
+        if flag == CANCEL:
             self._end(job_id, JobState.cancelled, "cancelled before training started")
             return
-        if flag is not None and as_str(flag) == REQUEUE:
+        if flag == REQUEUE:
             self._end(job_id, JobState.queued, f"handed back before training started (trainer {self.name} stopped)")
             return
         ctx = TrainContext(job_id, spec, data, out, resume=resume, trainer_name=self.name, settings=self.settings)
         outcome = self._train(ctx)
         ckpts = checkpoint_dirs(out)
-        self.r.hset(self.q.record(job_id), "checkpoints", orjson.dumps(ckpts).decode())
+        self._set(job_id, checkpoints=orjson.dumps(ckpts).decode())
         if outcome.stop is Stop.none:
-            self.r.hset(self.q.record(job_id), "model_path", outcome.model_path or "")
+            self._set(job_id, model_path=outcome.model_path or "")
             self._end(
                 job_id,
                 JobState.succeeded,

@@ -245,13 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     from grape.keys import Keys
     from grape.redis_client import connect
     from grape.settings import DEFAULT_REDIS_URL, get_settings
+    from grape.store.io import run
+    from grape.store.jobqueue import TRAINING
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
     client = connect(settings.redis_url or DEFAULT_REDIS_URL)
     keys = Keys(settings.key_prefix)
-    raw = client.hget(keys.training.record(args.job), "spec")
+    raw = run(client, TRAINING.field(keys, args.job, "spec"))
     if raw is None:
         print(f"training job {args.job} not found", file=sys.stderr)
         return 2

@@ -33,8 +33,7 @@ from typing import Any
 
 import redis
 
-from grape.keys import GROUP, Keys
-from grape.redis_client import as_str
+from grape.keys import Keys
 from grape.settings import DEFAULT_CLAIM_IDLE_MS
 from grape.store import datasets, heartbeats, scoring
 from grape.store.io import call, run
@@ -158,11 +157,7 @@ class Worker:
         signal.signal(signal.SIGINT, self.stop)
 
     def ensure_group(self) -> None:
-        try:
-            self.r.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        scoring.ensure_group(self.r, self.stream)
 
     def run(self, *, idle_exit_s: float | None = None) -> WorkerStats:
         """Consume until stopped (or, with `idle_exit_s`, until nothing was held for that long)."""
@@ -267,52 +262,33 @@ class Worker:
                 self._held.pop(e.id, None)
 
     def _claim(self) -> list[Entry]:
-        entries: list[Entry] = []
         while self._ready.full() and not self._stop.is_set():
             self._stop.wait(0.01)  # a full pipeline: claim nothing more until the compute thread takes some
         if self._stop.is_set():
-            return entries
+            return []
         # reclaim first: old work of dead workers before new work
-        cursor, claimed, *_ = self.r.xautoclaim(
-            self.stream,
-            GROUP,
-            self.name,
-            min_idle_time=self.claim_idle_ms,
-            start_id=self._claim_cursor,
-            count=self.read_count,
+        self._claim_cursor, reclaimed, fresh = run(
+            self.r,
+            scoring.claim(
+                self.stream,
+                self.name,
+                idle_ms=self.claim_idle_ms,
+                cursor=self._claim_cursor,
+                count=self.read_count,
+                block_ms=self.block_ms,
+            ),
         )
-        # the cursor walks a long pending list across calls instead of rescanning its head
-        self._claim_cursor = as_str(cursor)
-        for entry_id, fields in claimed:
-            if fields is None:
-                continue
-            entries.append(self._entry(entry_id, fields, deliveries=self._deliveries(entry_id)))
-        if entries:
+        if reclaimed:
             log.warning(
                 "worker %s: taking over %d chunk(s) left idle %.0f s by a silent worker",
                 self.name,
-                len(entries),
+                len(reclaimed),
                 self.claim_idle_ms / 1000,
             )
-        if len(entries) < self.read_count:
-            block = None if entries else self.block_ms
-            got = self.r.xreadgroup(
-                GROUP, self.name, {self.stream: ">"}, count=self.read_count - len(entries), block=block
-            )
-            for _, rows in got or []:
-                for entry_id, fields in rows:
-                    entries.append(self._entry(entry_id, fields, deliveries=1))
+        entries = [Entry(*d) for d in reclaimed + fresh]
         with self._lock:
             self._held.update((e.id, e) for e in entries)
         return entries
-
-    def _deliveries(self, entry_id: str) -> int:
-        rows = self.r.xpending_range(self.stream, GROUP, min=entry_id, max=entry_id, count=1)
-        return int(rows[0]["times_delivered"]) if rows else 1
-
-    @staticmethod
-    def _entry(entry_id: Any, fields: dict[Any, Any], deliveries: int) -> Entry:
-        return Entry(as_str(entry_id), *scoring.parse_entry(fields), deliveries)
 
     def _load(self, entries: list[Entry]) -> list[tuple[dict[str, str] | None, list[dict[str, Any]]]]:
         """Each entry's dataset settings and items, in one round trip for all of them."""
@@ -336,8 +312,8 @@ class Worker:
             tpl = meta.get("template", "auto")
             if e.deliveries > 1:
                 if items:
-                    flags = self.r.hmget(self.keys.task_results(e.dataset, self.task), [it["id"] for it in items])
-                    items = [it for it, f in zip(items, flags, strict=True) if f is None]
+                    flags = run(self.r, scoring.written(self.keys, self.task, e.dataset, [it["id"] for it in items]))
+                    items = [it for it, done in zip(items, flags, strict=True) if not done]
                 if items and e.deliveries > self.max_deliveries:
                     self._dead_letter(e, items)
                     continue
@@ -350,10 +326,7 @@ class Worker:
             with self._lock:
                 e.todo = {it["id"] for it in items}
         if started:
-            pipe = self.r.pipeline(transaction=False)
-            for ds in started:
-                pipe.hsetnx(self.keys.task_stats(ds, self.task), "t_start", f"{time.time():.3f}")
-            pipe.execute()
+            run(self.r, scoring.mark_started(self.keys, self.task, started, time.time()))
         for parts in _slices(fresh, self.commit_tokens) + batches:
             prepared = self._prepare([(item, tpl) for _, item, tpl in parts]) if self._prepare else None
             if not self._put(self._ready, Batch(parts, prepared), stop=self._stop):
@@ -366,14 +339,12 @@ class Worker:
             f"worker died or stalled while scoring this item ({entry.deliveries - 1} deliveries of its chunk); "
             "it is failed so the rest of the dataset can finish"
         )
-        self.r.xadd(
-            self.keys.task_dead(self.task, self.model),
-            {"ds": entry.dataset, "entry": entry.id, "item": poison["id"], "error": reason},
+        run(
+            self.r, scoring.dead_letter(self.keys, self.task, self.model, entry.dataset, entry.id, poison["id"], reason)
         )
         self._write_results(entry.dataset, "", [ItemResult(poison["id"], len(poison["candidates"]), error=reason)])
         if rest:
-            # requeue as a fresh entry: HSETNX finds them stored, so re-add the stream entry directly
-            self.r.xadd(self.stream, scoring.entry(entry.dataset, [it["id"] for it in rest]))
+            run(self.r, scoring.requeue(self.stream, entry.dataset, [it["id"] for it in rest]))
         self._ack(entry)
         log.error("dead-lettered item %s of dataset %s", poison["id"], entry.dataset)
 
@@ -502,7 +473,7 @@ class Worker:
     def _write_results(
         self, dataset: str, entry_id: str, results: list[ItemResult], only_if_dataset: bool = False
     ) -> None:
-        if only_if_dataset and not self.r.exists(self.keys.dataset(dataset)):
+        if only_if_dataset and not run(self.r, datasets.exists(self.keys, dataset)):
             return  # a dataset deleted while we scored: do not recreate its keys
         call(self.r, scoring.results(self.keys, self.task, self.model, dataset, entry_id, time.time(), results))
         worker_metrics.record_results(self.model, self.task, dataset, results)
@@ -521,7 +492,7 @@ class Worker:
                     inflight = list(self._held)
                 if inflight:
                     # resets the idle time of our own entries: we are alive, just slow
-                    self.r.xclaim(self.stream, GROUP, self.name, min_idle_time=0, message_ids=inflight, justid=True)
+                    run(self.r, scoring.touch(self.stream, self.name, inflight))
                 heartbeats.publish(self.r, self.keys, self.name, self.status())
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)

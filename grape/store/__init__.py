@@ -8,6 +8,8 @@
 - `jobqueue`: the job queues of trainers (training jobs) and evaluators (evaluations): one protocol, two
   key spaces.
 - `consumer`: the loop a trainer or an evaluator runs over its queue (claim, heartbeat, reap, end).
+- `experiments`: an experiment's record, its arms' stored selections, the active set, the driver's lock.
+- `logs`: pages of a job's or an evaluation's log stream.
 - `heartbeats`: who is alive (workers, trainers, evaluators).
 - `errors`: what the store raises (`NotFound`, `Invalid`, `Conflict`).
 

@@ -123,6 +123,9 @@ class QueueConsumer:
     def _log(self, item_id: str, msg: str, level: str = "info", **data: Any) -> None:
         self.queue.log(self.r, self.keys, item_id, msg, level, **data)
 
+    def _set(self, item_id: str, **fields: Any) -> None:
+        self.queue.set_fields(self.r, self.keys, item_id, fields)
+
     def _end(self, item_id: str, state: str, message: str, **how: Any) -> bool:
         """End the running record (state `queued`: hand it back); False when it is no longer this holder's.
         `how`: JobQueue.finish's error, level and fields."""

@@ -62,6 +62,12 @@ def require_meta(keys: Keys, dataset_id: str) -> Plan[dict[str, str]]:
     return found
 
 
+def exists(keys: Keys, dataset_id: str) -> Plan[bool]:
+    """Whether the dataset is there (a worker checks before writing, so a deleted one's keys are not recreated)."""
+    found = yield from one("exists", keys.dataset(dataset_id))
+    return bool(found)
+
+
 def ids(keys: Keys) -> Plan[list[str]]:
     """Every dataset id, oldest first."""
     raw = yield from one("zrange", keys.datasets(), 0, -1)

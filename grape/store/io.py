@@ -26,7 +26,7 @@ from redis.exceptions import NoScriptError
 
 T = TypeVar("T")
 
-Cmd = tuple[str, tuple[Any, ...]]
+Cmd = tuple[str, tuple[Any, ...], dict[str, Any]]
 """One Redis command of a round trip: the client method's name and its arguments."""
 
 Plan = Generator[list[Cmd], list[Any], T]
@@ -36,19 +36,19 @@ Page = tuple[list[T], int | None]
 """One page of a paged read and where the next one starts (None: this was the last)."""
 
 
-def cmd(name: str, *args: Any) -> Cmd:
-    return (name, args)
+def cmd(name: str, *args: Any, **kwargs: Any) -> Cmd:
+    return (name, args, kwargs)
 
 
-def one(name: str, *args: Any) -> Plan[Any]:
+def one(name: str, *args: Any, **kwargs: Any) -> Plan[Any]:
     """A plan of a single command (for the simple reads a store function composes with `yield from`)."""
-    (reply,) = yield [cmd(name, *args)]
+    (reply,) = yield [cmd(name, *args, **kwargs)]
     return reply
 
 
 def _queue(pipe: Any, cmds: list[Cmd]) -> None:
-    for name, args in cmds:
-        getattr(pipe, name)(*args)
+    for name, args, kwargs in cmds:
+        getattr(pipe, name)(*args, **kwargs)
 
 
 def run(client: Any, plan: Plan[T]) -> T:

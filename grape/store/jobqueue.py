@@ -16,14 +16,15 @@ counted). Training jobs can also be resumed and deleted (`resume`, `delete`).
 
 The two kinds differ only in what `JobQueue` is given: the holder's name field, the fields a start clears,
 what a hand-back and a dead holder do, the log messages, how a record's fields decode. Each script has one
-builder method here returning an `io.Call`; no caller lists keys.
+builder method here returning an `io.Call`; the plain reads and writes on a record (a holder's `watch` of the
+cancel flag, progress by `set_fields`, `field`) are methods here too, so no caller lists keys.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from string import Template
 from typing import Any
@@ -33,7 +34,7 @@ import orjson
 from grape.keys import Keys, QueueKeys
 from grape.redis_client import as_str
 from grape.store.heartbeats import Beats
-from grape.store.io import Call, Lua, Plan, acall, call, one
+from grape.store.io import Call, Lua, Plan, acall, call, cmd, one
 
 CANCEL = "cancel"
 REQUEUE = "requeue"
@@ -208,6 +209,10 @@ def _now() -> str:
     return f"{time.time():.3f}"
 
 
+def _text(raw: Any) -> str | None:
+    return None if raw is None else as_str(raw)
+
+
 def _lua(template: str, parts: dict[str, str]) -> Lua:
     return Lua(f"local LOG_MAXLEN = {LOG_MAXLEN}\n" + Template(template).substitute(parts))
 
@@ -371,10 +376,45 @@ class JobQueue:
         ids = yield from one("zrevrange", self.space(keys).ids(), 0, limit - 1)
         return [as_str(x) for x in ids]
 
+    def field(self, keys: Keys, item_id: str, name: str) -> Plan[str | None]:
+        """One field of the record as text (None: no such field or record), the rest left unread and undecoded."""
+        return _text((yield from one("hget", self.space(keys).record(item_id), name)))
+
+    def watch(self, keys: Keys, item_id: str, holder: str) -> Plan[tuple[str | None, bool]]:
+        """What a holder polls while it runs a record, in one round trip: the cancel flag (CANCEL, REQUEUE or
+        None) and whether the record still runs under `holder` (a reaper may have taken it)."""
+        q = self.space(keys)
+        flag, (state, by) = yield [
+            cmd("get", q.cancel(item_id)),
+            cmd("hmget", q.record(item_id), ["state", self.holder]),
+        ]
+        return _text(flag), (_text(state), _text(by)) == ("running", holder)
+
     # what a holder does (sync) -----------------------------------------------------------------------
     def log(self, client: Any, keys: Keys, item_id: str, msg: str, level: str = "info", **data: Any) -> None:
         """Append one record to a record's log."""
         client.xadd(self.space(keys).log(item_id), log_fields(msg, level, **data), maxlen=LOG_MAXLEN)
+
+    def set_fields(self, client: Any, keys: Keys, item_id: str, fields: Mapping[str, Any]) -> None:
+        """Write fields of a held record (progress, where its output is, results the end does not carry)."""
+        client.hset(self.space(keys).record(item_id), mapping=dict(fields))
+
+    def hand_back(self, client: Any, keys: Keys, item_id: str) -> None:
+        """Ask the holder's own running record back (it is shutting down): REQUEUE on the cancel flag, which
+        the holder's work polls; a cancel already asked stays a cancel."""
+        client.set(self.space(keys).cancel(item_id), REQUEUE, nx=True)
+
+    def release(self, client: Any, keys: Keys, item_id: str, holder: str) -> None:
+        """Drop a record from `holder`'s claimed list without ending it: it was taken from the holder while it
+        ran (reaped, say), and whoever took it has moved it on already."""
+        client.lrem(self.space(keys).claimed(holder), 0, item_id)
+
+    def deleted_ids(self, client: Any, keys: Keys, keep_s: float) -> list[str]:
+        """The ids of the records deleted in the last `keep_s` seconds (older ones are dropped from the list):
+        each holder removes what it keeps of them on its own disk."""
+        key = self.space(keys).deleted()
+        client.zremrangebyscore(key, "-inf", time.time() - keep_s)
+        return [as_str(x) for x in client.zrange(key, 0, 9999)]
 
     def reap_dead(self, client: Any, keys: Keys, *, alive: str) -> dict[str, str]:
         """Reap the records held by holders (other than `alive`) whose heartbeat is gone. id -> outcome."""

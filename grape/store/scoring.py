@@ -9,20 +9,25 @@ new (a redelivered chunk overwrites, never double counts), then XACK + XDEL the 
 
 Each script is a `Lua` beside the one function that builds its keys and arguments (`ingest`, `results`,
 `handback`); a stream entry (`{"ds", "items"}`) is built by `entry` and read by `parse_entry` alone.
+
+The rest of the streams' protocol is here too, as plans (grape.store.io): a worker's side (`ensure_group`,
+`claim`, `written`, `mark_started`, `dead_letter`, `requeue`, `touch`), run with its sync client, and the
+gateway's view of the queues (`queued` for backpressure, `queue_depths` for /metrics).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
+from redis.exceptions import ResponseError
 
 from grape.keys import GROUP, Keys
 from grape.redis_client import as_str
-from grape.score_kinds import extra_tasks, task_model
-from grape.store.io import Call, Lua
+from grape.score_kinds import ScoreTask, extra_tasks, task_model
+from grape.store.io import Call, Lua, Plan, cmd, one
 
 INGEST = Lua("""
 -- KEYS: items, order, stats, stream, then the streams of the dataset's extra tasks (grape.score_kinds), if any
@@ -178,3 +183,130 @@ def chunked(items: list[dict[str, Any]], pairs: int) -> list[list[dict[str, Any]
     if cur:
         chunks.append(cur)
     return chunks
+
+
+# ---- a worker's side of the stream -------------------------------------------------------------------
+
+
+class Delivery(NamedTuple):
+    """A stream entry handed to a worker: one chunk of a dataset's item ids, and how often it was delivered."""
+
+    id: str
+    dataset: str
+    item_ids: list[str]
+    deliveries: int
+
+
+def ensure_group(client: Any, stream: str) -> None:
+    """Create the workers' consumer group on a stream (and the stream) unless it exists (sync client: a plan
+    cannot catch the BUSYGROUP error of a group that does)."""
+    try:
+        client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def claim(
+    stream: str, consumer: str, *, idle_ms: int, cursor: str, count: int, block_ms: int
+) -> Plan[tuple[str, list[Delivery], list[Delivery]]]:
+    """Up to `count` entries for `consumer`: the cursor to pass next time, the reclaimed ones and the new ones.
+    First those pending longer than `idle_ms` on a silent consumer (XAUTOCLAIM from `cursor`: it walks a long
+    pending list across calls instead of rescanning its head), with their delivery counts; then new ones
+    (XREADGROUP, blocking up to `block_ms` only when nothing was reclaimed). Two round trips."""
+    ((nxt, claimed, *_),) = yield [cmd("xautoclaim", stream, GROUP, consumer, idle_ms, cursor, count)]
+    # an entry deleted while pending comes back without fields (Redis < 7): nothing to score
+    taken = [(as_str(i), f) for i, f in claimed if f is not None]
+    want = count - len(taken)
+    read = [cmd("xreadgroup", GROUP, consumer, {stream: ">"}, want, None if taken else block_ms)] if want > 0 else []
+    replies = yield [*(cmd("xpending_range", stream, GROUP, i, i, 1) for i, _ in taken), *read]
+    reclaimed = [
+        Delivery(i, *parse_entry(f), int(rows[0]["times_delivered"]) if rows else 1)
+        for (i, f), rows in zip(taken, replies[: len(taken)], strict=True)
+    ]
+    fresh = [
+        Delivery(as_str(i), *parse_entry(f), 1)
+        for reply in replies[len(taken) :]  # the XREADGROUP's, when it was sent: [[stream, entries]] or nothing
+        for _, rows in reply or []
+        for i, f in rows
+    ]
+    return as_str(nxt), reclaimed, fresh
+
+
+def touch(stream: str, consumer: str, entry_ids: list[str]) -> Plan[None]:
+    """Reset the idle time of a consumer's own pending entries (XCLAIM JUSTID): it is alive, just slow."""
+    # positional: a plan's command takes no keywords (min idle 0, then idle, time, retrycount, force, justid)
+    yield [cmd("xclaim", stream, GROUP, consumer, 0, entry_ids, None, None, None, False, True)]
+
+
+def written(keys: Keys, task: str, dataset_id: str, item_ids: list[str]) -> Plan[list[bool]]:
+    """Per item, whether the task's result for it is written (a redelivered chunk skips those)."""
+    flags = yield from one("hmget", keys.task_results(dataset_id, task), item_ids)
+    return [f is not None for f in flags]
+
+
+def mark_started(keys: Keys, task: str, dataset_ids: Iterable[str], now: float) -> Plan[None]:
+    """The time a task's scoring of each dataset began, kept from the first worker on (HSETNX): throughput and
+    ETA count from it."""
+    yield [cmd("hsetnx", keys.task_stats(ds, task), "t_start", f"{now:.3f}") for ds in dataset_ids]
+
+
+def dead_letter(
+    keys: Keys, task: str, model: str, dataset_id: str, entry_id: str, item_id: str, reason: str
+) -> Plan[None]:
+    """Record the item a chunk's deliveries died on in the dead-letter stream of the task's queue."""
+    fields = {"ds": dataset_id, "entry": entry_id, "item": item_id, "error": reason}
+    yield [cmd("xadd", keys.task_dead(task, model), fields)]
+
+
+def requeue(stream: str, dataset_id: str, item_ids: list[str]) -> Plan[None]:
+    """Queue items already stored as a fresh entry (the ingest script would find them stored and skip them)."""
+    yield [cmd("xadd", stream, entry(dataset_id, item_ids))]
+
+
+# ---- the gateway's view of the queues ------------------------------------------------------------------
+
+
+def queued(keys: Keys, model: str) -> Plan[int]:
+    """Chunks in a target model's queue, waiting and in flight (the gateway's backpressure)."""
+    return one("xlen", keys.stream(model))
+
+
+def _queue_of(suffix: str) -> tuple[str, str]:
+    """(model, task) of a stream key suffix: `{model}` for the logprob task, `{task}:{model}` otherwise."""
+    task, sep, model = suffix.partition(":")
+    return (model, task) if sep else (suffix, ScoreTask.logprob.value)
+
+
+def _streams(pattern: str) -> Plan[list[str]]:
+    """The stream keys matching a pattern (SCAN, each once)."""
+    found: dict[str, None] = {}
+    cursor = 0
+    while True:
+        cursor, raw = yield from one("scan", cursor, pattern, 500, "stream")
+        found.update((as_str(k), None) for k in raw)
+        if not cursor:
+            return list(found)
+
+
+QueueDepths = dict[tuple[str, str], tuple[int, int]]
+"""(model, task) -> (entries in its queue stream, entries delivered and not acknowledged)."""
+
+
+def queue_depths(keys: Keys) -> Plan[tuple[QueueDepths, dict[tuple[str, str], int]]]:
+    """Every queue's depth and pending count, and every dead-letter stream's length, by (model, task)."""
+    queue_prefix, dead_prefix = f"{keys.prefix}:q:", f"{keys.prefix}:dead:"
+    queues = yield from _streams(f"{queue_prefix}*")
+    dead = yield from _streams(f"{dead_prefix}*")
+    # XINFO GROUPS, not XPENDING: a stream no worker has read has no group yet, an empty list and no error
+    replies = yield [
+        *(c for q in queues for c in (cmd("xlen", q), cmd("xinfo_groups", q))),
+        *(cmd("xlen", d) for d in dead),
+    ]
+    depths: QueueDepths = {}
+    for j, q in enumerate(queues):
+        length, groups = replies[2 * j], replies[2 * j + 1]
+        pending = sum(int(g["pending"]) for g in groups if as_str(g["name"]) == GROUP)
+        depths[_queue_of(q[len(queue_prefix) :])] = (int(length), pending)
+    letters = {_queue_of(d[len(dead_prefix) :]): int(n) for d, n in zip(dead, replies[2 * len(queues) :], strict=True)}
+    return depths, letters
