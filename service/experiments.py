@@ -330,7 +330,7 @@ def _job_spec(exp: dict[str, Any], arm: dict[str, Any]) -> JobSpec:
 
 async def _enqueue(redis: Redis, keys: Keys, settings: Settings, exp: dict[str, Any], arm: dict[str, Any]) -> bool:
     job_id = arm["job_id"]
-    if await redis.exists(keys.training.record(job_id)):
+    if await arun(redis, TRAINING.field(keys, job_id, "state")) is not None:
         return True  # queued before a crash, not yet recorded
     fields = new_job_fields(job_id, _job_spec(exp, arm), time.time())
     return bool(await acall(redis, TRAINING.enqueue(keys, job_id, fields, settings.max_queued_jobs)))
