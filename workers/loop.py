@@ -267,17 +267,9 @@ class Worker:
         if self._stop.is_set():
             return []
         # reclaim first: old work of dead workers before new work
-        self._claim_cursor, reclaimed, fresh = run(
-            self.r,
-            scoring.claim(
-                self.stream,
-                self.name,
-                idle_ms=self.claim_idle_ms,
-                cursor=self._claim_cursor,
-                count=self.read_count,
-                block_ms=self.block_ms,
-            ),
-        )
+        opts = {"idle_ms": self.claim_idle_ms, "count": self.read_count, "block_ms": self.block_ms}
+        claim = scoring.claim(self.stream, self.name, self._claim_cursor, **opts)
+        self._claim_cursor, reclaimed, fresh = run(self.r, claim)
         if reclaimed:
             log.warning(
                 "worker %s: taking over %d chunk(s) left idle %.0f s by a silent worker",

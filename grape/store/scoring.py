@@ -208,7 +208,7 @@ def ensure_group(client: Any, stream: str) -> None:
 
 
 def claim(
-    stream: str, consumer: str, *, idle_ms: int, cursor: str, count: int, block_ms: int
+    stream: str, consumer: str, cursor: str, *, idle_ms: int, count: int, block_ms: int
 ) -> Plan[tuple[str, list[Delivery], list[Delivery]]]:
     """Up to `count` entries for `consumer`: the cursor to pass next time, the reclaimed ones and the new ones.
     First those pending longer than `idle_ms` on a silent consumer (XAUTOCLAIM from `cursor`: it walks a long
