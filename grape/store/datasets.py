@@ -87,7 +87,7 @@ def create(keys: Keys, fields: Mapping[str, str]) -> Plan[str]:
     """A new dataset with these metadata fields (and `created`); its id."""
     dataset_id, now = new_dataset_id(), time.time()
     yield [
-        cmd("hset", keys.dataset(dataset_id), None, None, {**fields, "created": f"{now:.3f}"}),
+        cmd("hset", keys.dataset(dataset_id), mapping={**fields, "created": f"{now:.3f}"}),
         cmd("zadd", keys.datasets(), {dataset_id: now}),
     ]
     return dataset_id
@@ -137,7 +137,7 @@ def failures(keys: Keys, dataset_id: str, limit: int) -> Plan[list[tuple[str, st
     out: list[tuple[str, str]] = []
     cursor = 0
     while True:
-        cursor, page = yield from one("hscan", keys.failed(dataset_id), cursor, None, 500)
+        cursor, page = yield from one("hscan", keys.failed(dataset_id), cursor, count=500)
         for k, v in page.items():
             out.append((as_str(k), as_str(v)))
             if len(out) >= limit:
@@ -207,7 +207,7 @@ def request_scores(
         if task in before:
             raise Invalid(f"{field}: the {task.value} scores were already requested with {task_model(found, task)!r}")
         update[field] = value
-    yield [cmd("hset", keys.dataset(dataset_id), None, None, update)]
+    yield [cmd("hset", keys.dataset(dataset_id), mapping=update)]
     found.update(update)
     # after the metadata: an upload running now either sees the new tasks or is seen here (catch_up)
     streams = [keys.task_stream(t, task_model(found, t)) for t in new_tasks]

@@ -235,8 +235,7 @@ def claim(
 
 def touch(stream: str, consumer: str, entry_ids: list[str]) -> Plan[None]:
     """Reset the idle time of a consumer's own pending entries (XCLAIM JUSTID): it is alive, just slow."""
-    # positional: a plan's command takes no keywords (min idle 0, then idle, time, retrycount, force, justid)
-    yield [cmd("xclaim", stream, GROUP, consumer, 0, entry_ids, None, None, None, False, True)]
+    yield [cmd("xclaim", stream, GROUP, consumer, 0, entry_ids, justid=True)]
 
 
 def written(keys: Keys, task: str, dataset_id: str, item_ids: list[str]) -> Plan[list[bool]]:
@@ -283,7 +282,7 @@ def _streams(pattern: str) -> Plan[list[str]]:
     found: dict[str, None] = {}
     cursor = 0
     while True:
-        cursor, raw = yield from one("scan", cursor, pattern, 500, "stream")
+        cursor, raw = yield from one("scan", cursor, match=pattern, count=500, _type="stream")
         found.update((as_str(k), None) for k in raw)
         if not cursor:
             return list(found)
