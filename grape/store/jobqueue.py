@@ -67,7 +67,7 @@ def decode_log(entry_id: Any, fields: dict[Any, Any]) -> dict[str, Any]:
 
 # ---- the scripts, one template each --------------------------------------------------------------------
 # `$...` are the kind's parts (JobQueue); `now` is passed in (scripts stay deterministic for replication).
-# Log XADDs trim to LOG_MAXLEN, defined once above.
+# `log(stream, now, level, msg)` appends one log record (the shape of `log_fields`), trimmed to LOG_MAXLEN.
 
 _ENQUEUE = """
 -- KEYS: record, ids zset, queue, log   ARGV: id, now, max queued, then field/value pairs of the new hash
@@ -77,7 +77,7 @@ for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('LPUSH', KEYS[3], ARGV[1])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info', 'msg', 'queued')
+log(KEYS[4], ARGV[2], 'info', 'queued')
 return 1
 """
 
@@ -92,8 +92,7 @@ end
 local attempts = redis.call('HINCRBY', KEYS[2], 'attempts', 1)
 redis.call('HSET', KEYS[2], 'state', 'running', '$holder', ARGV[2], 'started', ARGV[3], 'progress_at', ARGV[3])
 redis.call('HDEL', KEYS[2], 'error', 'finished', $start_clears)
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'info',
-  'msg', 'started on $holder ' .. ARGV[2] .. ' (attempt ' .. attempts .. ')')
+log(KEYS[3], ARGV[3], 'info', 'started on $holder ' .. ARGV[2] .. ' (attempt ' .. attempts .. ')')
 return redis.call('HGET', KEYS[2], 'spec')
 """
 
@@ -115,7 +114,7 @@ else
   if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'error', ARGV[5]) end
 end
 for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[4], 'level', ARGV[7], 'msg', ARGV[6])
+log(KEYS[3], ARGV[4], ARGV[7], ARGV[6])
 return 1
 """
 
@@ -138,20 +137,18 @@ redis.call('DEL', KEYS[6])
 redis.call('HDEL', KEYS[3], 'cancel_requested')
 if cancelling then
   redis.call('HSET', KEYS[3], 'state', 'cancelled', 'finished', ARGV[3], '$holder', ''$end_sets)
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'info',
-    'msg', ARGV[4] .. '; it was being cancelled: cancelled')
+  log(KEYS[4], ARGV[3], 'info', ARGV[4] .. '; it was being cancelled: cancelled')
   return 'cancelled'
 end
 if $requeue_if attempts < max then
   redis.call('HSET', KEYS[3], 'state', 'queued', '$holder', ''$requeue_sets)
   redis.call('RPUSH', KEYS[5], ARGV[1])
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'warning',
-    'msg', ARGV[4] .. '; $requeue_msg (attempt ' .. attempts .. ' of ' .. max .. '$requeue_of)')
+  log(KEYS[4], ARGV[3], 'warning', ARGV[4] .. '; $requeue_msg (attempt ' .. attempts .. ' of ' .. max .. '$requeue_of)')
   return '$requeued'
 end
 local reason = ARGV[4]$fail_suffix
 redis.call('HSET', KEYS[3], 'state', 'failed', 'error', reason, 'finished', ARGV[3]$end_sets)
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[3], 'level', 'error', 'msg', reason)
+log(KEYS[4], ARGV[3], 'error', reason)
 return 'failed'
 """
 
@@ -162,15 +159,13 @@ if not st then return 'missing' end
 if st == 'queued' then
   redis.call('LREM', KEYS[2], 0, ARGV[1])
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished', ARGV[2])
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info',
-    'msg', 'cancelled while queued')
+  log(KEYS[4], ARGV[2], 'info', 'cancelled while queued')
   return 'cancelled-now'
 end
 if st == 'running' then
   redis.call('SET', KEYS[3], 'cancel')
   redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[2])
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info',
-    'msg', 'cancel requested: $running_cancel')
+  log(KEYS[4], ARGV[2], 'info', 'cancel requested: $running_cancel')
   return 'cancelling'
 end
 return st
@@ -185,8 +180,7 @@ redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'resume', '1', '$holder', '', 'attempts', '0')
 redis.call('HDEL', KEYS[1], 'error', 'finished', 'cancel_requested')
 redis.call('LPUSH', KEYS[2], ARGV[1])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', LOG_MAXLEN, '*', 't', ARGV[2], 'level', 'info',
-  'msg', 'queued again to resume from its last checkpoint')
+log(KEYS[4], ARGV[2], 'info', 'queued again to resume from its last checkpoint')
 return 'queued'
 """
 
@@ -205,6 +199,12 @@ return 'deleted'
 """
 
 
+_LOG = f"""local function log(stream, now, level, msg)
+  redis.call('XADD', stream, 'MAXLEN', '~', {LOG_MAXLEN}, '*', 't', now, 'level', level, 'msg', msg)
+end
+"""
+
+
 def _now() -> str:
     return f"{time.time():.3f}"
 
@@ -214,7 +214,7 @@ def _text(raw: Any) -> str | None:
 
 
 def _lua(template: str, parts: dict[str, str]) -> Lua:
-    return Lua(f"local LOG_MAXLEN = {LOG_MAXLEN}\n" + Template(template).substitute(parts))
+    return Lua(_LOG + Template(template).substitute(parts))
 
 
 # ---- the queue -------------------------------------------------------------------------------------------
