@@ -24,6 +24,7 @@ from grape.models import resolve_model
 from grape.redis_server import EmbeddedRedis
 from grape.settings import Settings
 from service.app import create_app
+from trainer.loop import TrainerLoop
 from workers.backends import BackendConfig, load_backend
 from workers.loop import Worker
 
@@ -127,6 +128,28 @@ def worker_factory(rclient: redis.Redis, keys: Keys, hf_backend: Any) -> Iterato
         w.stop()
     for _, t in running:
         t.join(timeout=120)
+
+
+@pytest.fixture
+def trainer_factory(rclient, keys, settings, tmp_path):
+    """Trainer loops in threads of this process (launcher `inline` unless asked), GRAPE_TRAIN_DIR in tmp_path."""
+    running: list[tuple[TrainerLoop, threading.Thread]] = []
+    train_settings = settings.model_copy(update={"train_dir": tmp_path / "train", "trainer_heartbeat_s": 5.0})
+
+    def start(**kw: Any) -> TrainerLoop:
+        kw.setdefault("block_s", 0.2)
+        loop = TrainerLoop(rclient, keys, train_settings, **kw)
+        t = threading.Thread(target=loop.run, daemon=True)
+        t.start()
+        running.append((loop, t))
+        return loop
+
+    start.settings = train_settings  # type: ignore[attr-defined]
+    yield start
+    for loop, _ in running:
+        loop.stop()
+    for _, t in running:
+        t.join(timeout=300)
 
 
 def wait_done(api: TestClient, ds: str, timeout: float = 300) -> dict:

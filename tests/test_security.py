@@ -500,26 +500,6 @@ class EvilForCausalLM(LlamaForCausalLM):
 """
 
 
-@pytest.fixture
-def trainers(rclient, keys, settings, tmp_path) -> Iterator[Any]:
-    """Trainer loops in threads of this process; GRAPE_TRAIN_DIR is tmp_path/train."""
-    running: list[tuple[TrainerLoop, threading.Thread]] = []
-    train_settings = settings.model_copy(update={"train_dir": tmp_path / "train", "trainer_heartbeat_s": 5.0})
-
-    def start(**kw: Any) -> TrainerLoop:
-        loop = TrainerLoop(rclient, keys, train_settings, block_s=0.2, **kw)
-        thread = threading.Thread(target=loop.run, daemon=True)
-        thread.start()
-        running.append((loop, thread))
-        return loop
-
-    yield start
-    for loop, _ in running:
-        loop.stop()
-    for _, thread in running:
-        thread.join(timeout=300)
-
-
 @contextmanager
 def app_with(settings: Settings, **update: Any) -> Iterator[TestClient]:
     """The real gateway app with some operator settings changed."""
@@ -705,7 +685,7 @@ def test_models_are_the_ones_the_operator_allows(api, settings, rclient, keys, t
 
 
 def test_remote_code_never_runs_and_no_file_outside_the_job_is_read_or_written(
-    api, settings, worker_factory, trainers, model_path, tmp_path, monkeypatch
+    api, settings, worker_factory, trainer_factory, model_path, tmp_path, monkeypatch
 ) -> None:
     """The issue's first rows, then a real training run of an allowed local model whose config points to
     remote code: trained with the native class, the .py never imported, no secret in any file."""
@@ -749,7 +729,7 @@ def test_remote_code_never_runs_and_no_file_outside_the_job_is_read_or_written(
                 "nope",
             )
 
-    trainers(launcher="process")  # each job in its own python -m trainer.sft, as grape trainer runs it
+    trainer_factory(launcher="process")  # each job in its own python -m trainer.sft, as grape trainer runs it
     failed = wait_job(api, unknown.json()["id"], ("succeeded", "failed", "cancelled"))
     assert failed["state"] == "failed" and "hyperparameters.chat_template 'nope': no such template" in failed["error"]
     assert "known: " in failed["error"] and "chatml" in failed["error"]

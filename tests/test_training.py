@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,28 +33,6 @@ HP = {
     "save_steps": 2,
 }
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
-
-
-@pytest.fixture
-def trainer_factory(rclient, keys, settings, tmp_path):
-    """Trainer loops in threads of this process (launcher `inline` unless asked), GRAPE_TRAIN_DIR in tmp_path."""
-    running: list[tuple[TrainerLoop, threading.Thread]] = []
-    train_settings = settings.model_copy(update={"train_dir": tmp_path / "train", "trainer_heartbeat_s": 5.0})
-
-    def start(**kw: Any) -> TrainerLoop:
-        kw.setdefault("block_s", 0.2)
-        loop = TrainerLoop(rclient, keys, train_settings, **kw)
-        t = threading.Thread(target=loop.run, daemon=True)
-        t.start()
-        running.append((loop, t))
-        return loop
-
-    start.settings = train_settings  # type: ignore[attr-defined]
-    yield start
-    for loop, _ in running:
-        loop.stop()
-    for _, t in running:
-        t.join(timeout=300)
 
 
 def scored_dataset(api, worker_factory, n: int = 4, candidates: int = 3, start: int = 0) -> str:
