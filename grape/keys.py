@@ -37,6 +37,10 @@
 {p}:exp:{id}                      string experiment record JSON (grape.experiments)
 {p}:exp:{id}:lock                 string held by the process advancing the experiment (short TTL)
 {p}:exp:{id}:arm:{i}              string the selection arm i trains on, NDJSON (kept: it is part of the result)
+{p}:tenants                       set    tenant names that own something (GET /v1/usage of an admin lists them)
+{p}:tenant:{t}:{kind}             zset   a tenant's ids of one kind (datasets, jobs, evals, experiments) -> created
+{p}:tenant:{t}:{kind}:active      set    a tenant's queued/running ids of a kind (pruned when read: grape.store.tenants)
+{p}:tenant:{t}:usage              hash   stored_pairs: candidates in the tenant's datasets (ingest and delete scripts)
 """
 
 from __future__ import annotations
@@ -169,6 +173,22 @@ class Keys:
 
     def experiment_selection(self, exp_id: str, arm: int) -> str:
         return f"{self.prefix}:exp:{exp_id}:arm:{arm}"
+
+    # tenants (grape.tenancy, grape.store.tenants): a tenant name is [a-z0-9_-], never a ':' ---------
+    def tenants(self) -> str:
+        return f"{self.prefix}:tenants"
+
+    def tenant_ids(self, tenant: str, kind: str) -> str:
+        """zset: the ids of one kind (`datasets`, `jobs`, `evals`, `experiments`) a tenant owns -> created."""
+        return f"{self.prefix}:tenant:{tenant}:{kind}"
+
+    def tenant_active(self, tenant: str, kind: str) -> str:
+        """set: a tenant's ids of a kind that are (or were, until pruned) queued or running."""
+        return f"{self.prefix}:tenant:{tenant}:{kind}:active"
+
+    def tenant_usage(self, tenant: str) -> str:
+        """hash: a tenant's counters kept by scripts (stored_pairs)."""
+        return f"{self.prefix}:tenant:{tenant}:usage"
 
 
 @dataclass(frozen=True)

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_TENANT = "default"
+"""The tenant of a bare key, of local mode, and of every record made before tenants existed."""
+TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 DEFAULT_CLAIM_IDLE_MS = 30_000
 """A dead worker's chunks are taken over about this long after its last refresh (well within a minute)."""
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GRAPE_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="GRAPE_", extra="ignore", hide_input_in_errors=True
+    )  # keys stay out of errors
 
     redis_url: str | None = Field(
         default=None,
@@ -42,7 +48,8 @@ class Settings(BaseSettings):
     )
     api_keys: str = Field(
         "",
-        description="Comma-separated bearer tokens; when set, every /v1 route needs one. Unset: local use only.",
+        description="Comma-separated bearer tokens, each `tenant:key` (a bare `key` belongs to tenant `default`); "
+        "when set, every /v1 route needs one. Unset (and no GRAPE_ADMIN_KEYS): local use only.",
         repr=False,
     )
     allow_open_network: bool = Field(
@@ -172,6 +179,73 @@ class Settings(BaseSettings):
         2.0, gt=0, description="Gateway: how often its background task advances unfinished experiments."
     )
 
+    # tenants and quotas (issue 19, tenancy: grape.tenancy, service.tenancy) ------------------------------
+    admin_keys: str = Field(
+        "",
+        description="Comma-separated operator bearer tokens (`tenant:key` or `key`) that see and manage every "
+        "tenant's resources; what they create belongs to their own tenant.",
+        repr=False,
+    )
+    tenants_file: Path | None = Field(
+        None,
+        description="Gateway: an operator TOML file of quota overrides: a [defaults] table and [tenants.NAME] "
+        "tables of stored_pairs, datasets, active_training_jobs, active_evaluations, active_experiments.",
+    )
+    quota_stored_pairs: int = Field(
+        10_000_000, ge=0, description="Default per-tenant quota: (instruction, candidate) pairs stored in datasets."
+    )
+    quota_datasets: int = Field(1000, ge=0, description="Default per-tenant quota: datasets.")
+    quota_active_training_jobs: int = Field(
+        32, ge=0, description="Default per-tenant quota: training jobs queued or running."
+    )
+    quota_active_evaluations: int = Field(
+        64, ge=0, description="Default per-tenant quota: evaluations queued or running."
+    )
+    quota_active_experiments: int = Field(8, ge=0, description="Default per-tenant quota: unfinished experiments.")
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> Settings:
+        self.key_entries()  # a malformed `tenant:key` entry stops every process at start, naming it
+        return self
+
+    def key_entries(self) -> list[tuple[str, str, bool]]:
+        """(tenant, key, admin) of every configured key; ValueError naming the setting for a malformed one."""
+        out: list[tuple[str, str, bool]] = []
+        seen: set[str] = set()
+        for setting, raw, admin in (
+            ("GRAPE_API_KEYS", self.api_keys, False),
+            ("GRAPE_ADMIN_KEYS", self.admin_keys, True),
+        ):
+            for n, entry in enumerate((e.strip() for e in raw.split(",")), start=1):
+                if not entry:
+                    continue
+                tenant, sep, key = entry.partition(":")
+                if not sep:
+                    tenant, key = DEFAULT_TENANT, entry
+                tenant, key = tenant.strip(), key.strip()
+                if not TENANT_NAME.fullmatch(tenant):
+                    raise ValueError(
+                        f"{setting}: entry {n} names the tenant {tenant[:40]!r}: a tenant is 1-32 characters of "
+                        "a-z, 0-9, '_' and '-', starting with a letter or digit (entries are `tenant:key` or `key`)"
+                    )
+                if not key:
+                    raise ValueError(f"{setting}: entry {n} (tenant {tenant!r}) has an empty key")
+                if key in seen:
+                    raise ValueError(f"{setting}: entry {n} (tenant {tenant!r}) repeats a key given before")
+                seen.add(key)
+                out.append((tenant, key, admin))
+        return out
+
+    def default_quotas(self) -> dict[str, int]:
+        """The quota of every tenant the tenants file does not override (grape.tenancy.QUOTAS)."""
+        return {
+            "stored_pairs": self.quota_stored_pairs,
+            "datasets": self.quota_datasets,
+            "active_training_jobs": self.quota_active_training_jobs,
+            "active_evaluations": self.quota_active_evaluations,
+            "active_experiments": self.quota_active_experiments,
+        }
+
     def training_dir(self) -> Path:
         return self.train_dir if self.train_dir is not None else self.cache_dir / "train"
 
@@ -185,7 +259,8 @@ class Settings(BaseSettings):
         return [h.strip().lower() for h in self.allowed_hosts.split(",") if h.strip()]
 
     def keys_list(self) -> list[str]:
-        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+        """Every bearer token, tenants' and admins' (their tenant prefix removed)."""
+        return [key for _, key, _ in self.key_entries()]
 
     def check_exposure(self) -> None:
         """A gateway reachable from other machines must not be open to anyone who finds it."""

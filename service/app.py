@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,8 +17,9 @@ from grape import __version__
 from grape.keys import Keys
 from grape.redis_client import connect_async
 from grape.settings import DEFAULT_REDIS_URL, Settings, get_settings
-from grape.store.errors import Conflict, NotFound, StoreError
-from service.auth import ApiKeyMiddleware, LocalHostMiddleware
+from grape.store.errors import Conflict, NotFound, OverQuota, StoreError
+from grape.tenancy import quotas_of
+from service.auth import ApiKeyMiddleware, KeyTable, LocalHostMiddleware
 from service.deps import Slots
 from service.errors import ApiError, Busy, SafeJSONResponse
 from service.limits import BodyLimitMiddleware, FollowLimitMiddleware
@@ -28,7 +30,9 @@ from service.routes import metrics as metrics_routes
 from service.routes import status as status_page
 from service.routes import summary as summary_routes
 from service.routes import training as training_routes
+from service.routes import usage as usage_routes
 from service.routes import workers as worker_routes
+from service.tenancy import adopt_in_background
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -41,9 +45,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_connections=settings.redis_max_connections,
             pool_timeout=settings.redis_pool_timeout_s,
         )
+        # records made before tenants become `default`'s (in the background: a start never waits on Redis)
+        adopt = asyncio.create_task(adopt_in_background(app.state.redis, app.state.keys), name="tenancy-adopt")
         try:
             yield
         finally:
+            adopt.cancel()
+            with suppress(asyncio.CancelledError):
+                await adopt
             await app.state.redis.aclose()
 
     app = FastAPI(
@@ -55,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.keys = Keys(settings.key_prefix)
     app.state.upload_slots = Slots(settings.max_concurrent_uploads)
+    app.state.quotas = quotas_of(settings)  # a bad GRAPE_TENANTS_FILE stops the gateway here, naming the fault
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -63,6 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StoreError)
     async def store_error(_: Request, exc: StoreError) -> JSONResponse:
+        if isinstance(exc, OverQuota):
+            return SafeJSONResponse({"detail": str(exc), **exc.body()}, status_code=403)
         status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict) else 422
         return SafeJSONResponse({"detail": str(exc)}, status_code=status)
 
@@ -90,7 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodyLimitMiddleware, upload_limit=settings.max_body_bytes, request_limit=settings.max_request_bytes
     )
-    app.add_middleware(ApiKeyMiddleware, keys=settings.keys_list())
+    app.add_middleware(ApiKeyMiddleware, table=KeyTable(settings.key_entries()))
     if not settings.keys_list():
         app.add_middleware(LocalHostMiddleware, allowed={settings.host, *settings.allowed_hosts_list()})
 
@@ -101,6 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(evaluation_routes.router)
     app.include_router(experiment_routes.router)  # its lifespan runs the experiment driver
     app.include_router(worker_routes.router)
+    app.include_router(usage_routes.router)
     app.include_router(metrics_routes.router)
     app.include_router(status_page.router)
     app.mount("/static", status_page.static_files(), name="static")

@@ -1,4 +1,11 @@
-"""Bearer-token API keys for every /v1 route, and the Host check of a gateway without keys.
+"""Bearer-token API keys for every /v1 route, who they make the caller, and the Host check of a gateway
+without keys.
+
+A key belongs to a tenant (`GRAPE_API_KEYS` entries `tenant:key`; a bare key is tenant `default`); an
+operator key (`GRAPE_ADMIN_KEYS`) sees and manages every tenant. The middleware resolves the bearer key to an
+`Identity` (tenant, admin, which key) and leaves it on the ASGI scope (`scope["state"]["identity"]`), where
+routes read it (service.tenancy.identity) and the follow limit counts by it. Without keys, every request is
+the one local user: tenant `default`, admin.
 
 With no key configured the gateway is for local use (it binds 127.0.0.1 unless told otherwise). Such a
 gateway answers only requests addressed to it by a local name (LocalHostMiddleware): a web page on another
@@ -12,6 +19,7 @@ import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from grape.tenancy import LOCAL, Identity
 from service.errors import send_error
 
 PROTECTED_PREFIX = "/v1"
@@ -28,23 +36,56 @@ def key_ok(header: str | None, keys: list[str]) -> bool:
     return ok
 
 
-class ApiKeyMiddleware:
-    """Applied by path rather than per router, so a new /v1 router can never be left open by mistake."""
+class KeyTable:
+    """The configured keys (grape.settings.Settings.key_entries) and the identity each one gives."""
 
-    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+    def __init__(self, entries: list[tuple[str, str, bool]]) -> None:
+        # the key id names the entry, never the key: limits count by it, logs may show it
+        self.entries = [
+            (key.encode(), Identity(tenant, admin, f"key-{i}")) for i, (tenant, key, admin) in enumerate(entries)
+        ]
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def resolve(self, header: str | None) -> Identity | None:
+        """The identity of the key in an `Authorization: Bearer <key>` header (any case of `Bearer`, spaces
+        around the key ignored), or None. Every key is compared, each in constant time: how long it takes says
+        nothing about which key (or how much of one) matched."""
+        if not header or not header.lower().startswith("bearer "):
+            return None
+        given = header[7:].strip().encode()
+        found: Identity | None = None
+        for key, who in self.entries:
+            hit = hmac.compare_digest(given, key)
+            found = who if hit else found
+        return found
+
+
+class ApiKeyMiddleware:
+    """Applied by path rather than per router, so a new /v1 router can never be left open by mistake. A request
+    outside /v1 with a valid key gets its identity too (routes there may show more to a key holder)."""
+
+    def __init__(self, app: ASGIApp, table: KeyTable) -> None:
         self.app = app
-        self.keys = keys
+        self.table = table
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.keys and scope["path"].startswith(PROTECTED_PREFIX):
-            header = None
-            for name, value in scope["headers"]:
-                if name == b"authorization":
-                    header = value.decode("latin-1")
-                    break
-            if not key_ok(header, self.keys):
-                await _unauthorized(send)
-                return
+        if scope["type"] == "http":
+            if not self.table:
+                who: Identity | None = LOCAL
+            else:
+                header = None
+                for name, value in scope["headers"]:
+                    if name == b"authorization":
+                        header = value.decode("latin-1")
+                        break
+                who = self.table.resolve(header)
+                if who is None and scope["path"].startswith(PROTECTED_PREFIX):
+                    await _unauthorized(send)
+                    return
+            if who is not None:
+                scope.setdefault("state", {})["identity"] = who
         await self.app(scope, receive, send)
 
 

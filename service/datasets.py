@@ -13,14 +13,16 @@ from grape.keys import Keys, model_key
 from grape.records import DatasetState
 from grape.redis_client import as_str
 from grape.score_kinds import DEFAULT_EMBEDDING_MODEL, dataset_scores, normalize_scores, task_model, tasks_for
-from grape.settings import Settings
+from grape.settings import DEFAULT_TENANT, Settings
 from grape.store import datasets as store
-from grape.store import heartbeats, scoring
-from grape.store.errors import NotFound
+from grape.store import heartbeats, scoring, tenants
+from grape.store.errors import NotFound, OverQuota
 from grape.store.io import acall, apages, arun
+from grape.store.tenants import UNLIMITED, owner
 from grape.strategies import STRATEGIES, ScoredItem, SelectParams
 from grape.strategies.grape import candidate_score
 from grape.strategies.ifd import ifd
+from grape.tenancy import quotas_of
 from service.errors import Busy, Unprocessable
 from service.schemas import (
     CandidatePublic,
@@ -29,10 +31,12 @@ from service.schemas import (
     FailurePublic,
     IngestResult,
     ItemPublic,
+    QuotaReached,
     Rejected,
     ScoresRequest,
     TaskProgress,
 )
+from service.tenancy import check_free
 
 
 async def dataset_meta(redis: Redis, keys: Keys, dataset_id: str) -> dict[str, str]:
@@ -40,7 +44,10 @@ async def dataset_meta(redis: Redis, keys: Keys, dataset_id: str) -> dict[str, s
     return await arun(redis, store.require_meta(keys, dataset_id))
 
 
-async def create_dataset(*, redis: Redis, keys: Keys, body: DatasetCreate) -> DatasetPublic:
+async def create_dataset(
+    *, redis: Redis, keys: Keys, body: DatasetCreate, settings: Settings | None = None, tenant: str = DEFAULT_TENANT
+) -> DatasetPublic:
+    """A new dataset of `tenant`; 403 past its datasets quota (with `settings`: the quotas' source)."""
     fields = {
         "name": body.name,
         "target_model": body.target_model,
@@ -50,7 +57,8 @@ async def create_dataset(*, redis: Redis, keys: Keys, body: DatasetCreate) -> Da
         "scorer_model": body.scorer_model or body.target_model,
         "embedding_model": body.embedding_model or DEFAULT_EMBEDDING_MODEL,
     }
-    ds = await arun(redis, store.create(keys, fields))
+    limit, used = await check_free(redis, keys, settings, tenant, "datasets") if settings else (UNLIMITED, 0)
+    ds = await arun(redis, store.create(keys, fields, tenant, limit, used))
     return await dataset_status(redis=redis, keys=keys, dataset_id=ds)
 
 
@@ -133,12 +141,15 @@ async def dataset_status(
         scorer_model=task_model(meta, "rating"),
         embedding_model=task_model(meta, "embedding"),
         tasks=tasks,
+        tenant=owner(meta.get("tenant")),
     )
 
 
-async def list_datasets(*, redis: Redis, keys: Keys) -> list[DatasetPublic]:
+async def list_datasets(*, redis: Redis, keys: Keys, tenant: str | None = None) -> list[DatasetPublic]:
+    """The datasets of `tenant` (None: of every tenant), oldest first."""
+    found = await arun(redis, store.ids(keys) if tenant is None else tenants.ids(keys, tenant, "datasets"))
     out = []
-    for ds in await arun(redis, store.ids(keys)):
+    for ds in found if tenant is None else reversed(found):
         try:
             out.append(await dataset_status(redis=redis, keys=keys, dataset_id=ds))
         except NotFound:
@@ -155,9 +166,13 @@ async def ingest(
     items: list[dict[str, Any]],
     rejected: list[Rejected],
     rejected_total: int | None = None,
+    positions: list[int] | None = None,
 ) -> IngestResult:
-    """Store and queue the valid items. `rejected`: the first rejections (capped); `rejected_total`: all."""
+    """Store and queue the valid items (at `positions` in the upload), as many as the dataset owner's stored_pairs
+    quota lets in: the others are rejected naming it (403 when none fits). `rejected`: the first rejections
+    (capped); `rejected_total`: all."""
     n_rejected = len(rejected) if rejected_total is None else rejected_total
+    rejected = list(rejected)
     meta = await dataset_meta(redis, keys, dataset_id)
     if not items and rejected:
         raise Unprocessable(
@@ -173,18 +188,42 @@ async def ingest(
             "GRAPE_MAX_QUEUE_CHUNKS): workers are behind; retry later",
             retry_after=10,
         )
+    tenant = owner(meta.get("tenant"))  # the dataset's owner holds the pairs, whoever uploads them
+    limit = quotas_of(settings).limit(tenant, "stored_pairs")
     accepted: set[str] = set()
+    over: set[str] = set()
+    used = 0
     for chunk in scoring.chunked(items, settings.chunk_pairs):
-        new = await acall(redis, scoring.ingest(keys, dataset_id, meta, chunk))
-        accepted.update(as_str(x) for x in new or [])
+        res = await acall(redis, scoring.ingest(keys, dataset_id, meta, chunk, limit))
+        if res is None:  # deleted while the upload ran
+            raise store.missing(dataset_id)
+        new, refused, used = res
+        accepted.update(as_str(x) for x in new)
+        over.update(as_str(x) for x in refused)
     fresh = [it for it in items if it["id"] in accepted]
     await arun(redis, store.catch_up(keys, dataset_id, meta, fresh, settings.chunk_pairs))
+    quota = None
+    if over:
+        used = int(used)
+        quota = QuotaReached(quota="stored_pairs", limit=limit, usage=used, tenant=tenant)
+        refused = [(i, it) for i, it in zip(positions or range(len(items)), items, strict=True) if it["id"] in over]
+        if not accepted:
+            raise OverQuota("stored_pairs", limit, used, tenant, sum(len(it["candidates"]) for _, it in refused))
+        n_rejected += len(refused)
+        for index, it in refused[: max(settings.max_rejections - len(rejected), 0)]:
+            why = (
+                f"quota stored_pairs of tenant {tenant!r}: the item's {len(it['candidates'])} pairs do not fit "
+                f"(limit {limit}, in use {used}); delete a dataset, or ask the operator for more"
+            )
+            rejected.append(Rejected(index=index, id=it["id"][:256], error=why))
+        rejected.sort(key=lambda r: r.index)
     return IngestResult(
         accepted=len(accepted),
-        duplicates=len(items) - len(accepted),
+        duplicates=len(items) - len(accepted) - len(over),
         rejected=rejected,
         accepted_candidates=sum(len(it["candidates"]) for it in fresh),
         rejected_total=n_rejected,
+        quota=quota,
     )
 
 

@@ -58,6 +58,7 @@ class EvaluationPublic(BaseModel):
     )
     cancel_requested: float | None = Field(None, description="When a cancel was asked (a running one stops soon).")
     experiment_id: str | None = None
+    tenant: str = Field("default", description="The tenant that owns it (GRAPE_API_KEYS `tenant:key`).")
 
 
 class EvaluationList(BaseModel):

@@ -26,13 +26,17 @@ from grape.jobs import JobState
 from grape.keys import Keys, is_job_id
 from grape.redis_client import as_str as _text
 from grape.settings import Settings
-from grape.store import eval_tasks
+from grape.store import eval_tasks, tenants
+from grape.store.errors import OverQuota
 from grape.store.io import acall, arun
 from grape.store.jobqueue import EVALUATIONS, TRAINING
+from grape.store.tenants import owner
+from grape.tenancy import LOCAL, Identity
 from service.errors import Busy, Conflict, NotFound, Unprocessable
 from service.evaluation_schemas import EvaluationPublic
 from service.logs import record_log
 from service.model_access import check_model
+from service.tenancy import check_free, evaluation_missing
 
 NO_EVALUATOR = "no evaluator is running: start `grape evaluator` (it publishes the lm-eval tasks it can run)"
 
@@ -67,14 +71,17 @@ async def check_tasks(*, redis: Redis, keys: Keys, tasks: list[str]) -> None:
     )
 
 
-async def resolve_model(*, redis: Redis, keys: Keys, settings: Settings, model: str) -> dict[str, str | None]:
+async def resolve_model(
+    *, redis: Redis, keys: Keys, settings: Settings, model: str, who: Identity = LOCAL
+) -> dict[str, str | None]:
     """What lm-eval loads for `model`: an allowed model name (GRAPE_ALLOWED_MODELS) as it is, or a succeeded
-    training job's model / LoRA adapter (its base model was checked when the job was created)."""
+    training job's model / LoRA adapter (its base model was checked when the job was created). A job `who` may
+    not see is answered as one that does not exist."""
     if not is_job_id(model):
         await check_model(redis=redis, keys=keys, settings=settings, name=model, field="model")
         return {"base_model": model, "adapter": None, "training_job": None}
     job = await arun(redis, TRAINING.read(keys, model))
-    if job is None:
+    if job is None or not who.sees(owner(job.get("tenant"))):
         raise Unprocessable(f"model: training job {model} not found", field="model")
     if job["state"] != JobState.succeeded or not job.get("model_path"):
         raise Conflict(
@@ -89,15 +96,25 @@ async def resolve_model(*, redis: Redis, keys: Keys, settings: Settings, model: 
 
 
 async def create_evaluation(
-    *, redis: Redis, keys: Keys, settings: Settings, body: EvaluationRequest, experiment_id: str | None = None
+    *,
+    redis: Redis,
+    keys: Keys,
+    settings: Settings,
+    body: EvaluationRequest,
+    experiment_id: str | None = None,
+    who: Identity = LOCAL,
 ) -> str:
-    """Check and queue an evaluation; its id."""
-    resolved = await resolve_model(redis=redis, keys=keys, settings=settings, model=body.model)
+    """Check and queue an evaluation of `who`'s tenant (403 past its active_evaluations quota); its id."""
+    resolved = await resolve_model(redis=redis, keys=keys, settings=settings, model=body.model, who=who)
     await check_tasks(redis=redis, keys=keys, tasks=body.tasks)
     spec = EvalSpec(**body.model_dump(), **resolved, experiment_id=experiment_id)
     eval_id = new_eval_id()
     fields = new_evaluation_fields(eval_id, spec, time.time(), settings.eval_max_attempts)
-    if not await acall(redis, EVALUATIONS.enqueue(keys, eval_id, fields, settings.max_queued_evals)):
+    limit, used = await check_free(redis, keys, settings, who.tenant, "active_evaluations")
+    res = await acall(redis, EVALUATIONS.enqueue(keys, eval_id, fields, settings.max_queued_evals, who.tenant, limit))
+    if res == -1:  # taken meanwhile by another request of the tenant
+        raise OverQuota("active_evaluations", limit, used, who.tenant)
+    if not res:
         raise Busy(
             f"{settings.max_queued_evals} evaluations are queued (GRAPE_MAX_QUEUED_EVALS): start evaluators or "
             "retry later",
@@ -109,7 +126,7 @@ async def create_evaluation(
 async def _load(redis: Redis, keys: Keys, eval_id: str) -> dict[str, Any]:
     ev = await arun(redis, EVALUATIONS.read(keys, eval_id)) if is_eval_id(eval_id) else None
     if ev is None:
-        raise NotFound(f"evaluation {eval_id!r} not found")
+        raise evaluation_missing(eval_id)
     return ev
 
 
@@ -129,10 +146,12 @@ async def get_evaluation(*, redis: Redis, keys: Keys, eval_id: str) -> Evaluatio
 
 
 async def list_evaluations(
-    *, redis: Redis, keys: Keys, limit: int, experiment_id: str | None = None
+    *, redis: Redis, keys: Keys, limit: int, experiment_id: str | None = None, tenant: str | None = None
 ) -> list[EvaluationPublic]:
+    """The newest evaluations of `tenant` (None: of every tenant)."""
     out = []
-    for eval_id in await arun(redis, EVALUATIONS.newest(keys, limit)):
+    newest = EVALUATIONS.newest(keys, limit) if tenant is None else tenants.ids(keys, tenant, "evals", limit)
+    for eval_id in await arun(redis, newest):
         try:
             ev = await get_evaluation(redis=redis, keys=keys, eval_id=eval_id)
         except NotFound:
@@ -147,7 +166,7 @@ async def cancel_evaluation(*, redis: Redis, keys: Keys, eval_id: str) -> Evalua
     await _load(redis, keys, eval_id)
     res = _text(await acall(redis, EVALUATIONS.cancel(keys, eval_id)))
     if res == "missing":
-        raise NotFound(f"evaluation {eval_id!r} not found")
+        raise evaluation_missing(eval_id)
     if res not in ("cancelled-now", "cancelling"):
         raise Conflict(f"evaluation {eval_id} is already {res}; only queued or running evaluations can be cancelled")
     return await get_evaluation(redis=redis, keys=keys, eval_id=eval_id)

@@ -96,6 +96,7 @@ class ExperimentPublic(BaseModel):
         default_factory=dict, description="Versions the evaluations (and trainers) ran: lm_eval, trl, transformers…"
     )
     error: str | None = None
+    tenant: str = Field("default", description="The tenant that owns it (GRAPE_API_KEYS `tenant:key`).")
 
 
 class ExperimentList(BaseModel):

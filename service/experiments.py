@@ -32,16 +32,20 @@ from grape.keys import Keys
 from grape.records import DatasetState
 from grape.settings import Settings
 from grape.store import experiments as exp_store
+from grape.store import tenants
 from grape.store.datasets import check_selection
-from grape.store.errors import Invalid
+from grape.store.errors import Invalid, OverQuota
 from grape.store.io import acall, arun
 from grape.store.jobqueue import TERMINAL, TRAINING
+from grape.store.tenants import owner
 from grape.strategies import STRATEGIES, SelectParams
+from grape.tenancy import LOCAL, Identity, quotas_of
 from service import evaluations as eval_svc
-from service.datasets import dataset_meta, dataset_status, selection_lines
+from service.datasets import dataset_status, selection_lines
 from service.errors import ApiError, Conflict, NotFound, Unprocessable
 from service.experiment_schemas import ExperimentCreate, ExperimentCreated, ExperimentPublic
 from service.model_access import check_chat_template, check_model
+from service.tenancy import check_free, count_active, experiment_missing, owned_dataset
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +155,18 @@ def _id(line: bytes) -> str:
 
 
 async def create_experiment(
-    *, redis: Redis, keys: Keys, settings: Settings, body: ExperimentCreate
+    *, redis: Redis, keys: Keys, settings: Settings, body: ExperimentCreate, who: Identity = LOCAL
 ) -> ExperimentCreated:
-    meta = await dataset_meta(redis, keys, body.dataset_id)
+    """Check, materialize and store an experiment of `who`'s tenant, on a dataset `who` may see."""
+    meta = await owned_dataset(redis, keys, who, body.dataset_id)
     base_model = body.base_model or meta["target_model"]  # the training API's checks, before any work
     await check_model(redis=redis, keys=keys, settings=settings, name=base_model, field="base_model")
     check_chat_template(settings, body.hyperparameters.chat_template)
     check_arms(body, meta)
+    # the tenant's quotas, before any work and before anything is stored: a slot for the experiment, and one
+    # training job per arm (queued when the experiment is created, so they must fit now)
+    exp_limit, exp_used = await check_free(redis, keys, settings, who.tenant, "active_experiments")
+    await check_free(redis, keys, settings, who.tenant, "active_training_jobs", needed=len(body.arms))
     ds = await dataset_status(redis=redis, keys=keys, dataset_id=body.dataset_id)
     if ds.state is not DatasetState.done:
         raise Conflict(
@@ -188,6 +197,7 @@ async def create_experiment(
         )
     record = {
         "id": exp_id,
+        "tenant": who.tenant,
         "state": ExperimentState.queued.value,
         "dataset_id": body.dataset_id,
         "base_model": base_model,
@@ -205,7 +215,8 @@ async def create_experiment(
         "best": {},
         "versions": {},
     }
-    await arun(redis, exp_store.create(keys, exp_id, record, (b"".join(lines) for lines in selections), now))
+    stored = (b"".join(lines) for lines in selections)
+    await arun(redis, exp_store.create(keys, exp_id, record, stored, now, exp_limit, exp_used))
     await advance_one(redis=redis, keys=keys, settings=settings, exp_id=exp_id)  # queue the jobs now
     return ExperimentCreated(id=exp_id, state=ExperimentState.queued)
 
@@ -216,7 +227,7 @@ async def create_experiment(
 async def _load(redis: Redis, keys: Keys, exp_id: str) -> dict[str, Any]:
     exp = await arun(redis, exp_store.load(keys, exp_id)) if ex.is_experiment_id(exp_id) else None
     if exp is None:
-        raise NotFound(f"experiment {exp_id!r} not found")
+        raise experiment_missing(exp_id)
     return exp
 
 
@@ -226,9 +237,13 @@ async def get_experiment(*, redis: Redis, keys: Keys, settings: Settings, exp_id
     return ExperimentPublic.model_validate(await _load(redis, keys, exp_id))
 
 
-async def list_experiments(*, redis: Redis, keys: Keys, limit: int) -> list[ExperimentPublic]:
+async def list_experiments(
+    *, redis: Redis, keys: Keys, limit: int, tenant: str | None = None
+) -> list[ExperimentPublic]:
+    """The newest experiments of `tenant` (None: of every tenant)."""
     out = []
-    for exp_id in await arun(redis, exp_store.newest(keys, limit)):
+    newest = exp_store.newest(keys, limit) if tenant is None else tenants.ids(keys, tenant, "experiments", limit)
+    for exp_id in await arun(redis, newest):
         try:
             out.append(ExperimentPublic.model_validate(await _load(redis, keys, exp_id)))
         except NotFound:
@@ -328,12 +343,26 @@ def _job_spec(exp: dict[str, Any], arm: dict[str, Any]) -> JobSpec:
     )
 
 
-async def _enqueue(redis: Redis, keys: Keys, settings: Settings, exp: dict[str, Any], arm: dict[str, Any]) -> bool:
+def _tenant(exp: dict[str, Any]) -> Identity:
+    """Who the experiment's jobs and evaluations are made for: its tenant (an experiment acts for its owner)."""
+    return Identity(owner(exp.get("tenant")), False, f"experiment:{exp['id']}")
+
+
+async def _enqueue(
+    redis: Redis, keys: Keys, settings: Settings, exp: dict[str, Any], arm: dict[str, Any]
+) -> str | None:
+    """Queue the arm's training job, in the experiment's tenant; None when queued, else why it waits."""
     job_id = arm["job_id"]
     if await arun(redis, TRAINING.field(keys, job_id, "state")) is not None:
-        return True  # queued before a crash, not yet recorded
+        return None  # queued before a crash, not yet recorded
+    tenant = _tenant(exp).tenant
     fields = new_job_fields(job_id, _job_spec(exp, arm), time.time())
-    return bool(await acall(redis, TRAINING.enqueue(keys, job_id, fields, settings.max_queued_jobs)))
+    limit = quotas_of(settings).limit(tenant, "active_training_jobs")
+    used = await count_active(redis, keys, tenant, "active_training_jobs")  # prunes, for the script's count
+    res = await acall(redis, TRAINING.enqueue(keys, job_id, fields, settings.max_queued_jobs, tenant, limit))
+    if res == -1:
+        return f"waiting: tenant {tenant!r} has {used} of its {limit} active training jobs (quota active_training_jobs)"
+    return None if res else "waiting: the training queue is full (GRAPE_MAX_QUEUED_JOBS)"
 
 
 def _eval_body(exp: dict[str, Any], model: str) -> EvaluationRequest:
@@ -351,10 +380,17 @@ async def _start_eval(
     for (503); any other refusal fails the slot with its reason."""
     try:
         slot["eval_id"] = await eval_svc.create_evaluation(
-            redis=redis, keys=keys, settings=settings, body=_eval_body(exp, model), experiment_id=exp["id"]
+            redis=redis,
+            keys=keys,
+            settings=settings,
+            body=_eval_body(exp, model),
+            experiment_id=exp["id"],
+            who=_tenant(exp),
         )
         slot["eval_state"] = "queued"
         slot.pop("note", None)
+    except OverQuota as exc:  # the tenant's other evaluations end in time: wait for a slot
+        slot["note"] = f"waiting to queue the evaluation: {exc}"
     except ApiError as exc:
         if exc.status >= 500 or exc.status == 429:
             slot["note"] = f"waiting to queue the evaluation: {exc.message}"
@@ -383,8 +419,9 @@ async def _poll_eval(redis: Redis, keys: Keys, slot: dict[str, Any]) -> None:
 
 async def _advance_arm(redis: Redis, keys: Keys, settings: Settings, exp: dict[str, Any], arm: dict) -> None:
     if not arm["job_created"]:
-        if not await _enqueue(redis, keys, settings, exp, arm):
-            arm["note"] = "waiting: the training queue is full (GRAPE_MAX_QUEUED_JOBS)"
+        waiting = await _enqueue(redis, keys, settings, exp, arm)
+        if waiting:
+            arm["note"] = waiting
             return
         arm["job_created"], arm["state"] = True, "training"
         arm.pop("note", None)

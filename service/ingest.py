@@ -94,8 +94,9 @@ def _lines(body: bytes) -> Iterator[tuple[int, bytes]]:
 
 def parse_upload(
     body: bytes, content_type: str, settings: Settings
-) -> tuple[list[dict[str, Any]], list[Rejected], int]:
-    """The valid items (stored form), the first GRAPE_MAX_REJECTIONS rejections, and the rejection count."""
+) -> tuple[list[dict[str, Any]], list[Rejected], int, list[int]]:
+    """The valid items (stored form), the first GRAPE_MAX_REJECTIONS rejections, the rejection count, and each
+    valid item's position in the upload (a later refusal, by a quota, names it)."""
     if len(body) > settings.max_body_bytes:
         raise TooLarge(f"body is {len(body)} bytes, limit {settings.max_body_bytes} (GRAPE_MAX_BODY_BYTES)")
     ctype = upload_type(content_type)
@@ -116,16 +117,18 @@ def parse_upload(
             raise _too_many(settings, len(doc["items"]))
         raw_items = enumerate(doc["items"])
     good: list[dict[str, Any]] = []
+    positions: list[int] = []
     for parsed, (index, obj) in enumerate(raw_items, start=1):
         if parsed > settings.max_items_per_request:
             raise _too_many(settings)
         try:
             good.append(check_item(obj, settings))
+            positions.append(index)
         except ValueError as exc:
             ident = obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
             rejected.add(index, str(exc), ident)
     rejected.listed.sort(key=lambda r: r.index)
-    return good, rejected.listed, rejected.total
+    return good, rejected.listed, rejected.total, positions
 
 
 def _ndjson_items(body: bytes, rejected: _Rejections, give_up: int) -> Iterator[tuple[int, Any]]:

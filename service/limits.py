@@ -6,7 +6,8 @@ route can never be left without them:
   (415 otherwise) that orjson accepts: no NaN, no Infinity, no number that overflows to infinity, no lone
   surrogate, valid UTF-8 (422 otherwise), so no such value reaches a route, Redis or an answer.
 - FollowLimitMiddleware: at most GRAPE_MAX_LOG_FOLLOWERS `?follow=true` log streams (training jobs and
-  evaluations together) per API key (429).
+  evaluations together) per API key (the key that matched, however its header was spelled), per client
+  address without keys (429).
 """
 
 from __future__ import annotations
@@ -149,8 +150,10 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 class FollowLimitMiddleware:
     """`GET /v1/training-jobs/{id}/logs?follow=true` holds a connection (and polls Redis) until the job
-    ends: at most `limit` at once per API key (per client address on a gateway without keys). The slot is
-    freed when the response ends, however it ends (job done, client gone, error)."""
+    ends: at most `limit` at once per API key (per client address on a gateway without keys). The key is the
+    one service.auth matched (its identity on the scope), never the header's text: `bearer K`, `Bearer  K`
+    and `BEARER K` are the same key and share its slots. The slot is freed when the response ends, however it
+    ends (job done, client gone, error)."""
 
     def __init__(self, app: ASGIApp, *, limit: int, keyed: bool, slots: Slots | None = None) -> None:
         self.app = app
@@ -158,10 +161,11 @@ class FollowLimitMiddleware:
         self.slots = slots or Slots(limit)
 
     def _who(self, scope: Scope) -> str:
-        if self.keyed:
-            return _header(scope, b"authorization") or ""
+        who = scope.get("state", {}).get("identity")
+        if self.keyed and who is not None:
+            return f"key:{who.key_id}"
         client = scope.get("client")
-        return str(client[0]) if client else ""
+        return f"addr:{client[0]}" if client else "addr:"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not _follows(scope):

@@ -11,6 +11,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from grape.settings import Settings, get_settings
+from grape.tenancy import quotas_of
 from service.app import create_app
 
 
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings.model_copy(update={"host": args.host, "port": args.port})
     try:
         settings.check_exposure()
+        quotas_of(settings)  # GRAPE_TENANTS_FILE: an unknown quota or tenant name stops the start, named
     except ValueError as exc:
         p.error(str(exc))
     limits = server_limits(settings)

@@ -91,6 +91,7 @@ class DatasetPublic(BaseModel):
         description="Per requested task (logprob, unconditioned, rating, embedding): its progress. `state` "
         "is done only when every task is; the top-level counts are the logprob task's.",
     )
+    tenant: str = Field("default", description="The tenant that owns it (GRAPE_API_KEYS `tenant:key`).")
 
 
 class DatasetList(BaseModel):
@@ -109,6 +110,13 @@ class Rejected(BaseModel):
     error: str
 
 
+class QuotaReached(BaseModel):
+    quota: str = Field(description="The quota that refused something (stored_pairs for an upload).")
+    limit: int
+    usage: int = Field(description="What the tenant holds now, after this request.")
+    tenant: str
+
+
 class IngestResult(BaseModel):
     accepted: int = Field(description="New items queued for scoring.")
     duplicates: int = Field(description="Items whose id was already in the dataset: kept once, not rescored.")
@@ -117,6 +125,9 @@ class IngestResult(BaseModel):
     )
     accepted_candidates: int = 0
     rejected_total: int = Field(0, description="Items refused in all (more than `rejected` lists past the cap).")
+    quota: QuotaReached | None = Field(
+        None, description="Set when the tenant's stored_pairs quota refused items (listed in `rejected`)."
+    )
 
 
 class CandidatePublic(BaseModel):

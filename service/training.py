@@ -23,14 +23,19 @@ from grape.keys import Keys, is_job_id, new_job_id
 from grape.records import DatasetState
 from grape.redis_client import as_str as _text
 from grape.settings import Settings
+from grape.store import tenants
 from grape.store.datasets import check_selection
+from grape.store.errors import OverQuota
 from grape.store.io import Call, acall, arun
 from grape.store.jobqueue import TRAINING
+from grape.store.tenants import UNLIMITED
 from grape.strategies import SelectParams
-from service.datasets import dataset_meta, dataset_status, selection_lines
-from service.errors import Busy, Conflict, NotFound, Unprocessable, shown
+from grape.tenancy import LOCAL, Identity, quotas_of
+from service.datasets import dataset_status, selection_lines
+from service.errors import Busy, Conflict, NotFound, Unprocessable
 from service.logs import record_log
 from service.model_access import check_chat_template, check_model
+from service.tenancy import check_free, count_active, job_missing, owned_dataset, owned_job
 from service.training_schemas import TrainingJobCreate, TrainingJobCreated, TrainingJobList, TrainingJobPublic
 
 log = logging.getLogger(__name__)
@@ -39,8 +44,12 @@ UNREADABLE = (ValidationError, ValueError, KeyError, TypeError)
 """What decoding a stored job record can raise when the record is not one this version wrote."""
 
 
-async def create_job(*, redis: Redis, keys: Keys, settings: Settings, body: TrainingJobCreate) -> TrainingJobCreated:
-    meta = await dataset_meta(redis, keys, body.dataset_id)
+async def create_job(
+    *, redis: Redis, keys: Keys, settings: Settings, body: TrainingJobCreate, who: Identity = LOCAL
+) -> TrainingJobCreated:
+    """Check and queue a job of `who`'s tenant, on a dataset `who` may see (another tenant's: the 404 of an
+    unknown dataset)."""
+    meta = await owned_dataset(redis, keys, who, body.dataset_id)
     # a dataset's target model is checked too: it may predate the operator's list
     base_model = body.base_model or meta["target_model"]
     await check_model(redis=redis, keys=keys, settings=settings, name=base_model, field="base_model")
@@ -68,7 +77,11 @@ async def create_job(*, redis: Redis, keys: Keys, settings: Settings, body: Trai
     )
     job_id = new_job_id()
     fields = new_job_fields(job_id, spec, time.time())
-    if not await acall(redis, TRAINING.enqueue(keys, job_id, fields, settings.max_queued_jobs)):
+    limit, used = await check_free(redis, keys, settings, who.tenant, "active_training_jobs")
+    res = await acall(redis, TRAINING.enqueue(keys, job_id, fields, settings.max_queued_jobs, who.tenant, limit))
+    if res == -1:  # taken meanwhile by another request of the tenant
+        raise OverQuota("active_training_jobs", limit, used, who.tenant)
+    if not res:
         raise Busy(
             f"{settings.max_queued_jobs} training jobs are queued (GRAPE_MAX_QUEUED_JOBS): start trainers or "
             "retry later",
@@ -91,7 +104,7 @@ async def _selection_nonempty(redis: Redis, keys: Keys, dataset_id: str, strateg
 
 
 def _not_found(job_id: str) -> NotFound:
-    return NotFound(f"training job {shown(job_id)} not found")
+    return job_missing(job_id)
 
 
 async def _load(redis: Redis, keys: Keys, job_id: str) -> dict[str, Any]:
@@ -130,10 +143,12 @@ async def get_job(*, redis: Redis, keys: Keys, job_id: str) -> TrainingJobPublic
     return _public(job)
 
 
-async def list_jobs(*, redis: Redis, keys: Keys, limit: int) -> TrainingJobList:
-    """The newest jobs; a record this version cannot read is listed by id in `unreadable`, never a 500."""
+async def list_jobs(*, redis: Redis, keys: Keys, limit: int, tenant: str | None = None) -> TrainingJobList:
+    """The newest jobs of `tenant` (None: of every tenant); a record this version cannot read is listed by id in
+    `unreadable`, never a 500."""
     out, unreadable = [], []
-    for job_id in await arun(redis, TRAINING.newest(keys, limit)):
+    newest = TRAINING.newest(keys, limit) if tenant is None else tenants.ids(keys, tenant, "jobs", limit)
+    for job_id in await arun(redis, newest):
         try:
             out.append(await get_job(redis=redis, keys=keys, job_id=job_id))
         except NotFound:
@@ -161,8 +176,17 @@ async def cancel_job(*, redis: Redis, keys: Keys, job_id: str) -> TrainingJobPub
     return await get_job(redis=redis, keys=keys, job_id=job_id)
 
 
-async def resume_job(*, redis: Redis, keys: Keys, job_id: str) -> TrainingJobPublic:
-    res = await _move(redis, keys, job_id, TRAINING.resume)
+async def resume_job(*, redis: Redis, keys: Keys, job_id: str, settings: Settings | None = None) -> TrainingJobPublic:
+    """Queue a failed or cancelled job again, counted against its tenant's active_training_jobs (with `settings`:
+    the quotas' source)."""
+    tenant = await owned_job(redis, keys, LOCAL, job_id)
+    limit, used = UNLIMITED, 0
+    if settings is not None:
+        limit = quotas_of(settings).limit(tenant, "active_training_jobs")
+        used = await count_active(redis, keys, tenant, "active_training_jobs")
+    res = await _move(redis, keys, job_id, lambda k, i: TRAINING.resume(k, i, tenant, limit))
+    if res == "quota":
+        raise OverQuota("active_training_jobs", limit, used, tenant)
     if res != "queued":
         raise Conflict(f"training job {job_id} is {res}; only failed or cancelled jobs can be resumed")
     return await get_job(redis=redis, keys=keys, job_id=job_id)
@@ -177,7 +201,8 @@ async def delete_job(*, redis: Redis, keys: Keys, job_id: str) -> None:
     if state == JobState.running:  # a running job whose trainer died is reaped first, then deletable
         with contextlib.suppress(Conflict):  # an unreadable record: the script below decides on the raw state
             await TRAINING.areap_if_dead(redis, keys, await _load(redis, keys, job_id))
-    res = _text(await acall(redis, TRAINING.delete(keys, job_id)))
+    tenant = await owned_job(redis, keys, LOCAL, job_id)
+    res = _text(await acall(redis, TRAINING.delete(keys, job_id, tenant)))
     if res == "missing":
         raise _not_found(job_id)
     if res == "running":

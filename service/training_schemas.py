@@ -46,6 +46,7 @@ class TrainingJobPublic(BaseModel):
     error: str | None = Field(None, description="Why the job failed.")
     cancel_requested: float | None = Field(None, description="When a cancel was asked (running jobs stop soon).")
     spec: JobSpec
+    tenant: str = Field("default", description="The tenant that owns it (GRAPE_API_KEYS `tenant:key`).")
 
 
 class TrainingJobList(BaseModel):

@@ -21,9 +21,11 @@ import orjson
 from grape.keys import Keys, is_dataset_id, new_dataset_id
 from grape.redis_client import as_str
 from grape.score_kinds import ScoreTask, dataset_scores, extra_tasks, normalize_scores, task_model, tasks_for
+from grape.settings import DEFAULT_TENANT
 from grape.store import scoring
-from grape.store.errors import Invalid, NotFound, shown
-from grape.store.io import Page, Plan, cmd, one, pages, run
+from grape.store.errors import Invalid, NotFound, OverQuota, shown
+from grape.store.io import Lua, Page, Plan, cmd, one, pages, run
+from grape.store.tenants import UNLIMITED, owner
 from grape.strategies import STRATEGIES, Pick, ScoredItem, SelectParams, strategy_needs
 
 PAGE = 500
@@ -58,8 +60,13 @@ def meta(keys: Keys, dataset_id: str) -> Plan[dict[str, str] | None]:
 def require_meta(keys: Keys, dataset_id: str) -> Plan[dict[str, str]]:
     found = yield from meta(keys, dataset_id)
     if found is None:
-        raise NotFound(f"dataset {shown(dataset_id)} not found")
+        raise missing(dataset_id)
     return found
+
+
+def missing(dataset_id: str) -> NotFound:
+    """The one answer for a dataset that is not there, or not the caller's (the same status and words)."""
+    return NotFound(f"dataset {shown(dataset_id)} not found")
 
 
 def exists(keys: Keys, dataset_id: str) -> Plan[bool]:
@@ -83,21 +90,64 @@ def counters(keys: Keys, dataset_id: str, tasks: Iterable[ScoreTask]) -> Plan[tu
     return _floats(stats), [_floats(raw) for raw in per_task]
 
 
-def create(keys: Keys, fields: Mapping[str, str]) -> Plan[str]:
-    """A new dataset with these metadata fields (and `created`); its id."""
+CREATE = Lua("""
+-- KEYS: metadata, the datasets zset, the tenant's datasets zset, the tenants set
+-- ARGV: id, now, the tenant's dataset limit, tenant, then field/value pairs of the metadata
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[3]) then return 0 end
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[4])
+return 1
+""")
+
+DELETE = Lua("""
+-- KEYS: metadata, the datasets zset, the owner's datasets zset, the owner's usage, stats, then the other keys
+-- ARGV: id. The owner's stored pairs drop by what the dataset held, in the same step that removes it.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local n = tonumber(redis.call('HGET', KEYS[5], 'candidates') or '0')
+if n ~= 0 then redis.call('HINCRBY', KEYS[4], 'stored_pairs', -n) end
+redis.call('DEL', unpack(KEYS, 5))
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 1
+""")
+
+
+def create(
+    keys: Keys, fields: Mapping[str, str], tenant: str = DEFAULT_TENANT, limit: int = UNLIMITED, usage: int = 0
+) -> Plan[str]:
+    """A new dataset of `tenant` with these metadata fields (and `created`, `tenant`); its id. `OverQuota` when
+    the tenant owns `limit` datasets already (`usage`: how many its pruned index held, for the message)."""
     dataset_id, now = new_dataset_id(), time.time()
-    yield [
-        cmd("hset", keys.dataset(dataset_id), mapping={**fields, "created": f"{now:.3f}"}),
-        cmd("zadd", keys.datasets(), {dataset_id: now}),
-    ]
+    mapping = {**fields, "created": f"{now:.3f}", "tenant": tenant}
+    args: list[Any] = [dataset_id, f"{now:.3f}", limit, tenant, *(x for kv in mapping.items() for x in kv)]
+    script_keys = [keys.dataset(dataset_id), keys.datasets(), keys.tenant_ids(tenant, "datasets"), keys.tenants()]
+    created = yield from one("eval", CREATE.source, len(script_keys), *script_keys, *args)
+    if not created:
+        raise OverQuota("datasets", limit, usage, tenant)
     return dataset_id
 
 
 def delete(keys: Keys, dataset_id: str) -> Plan[None]:
-    yield from require_meta(keys, dataset_id)
+    """Remove the dataset, its items, scores and counters; its owner's stored pairs drop by its candidates."""
+    found = yield from require_meta(keys, dataset_id)
+    tenant = owner(found.get("tenant"))
     per_task = (k(dataset_id, t) for t in ScoreTask for k in (keys.task_results, keys.task_failed, keys.task_stats))
-    parts = (keys.dataset, keys.items, keys.order, keys.scores, keys.failed, keys.stats)
-    yield [cmd("delete", *(k(dataset_id) for k in parts), *per_task), cmd("zrem", keys.datasets(), dataset_id)]
+    parts = (keys.items, keys.order, keys.scores, keys.failed)
+    script_keys = [
+        keys.dataset(dataset_id),
+        keys.datasets(),
+        keys.tenant_ids(tenant, "datasets"),
+        keys.tenant_usage(tenant),
+        keys.stats(dataset_id),
+        *(k(dataset_id) for k in parts),
+        *(k for k in per_task if k != keys.stats(dataset_id)),
+    ]
+    yield [cmd("eval", DELETE.source, len(script_keys), *script_keys, dataset_id)]
 
 
 # ---- items ---------------------------------------------------------------------------------------------

@@ -23,3 +23,19 @@ class Invalid(StoreError, ValueError):
 
 class Conflict(StoreError):
     """Valid, but not in this state (a running job cannot be deleted...)."""
+
+
+class OverQuota(StoreError):
+    """A tenant's quota (grape.tenancy.QUOTAS) would be passed: nothing was created. The gateway answers 403
+    with the quota, its limit and the usage in the body."""
+
+    def __init__(self, quota: str, limit: int, usage: int, tenant: str, needed: int = 1) -> None:
+        self.quota, self.limit, self.usage, self.tenant, self.needed = quota, limit, usage, tenant, needed
+        more = f" and this request needs {needed} more" if needed != 1 else ""
+        super().__init__(
+            f"quota {quota} of tenant {tenant!r} is reached: limit {limit}, in use {usage}{more}; "
+            "end or delete some, or ask the operator for more (GRAPE_TENANTS_FILE)"
+        )
+
+    def body(self) -> dict[str, object]:
+        return {"quota": self.quota, "limit": self.limit, "usage": self.usage, "tenant": self.tenant}

@@ -13,7 +13,9 @@ import orjson
 
 from grape.keys import Keys
 from grape.redis_client import as_str
+from grape.store.errors import OverQuota
 from grape.store.io import Lua, Plan, cmd, one
+from grape.store.tenants import UNLIMITED, owner
 
 LOCK_MS = 60_000
 """How long a lock holds when its process dies before releasing it."""
@@ -22,13 +24,38 @@ UNLOCK = Lua("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('D
 """Release the lock only if this process still holds it (its token)."""
 
 
-def create(keys: Keys, exp_id: str, record: dict[str, Any], selections: Iterable[bytes], now: float) -> Plan[None]:
-    """Store a new experiment, its arms' selections, and mark it active, in one round trip; the selections
-    first and the ids and active sets last, so nothing names a record whose selections are not stored."""
+RESERVE = Lua("""
+-- KEYS: the owner's active experiments (pruned just before), the tenants set   ARGV: id, owner's limit, owner
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[3])
+return 1
+""")
+
+
+def create(
+    keys: Keys,
+    exp_id: str,
+    record: dict[str, Any],
+    selections: Iterable[bytes],
+    now: float,
+    limit: int = UNLIMITED,
+    usage: int = 0,
+) -> Plan[None]:
+    """Store a new experiment of `record["tenant"]`, its arms' selections, and mark it active. First a slot
+    among the tenant's `limit` active experiments is taken (`OverQuota` when none is free: nothing stored;
+    `usage` is for its message); then, in one round trip, the selections, the record, and the ids and active
+    sets last, so nothing names a record whose selections are not stored."""
+    tenant = owner(record.get("tenant"))
+    active_key = keys.tenant_active(tenant, "experiments")
+    taken = yield from one("eval", RESERVE.source, 2, active_key, keys.tenants(), exp_id, limit, tenant)
+    if not taken:
+        raise OverQuota("active_experiments", limit, usage, tenant)
     yield [
         *(cmd("set", keys.experiment_selection(exp_id, i), sel) for i, sel in enumerate(selections)),
         cmd("set", keys.experiment(exp_id), orjson.dumps(record)),
         cmd("zadd", keys.experiments(), {exp_id: now}),
+        cmd("zadd", keys.tenant_ids(tenant, "experiments"), {exp_id: now}),
         cmd("sadd", keys.experiments_active(), exp_id),
     ]
 

@@ -33,8 +33,10 @@ import orjson
 
 from grape.keys import Keys, QueueKeys
 from grape.redis_client import as_str
+from grape.settings import DEFAULT_TENANT
 from grape.store.heartbeats import Beats
 from grape.store.io import Call, Lua, Plan, acall, call, cmd, one
+from grape.store.tenants import UNLIMITED
 
 CANCEL = "cancel"
 REQUEUE = "requeue"
@@ -70,12 +72,18 @@ def decode_log(entry_id: Any, fields: dict[Any, Any]) -> dict[str, Any]:
 # `log(stream, now, level, msg)` appends one log record (the shape of `log_fields`), trimmed to LOG_MAXLEN.
 
 _ENQUEUE = """
--- KEYS: record, ids zset, queue, log   ARGV: id, now, max queued, then field/value pairs of the new hash
+-- KEYS: record, ids zset, queue, log, owner's ids zset, owner's active set (pruned just before), tenants set
+-- ARGV: id, now, max queued, owner's active limit, owner, then field/value pairs of the new hash
+-- answers 1, 0 (the queue is full) or -1 (the owner's quota of active records is reached)
+if redis.call('SCARD', KEYS[6]) >= tonumber(ARGV[4]) then return -1 end
 if redis.call('LLEN', KEYS[3]) >= tonumber(ARGV[3]) then return 0 end
 local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
+redis.call('SADD', KEYS[6], ARGV[1])
+redis.call('SADD', KEYS[7], ARGV[5])
 redis.call('LPUSH', KEYS[3], ARGV[1])
 log(KEYS[4], ARGV[2], 'info', 'queued')
 return 1
@@ -172,10 +180,14 @@ return st
 """
 
 _RESUME = """
--- KEYS: record, queue, cancel flag, log   ARGV: id, now
+-- KEYS: record, queue, cancel flag, log, owner's active set (pruned just before)   ARGV: id, now, owner's limit
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return 'missing' end
 if st ~= 'failed' and st ~= 'cancelled' then return st end
+if redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 0 and redis.call('SCARD', KEYS[5]) >= tonumber(ARGV[3]) then
+  return 'quota'
+end
+redis.call('SADD', KEYS[5], ARGV[1])
 redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'resume', '1', '$holder', '', 'attempts', '0')
 redis.call('HDEL', KEYS[1], 'error', 'finished', 'cancel_requested')
@@ -185,7 +197,8 @@ return 'queued'
 """
 
 _DELETE = """
--- KEYS: record, ids zset, queue, log, cancel flag, deleted zset   ARGV: id, now
+-- KEYS: record, ids zset, queue, log, cancel flag, deleted zset, owner's ids zset, owner's active set
+-- ARGV: id, now
 -- a running record is refused (cancel it first); anything else goes, even a record that cannot be decoded
 if redis.call('EXISTS', KEYS[1]) == 0 and not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 'missing' end
 local st = redis.call('HGET', KEYS[1], 'state')
@@ -193,6 +206,8 @@ if st == 'running' then return 'running' end
 redis.call('LREM', KEYS[3], 0, ARGV[1])
 redis.call('DEL', KEYS[1], KEYS[4], KEYS[5])
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[7], ARGV[1])
+redis.call('SREM', KEYS[8], ARGV[1])
 -- holders remove what they keep of it when they see it here (trainer.loop.TrainerLoop.remove_deleted)
 redis.call('ZADD', KEYS[6], ARGV[2], ARGV[1])
 return 'deleted'
@@ -308,13 +323,28 @@ class JobQueue:
         return float(getattr(settings, f"{self.holder}_heartbeat_s"))  # trainer_heartbeat_s, evaluator_...
 
     # the script calls --------------------------------------------------------------------------------
-    def enqueue(self, keys: Keys, item_id: str, fields: dict[str, str], max_queued: int) -> Call:
-        """Create the record and queue it; the script answers 0 when `max_queued` are queued already."""
+    def enqueue(
+        self,
+        keys: Keys,
+        item_id: str,
+        fields: dict[str, str],
+        max_queued: int,
+        tenant: str = DEFAULT_TENANT,
+        limit: int = UNLIMITED,
+    ) -> Call:
+        """Create the record of `tenant` (its `tenant` field) and queue it; the script answers 0 when `max_queued`
+        are queued already, -1 when the tenant has `limit` active records of this kind (prune its set first)."""
         q = self.space(keys)
-        args: list[Any] = [item_id, fields.get("created") or _now(), max_queued]
-        for k, v in fields.items():
+        args: list[Any] = [item_id, fields.get("created") or _now(), max_queued, limit, tenant]
+        for k, v in {**fields, "tenant": tenant}.items():
             args += [k, v]
-        return self._enqueue.call([q.record(item_id), q.ids(), q.queue(), q.log(item_id)], args)
+        script_keys = [q.record(item_id), q.ids(), q.queue(), q.log(item_id), *self.tenant_keys(keys, tenant)]
+        return self._enqueue.call([*script_keys, keys.tenants()], args)
+
+    def tenant_keys(self, keys: Keys, tenant: str) -> tuple[str, str]:
+        """A tenant's index of this kind and its set of active ones (grape.store.tenants)."""
+        kind = self.space(keys).plural
+        return keys.tenant_ids(tenant, kind), keys.tenant_active(tenant, kind)
 
     def start(self, keys: Keys, item_id: str, holder: str) -> Call:
         """Run a claimed record: its spec (JSON), or None when it is no longer queued."""
@@ -355,15 +385,25 @@ class JobQueue:
         """Answers `cancelled-now`, `cancelling`, `missing`, or the state it cannot be cancelled in."""
         return self._move(self._cancel, keys, item_id)
 
-    def resume(self, keys: Keys, item_id: str) -> Call:
-        """Queue a failed or cancelled record again; answers `queued`, `missing`, or the state it is in."""
-        return self._move(self._resume, keys, item_id)
+    def resume(self, keys: Keys, item_id: str, tenant: str = DEFAULT_TENANT, limit: int = UNLIMITED) -> Call:
+        """Queue a failed or cancelled record of `tenant` again; answers `queued`, `missing`, `quota` (the tenant
+        has `limit` active records of this kind), or the state it is in."""
+        q = self.space(keys)
+        script_keys = [
+            q.record(item_id),
+            q.queue(),
+            q.cancel(item_id),
+            q.log(item_id),
+            self.tenant_keys(keys, tenant)[1],
+        ]
+        return self._resume.call(script_keys, [item_id, _now(), limit])
 
-    def delete(self, keys: Keys, item_id: str) -> Call:
-        """Remove a record that is not running; answers `deleted`, `missing` or `running`."""
+    def delete(self, keys: Keys, item_id: str, tenant: str = DEFAULT_TENANT) -> Call:
+        """Remove a record (of `tenant`: it leaves that tenant's index) that is not running; answers `deleted`,
+        `missing` or `running`."""
         q = self.space(keys)
         keys_ = [q.record(item_id), q.ids(), q.queue(), q.log(item_id), q.cancel(item_id), q.deleted()]
-        return self._delete.call(keys_, [item_id, _now()])
+        return self._delete.call([*keys_, *self.tenant_keys(keys, tenant)], [item_id, _now()])
 
     # reads (plans: one implementation, run by io.run or io.arun) ---------------------------------------
     def read(self, keys: Keys, item_id: str) -> Plan[dict[str, Any] | None]:

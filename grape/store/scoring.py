@@ -1,8 +1,9 @@
 """The Redis protocol between gateway and workers: two atomic scripts and the record shapes they move.
 
-Ingest (gateway): per chunk, store each new item once (HSETNX: a re-sent id is a duplicate, never new
-work), append the new ids to the dataset's order, bump the counters and XADD one stream entry naming the
-chunk's item ids, all in one script so a crash never leaves an item stored but not queued.
+Ingest (gateway): per chunk, store each new item once (a re-sent id is a duplicate, never new work) that
+fits the owner's stored-pairs quota (what does not fit is refused in the same step, so concurrent uploads
+never overshoot it), append the new ids to the dataset's order, bump the counters and XADD one stream entry
+naming the chunk's item ids, all in one script so a crash never leaves an item stored but not queued.
 
 Results (worker): per item, write its scores (or its failure), bump the counters only when the field is
 new (a redelivered chunk overwrites, never double counts), then XACK + XDEL the entry, in one script.
@@ -27,31 +28,43 @@ from redis.exceptions import ResponseError
 from grape.keys import GROUP, Keys
 from grape.redis_client import as_str
 from grape.score_kinds import ScoreTask, extra_tasks, task_model
+from grape.settings import DEFAULT_TENANT
 from grape.store.io import Call, Lua, Plan, cmd, one
 
 INGEST = Lua("""
--- KEYS: items, order, stats, stream, then the streams of the dataset's extra tasks (grape.score_kinds), if any
--- ARGV: dataset id, n, then n x (item id, item json, candidates)
-local new = {}
+-- KEYS: items, order, stats, metadata, owner's usage, stream, then the streams of the dataset's extra tasks
+-- ARGV: dataset id, n, the owner's stored-pairs limit, then n x (item id, item json, candidates)
+-- answers {new ids, ids refused by the quota, stored pairs after}, or nothing when the dataset is gone
+if redis.call('EXISTS', KEYS[4]) == 0 then return false end
+local new, over = {}, {}
 local ncand = 0
 local n = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local used = tonumber(redis.call('HGET', KEYS[5], 'stored_pairs') or '0')
 for i = 0, n - 1 do
-  local id = ARGV[3 + i * 3]
-  if redis.call('HSETNX', KEYS[1], id, ARGV[4 + i * 3]) == 1 then
-    new[#new + 1] = id
-    ncand = ncand + tonumber(ARGV[5 + i * 3])
+  local id, c = ARGV[4 + i * 3], tonumber(ARGV[6 + i * 3])
+  if redis.call('HEXISTS', KEYS[1], id) == 0 then
+    if used + c > limit then
+      over[#over + 1] = id
+    else
+      redis.call('HSET', KEYS[1], id, ARGV[5 + i * 3])
+      new[#new + 1] = id
+      ncand = ncand + c
+      used = used + c
+    end
   end
 end
 if #new > 0 then
   redis.call('RPUSH', KEYS[2], unpack(new))
   redis.call('HINCRBY', KEYS[3], 'items', #new)
   redis.call('HINCRBY', KEYS[3], 'candidates', ncand)
+  redis.call('HINCRBY', KEYS[5], 'stored_pairs', ncand)
   local entry = cjson.encode(new)
-  for k = 4, #KEYS do
+  for k = 6, #KEYS do
     redis.call('XADD', KEYS[k], '*', 'ds', ARGV[1], 'items', entry)
   end
 end
-return new
+return {new, over, used}
 """)
 
 RESULTS = Lua("""
@@ -110,17 +123,23 @@ def parse_entry(fields: Mapping[Any, Any]) -> tuple[str, list[str]]:
     return as_str(f["ds"]), orjson.loads(f["items"])
 
 
-def ingest(keys: Keys, dataset_id: str, meta: Mapping[str, str], items: list[dict[str, Any]]) -> Call:
-    """Store one chunk of new items and queue it on the target model's stream and each extra task's."""
+def ingest(
+    keys: Keys, dataset_id: str, meta: Mapping[str, str], items: list[dict[str, Any]], limit: int = 2**62
+) -> Call:
+    """Store one chunk of new items and queue it on the target model's stream and each extra task's. The
+    dataset's owner may hold `limit` stored pairs: a new item that does not fit is refused, the rest stored."""
     streams = [keys.task_stream(t, task_model(meta, t)) for t in extra_tasks(meta)]
-    args: list[Any] = [dataset_id, len(items)]
+    args: list[Any] = [dataset_id, len(items), limit]
     for it in items:
         args += [it["id"], orjson.dumps(it), len(it["candidates"])]
+    tenant = meta.get("tenant") or DEFAULT_TENANT
     return INGEST.call(
         [
             keys.items(dataset_id),
             keys.order(dataset_id),
             keys.stats(dataset_id),
+            keys.dataset(dataset_id),
+            keys.tenant_usage(tenant),
             keys.stream(meta["target_model"]),
             *streams,
         ],

@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 from grape.strategies import SelectParams
 from service import compare as compare_svc
 from service import datasets as svc
-from service.deps import DatasetId, KeysDep, RedisDep, SettingsDep, upload_slot
+from service.deps import KeysDep, RedisDep, SettingsDep, upload_slot
 from service.errors import TooLarge
 from service.ingest import parse_upload, upload_type
 from service.model_access import check_model
@@ -25,6 +25,7 @@ from service.schemas import (
     ScoresQueued,
     ScoresRequest,
 )
+from service.tenancy import IdentityDep, OwnedDatasetId, scope_of
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -63,24 +64,27 @@ _UPLOAD_DOC = {
 
 
 @router.post("", response_model=DatasetPublic, status_code=status.HTTP_201_CREATED)
-async def create_dataset(body: DatasetCreate, redis: RedisDep, keys: KeysDep, settings: SettingsDep) -> DatasetPublic:
+async def create_dataset(
+    body: DatasetCreate, redis: RedisDep, keys: KeysDep, settings: SettingsDep, who: IdentityDep
+) -> DatasetPublic:
     # the target model is one the operator allows (GRAPE_ALLOWED_MODELS): jobs train it by default
     await check_model(redis=redis, keys=keys, settings=settings, name=body.target_model, field="target_model")
-    return await svc.create_dataset(redis=redis, keys=keys, body=body)
+    return await svc.create_dataset(redis=redis, keys=keys, body=body, settings=settings, tenant=who.tenant)
 
 
 @router.get("", response_model=DatasetList)
-async def list_datasets(redis: RedisDep, keys: KeysDep) -> DatasetList:
-    return DatasetList(datasets=await svc.list_datasets(redis=redis, keys=keys))
+async def list_datasets(redis: RedisDep, keys: KeysDep, who: IdentityDep) -> DatasetList:
+    """The caller's tenant's datasets (an admin: every tenant's)."""
+    return DatasetList(datasets=await svc.list_datasets(redis=redis, keys=keys, tenant=scope_of(who)))
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
-async def get_dataset(dataset_id: DatasetId, redis: RedisDep, keys: KeysDep) -> DatasetPublic:
+async def get_dataset(dataset_id: OwnedDatasetId, redis: RedisDep, keys: KeysDep) -> DatasetPublic:
     return await svc.dataset_status(redis=redis, keys=keys, dataset_id=dataset_id)
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_dataset(dataset_id: DatasetId, redis: RedisDep, keys: KeysDep) -> Response:
+async def delete_dataset(dataset_id: OwnedDatasetId, redis: RedisDep, keys: KeysDep) -> Response:
     await svc.delete_dataset(redis=redis, keys=keys, dataset_id=dataset_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -93,14 +97,13 @@ async def delete_dataset(dataset_id: DatasetId, redis: RedisDep, keys: KeysDep) 
     summary="Upload items (JSON {items: [...]} or NDJSON)",
 )
 async def upload_items(
-    dataset_id: DatasetId, request: Request, redis: RedisDep, keys: KeysDep, settings: SettingsDep
+    dataset_id: OwnedDatasetId, request: Request, redis: RedisDep, keys: KeysDep, settings: SettingsDep
 ) -> IngestResult:
     ctype = upload_type(request.headers.get("content-type", ""))  # 415 before anything is read
-    await svc.dataset_meta(redis, keys, dataset_id)  # 404 before the body is read
     with upload_slot(request, settings):  # 429 past GRAPE_MAX_CONCURRENT_UPLOADS: bounds the memory of parsing
         body = await read_body(request, settings.max_body_bytes)
         # parsing and validating thousands of items is CPU work: off the event loop, so status calls stay quick
-        items, rejected, n_rejected = await run_in_threadpool(parse_upload, body, ctype, settings)
+        items, rejected, n_rejected, positions = await run_in_threadpool(parse_upload, body, ctype, settings)
         del body
     return await svc.ingest(
         redis=redis,
@@ -110,12 +113,13 @@ async def upload_items(
         items=items,
         rejected=rejected,
         rejected_total=n_rejected,
+        positions=positions,
     )
 
 
 @router.get("/{dataset_id}/items/{item_id:path}", response_model=ItemPublic)
 async def get_item(
-    dataset_id: DatasetId,
+    dataset_id: OwnedDatasetId,
     item_id: Annotated[
         str, Path(description="The item id, percent-encoded: any characters, `/` included (as %2F or as is).")
     ],
@@ -129,7 +133,7 @@ async def get_item(
 
 @router.get("/{dataset_id}/failures", response_model=FailureList)
 async def list_failures(
-    dataset_id: DatasetId, redis: RedisDep, keys: KeysDep, limit: Annotated[int, Query(ge=1, le=100_000)] = 1000
+    dataset_id: OwnedDatasetId, redis: RedisDep, keys: KeysDep, limit: Annotated[int, Query(ge=1, le=100_000)] = 1000
 ) -> FailureList:
     return FailureList(failures=await svc.list_failures(redis=redis, keys=keys, dataset_id=dataset_id, limit=limit))
 
@@ -140,7 +144,7 @@ async def list_failures(
     responses={200: {"content": {"application/x-ndjson": {}}, "description": "One SFT record per line."}},
 )
 async def selection(
-    dataset_id: DatasetId,
+    dataset_id: OwnedDatasetId,
     redis: RedisDep,
     keys: KeysDep,
     strategy: str = "grape",
@@ -163,7 +167,7 @@ async def selection(
 
 @router.post("/{dataset_id}/scores", response_model=ScoresQueued, status_code=status.HTTP_202_ACCEPTED)
 async def request_scores(
-    dataset_id: DatasetId, body: ScoresRequest, redis: RedisDep, keys: KeysDep, settings: SettingsDep
+    dataset_id: OwnedDatasetId, body: ScoresRequest, redis: RedisDep, keys: KeysDep, settings: SettingsDep
 ) -> ScoresQueued:
     """Ask for more score kinds; the items already stored are queued for the tasks that are new."""
     queued = await svc.request_scores(redis=redis, keys=keys, settings=settings, dataset_id=dataset_id, body=body)
@@ -173,7 +177,7 @@ async def request_scores(
 
 @router.get("/{dataset_id}/compare", response_model=ComparisonPublic)
 async def compare(
-    dataset_id: DatasetId,
+    dataset_id: OwnedDatasetId,
     redis: RedisDep,
     keys: KeysDep,
     settings: SettingsDep,

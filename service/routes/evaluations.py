@@ -12,15 +12,16 @@ from service import evaluations as svc
 from service.deps import KeysDep, RedisDep, SettingsDep
 from service.evaluation_schemas import EvaluationCreate, EvaluationCreated, EvaluationList, EvaluationPublic
 from service.logs import LOG_RESPONSES, After, ndjson
+from service.tenancy import IdentityDep, OwnedEvalId, scope_of
 
 router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
 
 
 @router.post("", response_model=EvaluationCreated, status_code=status.HTTP_201_CREATED)
 async def create_evaluation(
-    body: EvaluationCreate, redis: RedisDep, keys: KeysDep, settings: SettingsDep
+    body: EvaluationCreate, redis: RedisDep, keys: KeysDep, settings: SettingsDep, who: IdentityDep
 ) -> EvaluationCreated:
-    eval_id = await svc.create_evaluation(redis=redis, keys=keys, settings=settings, body=body)
+    eval_id = await svc.create_evaluation(redis=redis, keys=keys, settings=settings, body=body, who=who)
     return EvaluationCreated(id=eval_id, state=EvalState.queued)
 
 
@@ -28,21 +29,25 @@ async def create_evaluation(
 async def list_evaluations(
     redis: RedisDep,
     keys: KeysDep,
+    who: IdentityDep,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     experiment_id: Annotated[str | None, Query(max_length=100, description="Only this experiment's.")] = None,
 ) -> EvaluationList:
-    evs = await svc.list_evaluations(redis=redis, keys=keys, limit=limit, experiment_id=experiment_id)
+    """The newest evaluations of the caller's tenant (an admin: of every tenant)."""
+    evs = await svc.list_evaluations(
+        redis=redis, keys=keys, limit=limit, experiment_id=experiment_id, tenant=scope_of(who)
+    )
     return EvaluationList(evaluations=evs)
 
 
 @router.get("/{eval_id}", response_model=EvaluationPublic)
-async def get_evaluation(eval_id: str, redis: RedisDep, keys: KeysDep) -> EvaluationPublic:
+async def get_evaluation(eval_id: OwnedEvalId, redis: RedisDep, keys: KeysDep) -> EvaluationPublic:
     return await svc.get_evaluation(redis=redis, keys=keys, eval_id=eval_id)
 
 
 @router.get("/{eval_id}/logs", response_class=StreamingResponse, responses=LOG_RESPONSES)
 async def evaluation_logs(
-    eval_id: str,
+    eval_id: OwnedEvalId,
     redis: RedisDep,
     keys: KeysDep,
     follow: Annotated[bool, Query(description="Keep streaming new records until the evaluation ends.")] = False,
@@ -54,6 +59,6 @@ async def evaluation_logs(
 
 
 @router.post("/{eval_id}/cancel", response_model=EvaluationPublic, status_code=status.HTTP_202_ACCEPTED)
-async def cancel_evaluation(eval_id: str, redis: RedisDep, keys: KeysDep) -> EvaluationPublic:
+async def cancel_evaluation(eval_id: OwnedEvalId, redis: RedisDep, keys: KeysDep) -> EvaluationPublic:
     """A queued evaluation is cancelled at once; a running one as soon as its evaluator stops lm-eval."""
     return await svc.cancel_evaluation(redis=redis, keys=keys, eval_id=eval_id)

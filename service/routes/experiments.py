@@ -12,6 +12,7 @@ from fastapi.responses import Response
 from service import experiments as svc
 from service.deps import KeysDep, RedisDep, SettingsDep
 from service.experiment_schemas import ExperimentCreate, ExperimentCreated, ExperimentList, ExperimentPublic
+from service.tenancy import IdentityDep, OwnedExpId, scope_of
 
 
 @asynccontextmanager
@@ -38,25 +39,28 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"], lifespan=lifespan)
-ExpId = Annotated[str, Path(max_length=100)]
 
 
 @router.post("", response_model=ExperimentCreated, status_code=status.HTTP_201_CREATED)
 async def create_experiment(
-    body: ExperimentCreate, redis: RedisDep, keys: KeysDep, settings: SettingsDep
+    body: ExperimentCreate, redis: RedisDep, keys: KeysDep, settings: SettingsDep, who: IdentityDep
 ) -> ExperimentCreated:
-    return await svc.create_experiment(redis=redis, keys=keys, settings=settings, body=body)
+    """403 (naming the quota) when the tenant has no free active_experiments slot, or fewer free
+    active_training_jobs slots than arms: refused before anything is stored."""
+    return await svc.create_experiment(redis=redis, keys=keys, settings=settings, body=body, who=who)
 
 
 @router.get("", response_model=ExperimentList)
 async def list_experiments(
-    redis: RedisDep, keys: KeysDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    redis: RedisDep, keys: KeysDep, who: IdentityDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> ExperimentList:
-    return ExperimentList(experiments=await svc.list_experiments(redis=redis, keys=keys, limit=limit))
+    """The newest experiments of the caller's tenant (an admin: of every tenant)."""
+    exps = await svc.list_experiments(redis=redis, keys=keys, limit=limit, tenant=scope_of(who))
+    return ExperimentList(experiments=exps)
 
 
 @router.get("/{exp_id}", response_model=ExperimentPublic)
-async def get_experiment(exp_id: ExpId, redis: RedisDep, keys: KeysDep, settings: SettingsDep) -> ExperimentPublic:
+async def get_experiment(exp_id: OwnedExpId, redis: RedisDep, keys: KeysDep, settings: SettingsDep) -> ExperimentPublic:
     return await svc.get_experiment(redis=redis, keys=keys, settings=settings, exp_id=exp_id)
 
 
@@ -66,13 +70,15 @@ async def get_experiment(exp_id: ExpId, redis: RedisDep, keys: KeysDep, settings
     responses={200: {"content": {"application/x-ndjson": {}}, "description": "The pairs the arm trained on."}},
 )
 async def arm_selection(
-    exp_id: ExpId, arm: Annotated[int, Path(ge=0, le=1000)], redis: RedisDep, keys: KeysDep
+    exp_id: OwnedExpId, arm: Annotated[int, Path(ge=0, le=1000)], redis: RedisDep, keys: KeysDep
 ) -> Response:
     raw = await svc.arm_selection(redis=redis, keys=keys, exp_id=exp_id, arm=arm)
     return Response(raw, media_type="application/x-ndjson")
 
 
 @router.post("/{exp_id}/cancel", response_model=ExperimentPublic, status_code=status.HTTP_202_ACCEPTED)
-async def cancel_experiment(exp_id: ExpId, redis: RedisDep, keys: KeysDep, settings: SettingsDep) -> ExperimentPublic:
+async def cancel_experiment(
+    exp_id: OwnedExpId, redis: RedisDep, keys: KeysDep, settings: SettingsDep
+) -> ExperimentPublic:
     """Cancel the training jobs and evaluations of the experiment that have not finished."""
     return await svc.cancel_experiment(redis=redis, keys=keys, settings=settings, exp_id=exp_id)

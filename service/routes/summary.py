@@ -7,15 +7,16 @@ from typing import Literal
 from fastapi import APIRouter
 
 from service import summary as svc
-from service.deps import DatasetId, KeysDep, RedisDep, SettingsDep
+from service.deps import KeysDep, RedisDep, SettingsDep
 from service.schemas import DatasetSummary
+from service.tenancy import OwnedDatasetId
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
 @router.get("/{dataset_id}/summary", response_model=DatasetSummary)
 async def dataset_summary(
-    dataset_id: DatasetId,
+    dataset_id: OwnedDatasetId,
     redis: RedisDep,
     keys: KeysDep,
     settings: SettingsDep,
