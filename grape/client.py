@@ -235,6 +235,11 @@ class GrapeClient:
     def cancel_evaluation(self, eval_id: str) -> dict[str, Any]:
         return self._request("POST", f"/v1/evaluations/{eval_id}/cancel").json()
 
+    # tenants ---------------------------------------------------------------------------------------
+    def usage(self) -> dict[str, Any]:
+        """The caller's tenant's usage and limits per quota (an admin: every tenant's, in `tenants`)."""
+        return self._request("GET", "/v1/usage").json()
+
     def export(self, dataset_id: str, path: str | Path, **params: Any) -> int:
         n = 0
         path = Path(path)

@@ -23,12 +23,13 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from grape.cli import main as cli_main
 from grape.keys import Keys
 from grape.models import resolve_model
 from grape.settings import Settings
 from grape.store import eval_tasks
 from grape.store.jobqueue import EVALUATIONS
-from grape.tenancy import Quotas, parse_quotas
+from grape.tenancy import QUOTAS, Quotas, parse_quotas
 from service.app import create_app
 from tests.conftest import MODEL, start_gateway
 from workers.backends import BackendConfig, load_backend
@@ -391,7 +392,7 @@ def test_each_quota_is_reached_named_and_usage_stays_exact(
         assert rows["beta"]["usage"]["datasets"] == 1
 
 
-def test_concurrent_uploads_never_overshoot_the_stored_pairs_quota(redis_url, keys) -> None:
+def test_concurrent_uploads_never_overshoot_the_stored_pairs_quota(redis_url, keys, monkeypatch, capsys) -> None:
     """Eight uploads at once into one tenant's datasets, on a real gateway process: exactly the quota is stored."""
     proc, url = start_gateway(
         redis_url,
@@ -416,6 +417,11 @@ def test_concurrent_uploads_never_overshoot_the_stored_pairs_quota(redis_url, ke
             assert all(a["status"] in (202, 403) for a in answers), answers
             stored = sum(c.get(f"/v1/datasets/{d}").json()["candidates"] for d in dss)
             assert stored == 50 and c.get("/v1/usage").json()["usage"]["stored_pairs"] == 50
+        # `grape usage` prints the same
+        monkeypatch.setenv("GRAPE_API_KEY", KEYS["alpha"])
+        assert cli_main(["usage", "--url", url]) == 0
+        header, row = capsys.readouterr().out.splitlines()
+        assert header.split() == ["tenant", *QUOTAS] and row.split()[:4] == ["alpha", "50", "/", "50"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
