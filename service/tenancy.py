@@ -251,7 +251,10 @@ async def adopt_legacy(redis: Redis, keys: Keys) -> int:
             for x, untagged in zip(page, flags, strict=True):
                 if untagged:
                     adopted += int(await acall(redis, store.adopt_queued(keys, q.plural, q.record(x), q.ids(), x)))
-    indexed = set(await arun(redis, store.ids(keys, "default", "experiments")))
+    # an experiment's tenant is inside its (large) JSON record: read only those no tenant's index names yet
+    indexed: set[str] = set()
+    for tenant in {*await arun(redis, store.known(keys)), "default"}:
+        indexed |= set(await arun(redis, store.ids(keys, tenant, "experiments")))
     active = set(await arun(redis, exp_store.active(keys)))
     for exp_id in await arun(redis, exp_store.newest(keys, 10**9)):
         if exp_id in indexed:
