@@ -148,12 +148,14 @@ async def dataset_status(
 async def list_datasets(*, redis: Redis, keys: Keys, tenant: str | None = None) -> list[DatasetPublic]:
     """The datasets of `tenant` (None: of every tenant), oldest first."""
     found = await arun(redis, store.ids(keys) if tenant is None else tenants.ids(keys, tenant, "datasets"))
-    out = []
+    out, gone = [], []
     for ds in found if tenant is None else reversed(found):
         try:
             out.append(await dataset_status(redis=redis, keys=keys, dataset_id=ds))
         except NotFound:
-            continue
+            gone.append(ds)
+    if tenant is not None:
+        await arun(redis, tenants.forget(keys, tenant, "datasets", gone))
     return out
 
 

@@ -149,15 +149,18 @@ async def list_evaluations(
     *, redis: Redis, keys: Keys, limit: int, experiment_id: str | None = None, tenant: str | None = None
 ) -> list[EvaluationPublic]:
     """The newest evaluations of `tenant` (None: of every tenant)."""
-    out = []
+    out, gone = [], []
     newest = EVALUATIONS.newest(keys, limit) if tenant is None else tenants.ids(keys, tenant, "evals", limit)
     for eval_id in await arun(redis, newest):
         try:
             ev = await get_evaluation(redis=redis, keys=keys, eval_id=eval_id)
         except NotFound:
+            gone.append(eval_id)
             continue
         if experiment_id is None or ev.experiment_id == experiment_id:
             out.append(ev)
+    if tenant is not None:
+        await arun(redis, tenants.forget(keys, tenant, "evals", gone))
     return out
 
 

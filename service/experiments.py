@@ -241,13 +241,15 @@ async def list_experiments(
     *, redis: Redis, keys: Keys, limit: int, tenant: str | None = None
 ) -> list[ExperimentPublic]:
     """The newest experiments of `tenant` (None: of every tenant)."""
-    out = []
+    out, gone = [], []
     newest = exp_store.newest(keys, limit) if tenant is None else tenants.ids(keys, tenant, "experiments", limit)
     for exp_id in await arun(redis, newest):
         try:
             out.append(ExperimentPublic.model_validate(await _load(redis, keys, exp_id)))
         except NotFound:
-            continue
+            gone.append(exp_id)
+    if tenant is not None:
+        await arun(redis, tenants.forget(keys, tenant, "experiments", gone))
     return out
 
 

@@ -146,16 +146,18 @@ async def get_job(*, redis: Redis, keys: Keys, job_id: str) -> TrainingJobPublic
 async def list_jobs(*, redis: Redis, keys: Keys, limit: int, tenant: str | None = None) -> TrainingJobList:
     """The newest jobs of `tenant` (None: of every tenant); a record this version cannot read is listed by id in
     `unreadable`, never a 500."""
-    out, unreadable = [], []
+    out, unreadable, gone = [], [], []
     newest = TRAINING.newest(keys, limit) if tenant is None else tenants.ids(keys, tenant, "jobs", limit)
     for job_id in await arun(redis, newest):
         try:
             out.append(await get_job(redis=redis, keys=keys, job_id=job_id))
         except NotFound:
-            continue
+            gone.append(job_id)
         except Conflict as exc:
             log.warning("%s", exc.message)
             unreadable.append(job_id)
+    if tenant is not None:
+        await arun(redis, tenants.forget(keys, tenant, "jobs", gone))
     return TrainingJobList(jobs=out, unreadable=unreadable)
 
 

@@ -379,6 +379,9 @@ def test_each_quota_is_reached_named_and_usage_stays_exact(
         # an evaluation removed by another path (a DELETE route, retention) frees its slot without any counter
         rclient.delete(keys.evaluations.record(ev.json()["id"]))
         assert usage()["active_evaluations"] == 0
+        # ... and a list that meets its id drops it from the tenant's index
+        assert ev.json()["id"] not in {e["id"] for e in c.get("/v1/evaluations", headers=a).json()["evaluations"]}
+        assert rclient.zscore(keys.tenant_ids("alpha", "evals"), ev.json()["id"]) is None
 
         assert c.delete(f"/v1/datasets/{ds}", headers=a).status_code == 204
         assert usage() == {**zero, "active_training_jobs": 1}

@@ -43,6 +43,13 @@ def ids(keys: Keys, tenant: str, kind: str, limit: int | None = None) -> Plan[li
     return [as_str(x) for x in raw]
 
 
+def forget(keys: Keys, tenant: str, kind: str, gone: list[str]) -> Plan[None]:
+    """Drop ids whose records are gone (removed by a path that did not know the owner) from a tenant's index: a
+    list that met them cleans up after itself."""
+    if gone:
+        yield [cmd("zrem", keys.tenant_ids(tenant, kind), *gone), cmd("srem", keys.tenant_active(tenant, kind), *gone)]
+
+
 def active(keys: Keys, tenant: str, kind: str) -> Plan[list[str]]:
     """The tenant's ids of a kind in its active set (not pruned: see `prune_queued`)."""
     raw = yield from one("smembers", keys.tenant_active(tenant, kind))
