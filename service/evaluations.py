@@ -153,6 +153,22 @@ async def cancel_evaluation(*, redis: Redis, keys: Keys, eval_id: str) -> Evalua
     return await get_evaluation(redis=redis, keys=keys, eval_id=eval_id)
 
 
+async def delete_evaluation(*, redis: Redis, keys: Keys, eval_id: str) -> None:
+    """Remove an evaluation that has ended: its record, its log and its flags, at once. A queued or running one
+    is refused (409: cancel it first); one whose evaluator died is reaped first, like a GET does."""
+    ev = await _load(redis, keys, eval_id)  # the GET's own lookup: 404 for an id that is not one
+    await EVALUATIONS.areap_if_dead(redis, keys, ev)
+    res = _text(await acall(redis, EVALUATIONS.delete(keys, eval_id)))
+    if res == "missing":
+        raise NotFound(f"evaluation {eval_id!r} not found")
+    if res != "deleted":
+        raise Conflict(
+            f"evaluation {eval_id} is {res}: cancel it first (POST /v1/evaluations/{eval_id}/cancel), then delete "
+            "it once it is cancelled",
+            state=res,
+        )
+
+
 def log_lines(
     *, redis: Redis, keys: Keys, eval_id: str, follow: bool, after: str = "0-0", poll_ms: int = 1000
 ) -> AsyncIterator[bytes]:

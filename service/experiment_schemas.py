@@ -96,6 +96,10 @@ class ExperimentPublic(BaseModel):
         default_factory=dict, description="Versions the evaluations (and trainers) ran: lm_eval, trl, transformers…"
     )
     error: str | None = None
+    driver_error: str | None = Field(
+        None,
+        description="The last error the gateway met advancing it (retried every pass; cleared when a pass works).",
+    )
 
 
 class ExperimentList(BaseModel):

@@ -12,7 +12,10 @@ never both move a record.
 Cancel (`cancel`) ends a queued record at once and sets the cancel flag (`QueueKeys.cancel`) of a running
 one, which its holder polls. The flag's other value, `requeue`, is how a holder shutting down hands its
 record back: queued again (a training job resumes from its checkpoint; an evaluation's attempt is not
-counted). Training jobs can also be resumed and deleted (`resume`, `delete`).
+counted). Training jobs can also be resumed (`resume`); both kinds deleted (`delete`: not while running; an
+evaluation not while queued either). Every end (finish, reap, cancel) also enters the id in the kind's
+finished index (`QueueKeys.finished`) with its time, which a resume or a delete removes: GRAPE_RETENTION_DAYS
+reads it (`expired`) instead of scanning records.
 
 The two kinds differ only in what `JobQueue` is given: the holder's name field, the fields a start clears,
 what a hand-back and a dead holder do, the log messages, how a record's fields decode. Each script has one
@@ -97,7 +100,7 @@ return redis.call('HGET', KEYS[2], 'spec')
 """
 
 _FINISH = """
--- KEYS: claimed list, record, log, cancel flag, queue
+-- KEYS: claimed list, record, log, cancel flag, queue, finished zset
 -- ARGV: id, holder, state, now, error, message, level, then field/value pairs to set (results...)
 -- only the holder of a running record may end it; state 'queued' hands it back
 local st = redis.call('HGET', KEYS[2], 'state')
@@ -111,6 +114,7 @@ if ARGV[3] == 'queued' then
   redis.call('RPUSH', KEYS[5], ARGV[1])
 else
   redis.call('HSET', KEYS[2], 'state', ARGV[3], 'finished', ARGV[4]$end_sets)
+  redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1])
   if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'error', ARGV[5]) end
 end
 for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
@@ -119,7 +123,8 @@ return 1
 """
 
 _REAP = """
--- KEYS: holder heartbeat, its claimed list, record, log, queue, cancel flag   ARGV: id, holder, now, reason
+-- KEYS: holder heartbeat, its claimed list, record, log, queue, cancel flag, finished zset
+-- ARGV: id, holder, now, reason
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'alive' end
 local st = redis.call('HGET', KEYS[3], 'state')
 redis.call('LREM', KEYS[2], 0, ARGV[1])
@@ -137,6 +142,7 @@ redis.call('DEL', KEYS[6])
 redis.call('HDEL', KEYS[3], 'cancel_requested')
 if cancelling then
   redis.call('HSET', KEYS[3], 'state', 'cancelled', 'finished', ARGV[3], '$holder', ''$end_sets)
+  redis.call('ZADD', KEYS[7], ARGV[3], ARGV[1])
   log(KEYS[4], ARGV[3], 'info', ARGV[4] .. '; it was being cancelled: cancelled')
   return 'cancelled'
 end
@@ -148,17 +154,19 @@ if $requeue_if attempts < max then
 end
 local reason = ARGV[4]$fail_suffix
 redis.call('HSET', KEYS[3], 'state', 'failed', 'error', reason, 'finished', ARGV[3]$end_sets)
+redis.call('ZADD', KEYS[7], ARGV[3], ARGV[1])
 log(KEYS[4], ARGV[3], 'error', reason)
 return 'failed'
 """
 
 _CANCEL = """
--- KEYS: record, queue, cancel flag, log   ARGV: id, now
+-- KEYS: record, queue, cancel flag, log, finished zset   ARGV: id, now
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return 'missing' end
 if st == 'queued' then
   redis.call('LREM', KEYS[2], 0, ARGV[1])
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished', ARGV[2])
+  redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
   log(KEYS[4], ARGV[2], 'info', 'cancelled while queued')
   return 'cancelled-now'
 end
@@ -172,11 +180,12 @@ return st
 """
 
 _RESUME = """
--- KEYS: record, queue, cancel flag, log   ARGV: id, now
+-- KEYS: record, queue, cancel flag, log, finished zset   ARGV: id, now
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return 'missing' end
 if st ~= 'failed' and st ~= 'cancelled' then return st end
 redis.call('DEL', KEYS[3])
+redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'resume', '1', '$holder', '', 'attempts', '0')
 redis.call('HDEL', KEYS[1], 'error', 'finished', 'cancel_requested')
 redis.call('LPUSH', KEYS[2], ARGV[1])
@@ -185,16 +194,25 @@ return 'queued'
 """
 
 _DELETE = """
--- KEYS: record, ids zset, queue, log, cancel flag, deleted zset   ARGV: id, now
--- a running record is refused (cancel it first); anything else goes, even a record that cannot be decoded
-if redis.call('EXISTS', KEYS[1]) == 0 and not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 'missing' end
+-- KEYS: record, ids zset, queue, log, cancel flag, deleted zset, finished zset   ARGV: id, now
+-- a record in a state the kind refuses ($delete_refused: cancel it first) stays; anything else goes, even a
+-- record that cannot be decoded
+if redis.call('EXISTS', KEYS[1]) == 0 and not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+  redis.call('ZREM', KEYS[7], ARGV[1])
+  return 'missing'
+end
 local st = redis.call('HGET', KEYS[1], 'state')
-if st == 'running' then return 'running' end
+for _, refused in ipairs({$delete_refused}) do
+  if st == refused then
+    redis.call('ZREM', KEYS[7], ARGV[1])  -- not ended, so not in the finished index either
+    return st
+  end
+end
 redis.call('LREM', KEYS[3], 0, ARGV[1])
 redis.call('DEL', KEYS[1], KEYS[4], KEYS[5])
 redis.call('ZREM', KEYS[2], ARGV[1])
--- holders remove what they keep of it when they see it here (trainer.loop.TrainerLoop.remove_deleted)
-redis.call('ZADD', KEYS[6], ARGV[2], ARGV[1])
+redis.call('ZREM', KEYS[7], ARGV[1])
+$delete_note
 return 'deleted'
 """
 
@@ -268,6 +286,8 @@ class ScriptParts:
     requeue_sets: str = ""  # field/value pairs set when it is
     requeue_of: str = ""  # words after "(attempt N of M"
     fail_suffix: str = ""  # a Lua expression appended to the failed record's error
+    delete_refused: str = "'running'"  # the states a delete refuses, as Lua strings (cancel first)
+    delete_note: str = ""  # what a delete does besides removing the record (tell the holders, say)
 
 
 class JobQueue:
@@ -338,18 +358,20 @@ class JobQueue:
         args: list[Any] = [item_id, holder, state, _now(), error, message, level]
         for k, v in (fields or {}).items():
             args += [k, orjson.dumps(v).decode()]
-        keys_ = [q.claimed(holder), q.record(item_id), q.log(item_id), q.cancel(item_id), q.queue()]
+        keys_ = [q.claimed(holder), q.record(item_id), q.log(item_id), q.cancel(item_id), q.queue(), q.finished()]
         return self._finish.call(keys_, args)
 
     def reap(self, keys: Keys, item_id: str, holder: str, step: Any = None) -> Call:
         """The record of a holder whose heartbeat is gone: queued again, cancelled or failed (see the module)."""
         q = self.space(keys)
         keys_ = [q.holder(holder), q.claimed(holder), q.record(item_id), q.log(item_id), q.queue(), q.cancel(item_id)]
+        keys_.append(q.finished())
         return self._reap.call(keys_, [item_id, holder, _now(), self.dead_reason(holder, step)])
 
     def _move(self, script: Lua, keys: Keys, item_id: str) -> Call:
         q = self.space(keys)
-        return script.call([q.record(item_id), q.queue(), q.cancel(item_id), q.log(item_id)], [item_id, _now()])
+        keys_ = [q.record(item_id), q.queue(), q.cancel(item_id), q.log(item_id), q.finished()]
+        return script.call(keys_, [item_id, _now()])
 
     def cancel(self, keys: Keys, item_id: str) -> Call:
         """Answers `cancelled-now`, `cancelling`, `missing`, or the state it cannot be cancelled in."""
@@ -360,9 +382,10 @@ class JobQueue:
         return self._move(self._resume, keys, item_id)
 
     def delete(self, keys: Keys, item_id: str) -> Call:
-        """Remove a record that is not running; answers `deleted`, `missing` or `running`."""
+        """Remove a record, its log and flags, unless it is in a state this kind refuses (training jobs:
+        running; evaluations: queued or running); answers `deleted`, `missing` or the refused state."""
         q = self.space(keys)
-        keys_ = [q.record(item_id), q.ids(), q.queue(), q.log(item_id), q.cancel(item_id), q.deleted()]
+        keys_ = [q.record(item_id), q.ids(), q.queue(), q.log(item_id), q.cancel(item_id), q.deleted(), q.finished()]
         return self._delete.call(keys_, [item_id, _now()])
 
     # reads (plans: one implementation, run by io.run or io.arun) ---------------------------------------
@@ -370,6 +393,12 @@ class JobQueue:
         """The decoded record, or None when there is none (decoding errors propagate: the caller names them)."""
         raw = yield from one("hgetall", self.space(keys).record(item_id))
         return self.decode(raw) if raw else None
+
+    def expired(self, keys: Keys, before: float, limit: int) -> Plan[list[str]]:
+        """The ids of up to `limit` records that reached a terminal state before `before` (GRAPE_RETENTION_DAYS),
+        oldest first: a bounded read of the finished index, never a scan of the keyspace."""
+        ids = yield from one("zrangebyscore", self.space(keys).finished(), "-inf", f"({before}", start=0, num=limit)
+        return [as_str(x) for x in ids]
 
     def newest(self, keys: Keys, limit: int) -> Plan[list[str]]:
         """The ids of the newest `limit` records."""
@@ -457,6 +486,8 @@ TRAINING = JobQueue(
         end_sets=", 'eta_seconds', ''",
         requeue_if="redis.call('HGET', KEYS[3], 'auto_resume') == '1' and",
         requeue_sets=", 'resume', '1'",
+        # holders remove what they keep of it when they see it here (trainer.loop.TrainerLoop.remove_deleted)
+        delete_note="redis.call('ZADD', KEYS[6], ARGV[2], ARGV[1])",
     ),
     decoding=Decoding.of(
         "created started finished epoch loss learning_rate grad_norm eta_seconds progress_at cancel_requested "
@@ -480,6 +511,7 @@ EVALUATIONS = JobQueue(
         running_cancel="the evaluator stops lm-eval",
         requeue_of=" done",
         fail_suffix=" .. ' (attempt ' .. attempts .. ' of ' .. max .. ')'",
+        delete_refused="'queued', 'running'",  # cancel it first; an evaluator keeps nothing of it on disk
     ),
     decoding=Decoding.of(
         "created started finished cancel_requested progress_at",
