@@ -654,19 +654,25 @@ async def _delete_runs(redis: Redis, keys: Keys, exp: dict[str, Any]) -> None:
             await eval_svc.delete_evaluation(redis=redis, keys=keys, eval_id=eval_id)
 
 
-async def remove_expired(redis: Redis, keys: Keys, exp_id: str) -> bool:
-    """Remove an experiment the finished index says ended before the retention cutoff (service.retention), under
-    its lock; whether it was (False: another process holds the lock now, the next sweep retries)."""
+async def remove_expired(redis: Redis, keys: Keys, exp_id: str, cutoff: float) -> bool:
+    """GRAPE_RETENTION_DAYS (service.retention): remove an experiment if it ended before `cutoff`, under its lock
+    (one that has not, only has its finished-index entry put right). False: another process holds the lock
+    now, and the next sweep retries."""
     lock = _Lock(redis, keys, exp_id)
     if not await lock.acquire():
         return False
     try:
         try:
-            exp = await _load(redis, keys, exp_id)
-            arms = len(exp["arms"])
+            exp: dict[str, Any] | None = await _load(redis, keys, exp_id)
         except (NotFound, Unreadable):
-            arms = 0
-        await arun(redis, exp_store.delete(keys, exp_id, arms))
+            exp = None
+        ended = exp is not None and ExperimentState(exp["state"]) in ex.TERMINAL
+        finished = exp.get("finished") if exp is not None else None
+        if exp is None or (ended and isinstance(finished, int | float) and finished < cutoff):
+            await arun(redis, exp_store.delete(keys, exp_id, len(exp["arms"]) if exp else 0))
+        else:
+            at = float(finished) if ended and isinstance(finished, int | float) else None
+            await arun(redis, exp_store.reindex(keys, exp_id, at))
         return True
     finally:
         await lock.release()

@@ -224,6 +224,10 @@ def test_ended_records_expire_with_their_logs_and_selections(settings, rclient, 
         exp = api.post(f"/v1/experiments/{exp_id}/cancel").json()
         jobs = [a["job_id"] for a in exp["arms"]]
         assert api.post(f"/v1/evaluations/{ended}/cancel").json()["state"] == "cancelled"
+        # a job that ended and was resumed is queued again: it is not expired on its first end
+        resumed = api.post("/v1/training-jobs", json={"dataset_id": scored, "strategy": "random"}).json()["id"]
+        assert api.post(f"/v1/training-jobs/{resumed}/cancel").json()["state"] == "cancelled"
+        assert api.post(f"/v1/training-jobs/{resumed}/resume").json()["state"] == "queued"
         t_ended = time.monotonic()
         gone = [ended, exp_id, exp["base"]["eval_id"]]
 
@@ -240,10 +244,31 @@ def test_ended_records_expire_with_their_logs_and_selections(settings, rclient, 
         assert api.get(f"/v1/experiments/{exp_id}").status_code == 404
         assert api.get(f"/v1/training-jobs/{jobs[0]}").status_code == 404
         assert api.get("/v1/experiments").json()["experiments"] == []
-        assert api.get("/v1/training-jobs").json()["jobs"] == []
-        # the queued evaluation is older than the retention too, but has not ended: it stays
+        # the queued evaluation and the resumed job are older than the retention too, but have not ended
         assert [e["id"] for e in api.get("/v1/evaluations").json()["evaluations"]] == [waiting]
         assert api.get(f"/v1/evaluations/{waiting}").json()["state"] == "queued"
+        assert [j["id"] for j in api.get("/v1/training-jobs").json()["jobs"]] == [resumed]
+        assert api.get(f"/v1/training-jobs/{resumed}").json()["state"] == "queued"
+
+
+def test_records_that_ended_before_the_finished_index_expire_too(settings, rclient, keys, scored) -> None:
+    """An upgrade: records that ended under an earlier version are in no finished index. The gateway walks the
+    ids indexes once (a batch per pass) and enters them, with their own end time."""
+    fake_evaluator(rclient, keys)
+    with client(settings) as api:  # no retention: nothing walks or expires
+        eval_id = api.post("/v1/evaluations", json={"model": MODEL, "tasks": [TASK]}).json()["id"]
+        api.post(f"/v1/evaluations/{eval_id}/cancel")
+        exp = api.post("/v1/experiments", json=experiment(scored, include_base=False)).json()
+        exp = api.post(f"/v1/experiments/{exp['id']}/cancel").json()
+    old = [eval_id, exp["id"], *(a["job_id"] for a in exp["arms"])]
+    for index in (keys.evaluations.finished(), keys.experiments_finished(), keys.training.finished()):
+        rclient.zrem(index, *old)  # as an earlier version left them
+    time.sleep(1.8)
+    with client(settings, retention_days=0.00002, experiment_poll_s=0.2) as api:
+        wait_for(lambda: all(keys_naming(rclient, keys, i) in ([], [keys.training.deleted()]) for i in old), "expiry")
+        assert api.get("/v1/experiments").json()["experiments"] == []
+        assert api.get("/v1/evaluations").json()["evaluations"] == []
+        assert api.get("/v1/training-jobs").json()["jobs"] == []
 
 
 def test_without_retention_ended_records_stay(settings, rclient, keys) -> None:

@@ -101,6 +101,39 @@ def delete(keys: Keys, exp_id: str, arms: int) -> Plan[None]:
     ]
 
 
+def created_after(keys: Keys, after: float, until: float, limit: int) -> Plan[list[tuple[str, float]]]:
+    """Up to `limit` (id, creation time) created in (`after`, `until`], oldest first: a walk over the ids."""
+    rows = yield from one("zrangebyscore", keys.experiments(), f"({after}", until, start=0, num=limit, withscores=True)
+    return [(as_str(i), float(t)) for i, t in rows]
+
+
+def index_ended(keys: Keys, exp_ids: list[str]) -> Plan[int]:
+    """Enter those of `exp_ids` that have ended into the finished index (records older than the index)."""
+    if not exp_ids:
+        return 0
+    raws = yield from one("mget", [keys.experiment(i) for i in exp_ids])
+    ended: dict[str, float] = {}
+    for exp_id, raw in zip(exp_ids, raws, strict=True):
+        try:
+            rec = orjson.loads(raw) if raw is not None else None
+        except ValueError:
+            continue
+        ends = isinstance(rec, dict) and rec.get("state") in ("succeeded", "failed", "cancelled")
+        if ends and isinstance(rec.get("finished"), int | float):
+            ended[exp_id] = float(rec["finished"])
+    if ended:
+        yield [cmd("zadd", keys.experiments_finished(), ended, nx=True)]
+    return len(ended)
+
+
+def reindex(keys: Keys, exp_id: str, ended_at: float | None) -> Plan[None]:
+    """Put an experiment's finished-index entry right: at `ended_at`, or out of it (None: it has not ended)."""
+    if ended_at is None:
+        yield [cmd("zrem", keys.experiments_finished(), exp_id)]
+    else:
+        yield [cmd("zadd", keys.experiments_finished(), {exp_id: ended_at})]
+
+
 def expired(keys: Keys, before: float, limit: int) -> Plan[list[str]]:
     """Up to `limit` experiments that ended before `before` (GRAPE_RETENTION_DAYS), oldest first."""
     raw = yield from one("zrangebyscore", keys.experiments_finished(), "-inf", f"({before}", start=0, num=limit)

@@ -216,6 +216,42 @@ $delete_note
 return 'deleted'
 """
 
+_EXPIRE = """
+-- KEYS: record, ids zset, queue, log, cancel flag, deleted zset, finished zset   ARGV: id, now, cutoff
+-- GRAPE_RETENTION_DAYS: removed as a delete does, only if it really ended before the cutoff; anything else
+-- only leaves (or is put right in) the finished index
+local st, fin = unpack(redis.call('HMGET', KEYS[1], 'state', 'finished'))
+local ended = st == 'succeeded' or st == 'failed' or st == 'cancelled'
+if ended and tonumber(fin or '') and tonumber(fin) < tonumber(ARGV[3]) then
+  redis.call('LREM', KEYS[3], 0, ARGV[1])
+  redis.call('DEL', KEYS[1], KEYS[4], KEYS[5])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[7], ARGV[1])
+  $delete_note
+  return 'deleted'
+end
+if ended and tonumber(fin or '') then
+  redis.call('ZADD', KEYS[7], fin, ARGV[1])
+  return 'kept'
+end
+redis.call('ZREM', KEYS[7], ARGV[1])
+if not st and redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]) end
+return st or 'missing'
+"""
+
+_INDEX_ENDED = """
+-- KEYS: finished zset, then the record of each id   ARGV: the ids
+-- records that ended before the finished index existed (an upgrade) enter it with their end time
+local n = 0
+for i = 1, #ARGV do
+  local st, fin = unpack(redis.call('HMGET', KEYS[i + 1], 'state', 'finished'))
+  if (st == 'succeeded' or st == 'failed' or st == 'cancelled') and tonumber(fin or '') then
+    n = n + redis.call('ZADD', KEYS[1], 'NX', fin, ARGV[i])
+  end
+end
+return n
+"""
+
 
 _LOG = f"""local function log(stream, now, level, msg)
   redis.call('XADD', stream, 'MAXLEN', '~', {LOG_MAXLEN}, '*', 't', now, 'level', level, 'msg', msg)
@@ -313,6 +349,7 @@ class JobQueue:
         self._enqueue, self._start, self._finish = _lua(_ENQUEUE, parts), _lua(_START, parts), _lua(_FINISH, parts)
         self._reap, self._cancel, self._resume = _lua(_REAP, parts), _lua(_CANCEL, parts), _lua(_RESUME, parts)
         self._delete = _lua(_DELETE, parts)
+        self._expire, self._index_ended = _lua(_EXPIRE, parts), _lua(_INDEX_ENDED, parts)
 
     def beats(self, keys: Keys, ttl: float) -> Beats:
         """Where this kind's holders publish their heartbeats."""
@@ -387,6 +424,25 @@ class JobQueue:
         q = self.space(keys)
         keys_ = [q.record(item_id), q.ids(), q.queue(), q.log(item_id), q.cancel(item_id), q.deleted(), q.finished()]
         return self._delete.call(keys_, [item_id, _now()])
+
+    def expire(self, keys: Keys, item_id: str, cutoff: float) -> Call:
+        """GRAPE_RETENTION_DAYS: remove a record (as `delete` does) if it ended before `cutoff`; answers
+        `deleted`, `kept` (it ended later), `missing` or the state it is in (not ended: it stays)."""
+        q = self.space(keys)
+        keys_ = [q.record(item_id), q.ids(), q.queue(), q.log(item_id), q.cancel(item_id), q.deleted(), q.finished()]
+        return self._expire.call(keys_, [item_id, _now(), cutoff])
+
+    def index_ended(self, keys: Keys, item_ids: list[str]) -> Call:
+        """Enter those of `item_ids` that have ended into the finished index (records older than the index)."""
+        q = self.space(keys)
+        return self._index_ended.call([q.finished(), *(q.record(i) for i in item_ids)], list(item_ids))
+
+    def created_after(self, keys: Keys, after: float, until: float, limit: int) -> Plan[list[tuple[str, float]]]:
+        """Up to `limit` (id, creation time) created in (`after`, `until`], oldest first: a walk over the ids."""
+        rows = yield from one(
+            "zrangebyscore", self.space(keys).ids(), f"({after}", until, start=0, num=limit, withscores=True
+        )
+        return [(as_str(i), float(t)) for i, t in rows]
 
     # reads (plans: one implementation, run by io.run or io.arun) ---------------------------------------
     def read(self, keys: Keys, item_id: str) -> Plan[dict[str, Any] | None]:
