@@ -20,6 +20,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from grape.experiments import write_stored_selection
 from grape.keys import Keys
 from grape.settings import Settings
 from grape.store import eval_tasks
@@ -284,7 +285,9 @@ def test_without_retention_ended_records_stay(settings, rclient, keys) -> None:
 # ---- the arm selection, page by page -----------------------------------------------------------------------
 
 
-def test_the_arm_selection_is_read_and_sent_a_page_at_a_time(settings, rclient, keys, scored, monkeypatch) -> None:
+def test_the_arm_selection_is_read_and_sent_a_page_at_a_time(
+    settings, rclient, keys, scored, monkeypatch, tmp_path
+) -> None:
     fake_evaluator(rclient, keys)
     with client(settings) as api:
         exp_id = api.post("/v1/experiments", json=experiment(scored, include_base=False)).json()["id"]
@@ -316,6 +319,9 @@ def test_the_arm_selection_is_read_and_sent_a_page_at_a_time(settings, rclient, 
         assert len(reads) == 3 and max(reads) == exp_store.SELECTION_PAGE and sum(reads) == len(big)
         assert api.get(f"/v1/experiments/{exp_id}/arms/0/selection").content == stored
         assert api.get(f"/v1/experiments/{exp_id}/arms/2/selection").status_code == 404
+    # the trainer writes an arm's selection to its job directory the same way, a page at a time
+    assert write_stored_selection(rclient, keys, f"{exp_id}/1", tmp_path / "sel.jsonl") == len(big.splitlines())
+    assert (tmp_path / "sel.jsonl").read_bytes() == big
 
 
 # ---- the experiment driver ---------------------------------------------------------------------------------
