@@ -222,6 +222,9 @@ async def create_experiment(
 # ---- reading -------------------------------------------------------------------------------------------
 
 
+_STATES = frozenset(s.value for s in ExperimentState)
+
+
 class Unreadable(Conflict):
     """A stored experiment record this version cannot read (409 naming DELETE, which removes it)."""
 
@@ -237,7 +240,7 @@ async def _load(redis: Redis, keys: Keys, exp_id: str) -> dict[str, Any]:
         ) from None
     if exp is None:
         raise NotFound(f"experiment {exp_id!r} not found")
-    if not isinstance(exp, dict) or not isinstance(exp.get("arms"), list) or "state" not in exp:
+    if not isinstance(exp, dict) or not isinstance(exp.get("arms"), list) or exp.get("state") not in _STATES:
         raise Unreadable(
             f"experiment {exp_id}: its stored record is not an experiment; DELETE /v1/experiments/{exp_id} removes it",
             unreadable=True,
@@ -248,7 +251,14 @@ async def _load(redis: Redis, keys: Keys, exp_id: str) -> dict[str, Any]:
 async def get_experiment(*, redis: Redis, keys: Keys, settings: Settings, exp_id: str) -> ExperimentPublic:
     await _load(redis, keys, exp_id)  # 404 first
     await _advance_now(redis, keys, settings, exp_id)
-    return ExperimentPublic.model_validate(await _load(redis, keys, exp_id))
+    try:
+        return ExperimentPublic.model_validate(await _load(redis, keys, exp_id))
+    except ValidationError as exc:
+        raise Unreadable(
+            f"experiment {exp_id}: its stored record cannot be read ({str(exc).splitlines()[0][:200]}); "
+            f"DELETE /v1/experiments/{exp_id} removes it",
+            unreadable=True,
+        ) from None
 
 
 async def _advance_now(redis: Redis, keys: Keys, settings: Settings, exp_id: str) -> None:
