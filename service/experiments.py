@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -374,13 +374,20 @@ async def advance_active(*, redis: Redis, keys: Keys, settings: Settings) -> Non
             log.exception("experiment driver: advancing experiment %s failed; the others go on", exp_id)
 
 
-async def driver(*, redis: Redis, keys: Keys, settings: Settings, interval_s: float) -> None:
-    """The gateway's background task: advance every unfinished experiment every `interval_s` seconds, and
-    remove what GRAPE_RETENTION_DAYS let expire (service.retention)."""
-    from service import retention  # it deletes through this module's functions
-
+async def driver(
+    *,
+    redis: Redis,
+    keys: Keys,
+    settings: Settings,
+    interval_s: float,
+    sweep: Callable[..., Awaitable[Any]] | None = None,
+) -> None:
+    """The gateway's background task: advance every unfinished experiment every `interval_s` seconds, then run
+    `sweep` (the routes pass service.retention.sweep: what GRAPE_RETENTION_DAYS let expire is removed)."""
+    steps: list[tuple[str, Callable[..., Awaitable[Any]]]] = [("advancing", advance_active)]
+    steps += [("the retention sweep", sweep)] if sweep is not None else []
     while True:
-        for what, step in (("advancing", advance_active), ("the retention sweep", retention.sweep)):
+        for what, step in steps:
             try:
                 await step(redis=redis, keys=keys, settings=settings)
             except asyncio.CancelledError:

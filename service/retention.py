@@ -2,17 +2,17 @@
 
 Every end of a record (a job's or an evaluation's state script, an experiment's last save) enters its id in
 its kind's finished index, a zset by the time it ended (grape.store.jobqueue, grape.store.experiments); a
-resume or a delete takes it out. The gateway's background task (service.experiments.driver) reads, every
-GRAPE_EXPERIMENT_POLL_S seconds, the part of each index older than the cutoff, a bounded batch at a time, and
-removes those records as DELETE does: the record, its log, its flags, an experiment's stored selections, every
-index entry (a training job's directory goes too: the trainers remove it when they see the job in the deleted
-index). Each removal checks again, atomically, that the record did end before the cutoff. No scan of the
-keyspace, and no TTL to keep in step with the trainers' and evaluators' settings: only the gateway needs the
-setting. Records that ended before the index existed (an upgrade) are entered into it by a walk over the ids
-indexes, a batch per pass, once per gateway process. An experiment's own training jobs and evaluations expire
-on their own clock. Datasets never expire: they have no end, and jobs and experiments are built on them.
+resume or a delete takes it out. The gateway's background task (service.experiments.driver, which
+service.routes.experiments gives `sweep`) reads, every GRAPE_EXPERIMENT_POLL_S seconds, the part of each
+index older than the cutoff, a bounded batch at a time, and removes those records as DELETE does: the record,
+its log, its flags, an experiment's stored selections, every index entry (a training job's directory goes
+too: the trainers remove it when they see the job in the deleted index). Each removal checks again,
+atomically, that the record did end before the cutoff. No scan of the keyspace, and no TTL to keep in step
+with the trainers' and evaluators' settings: only the gateway needs the setting. Records that ended before
+the index existed (an upgrade) are entered into it by a walk over the ids indexes, a batch per pass, once per
+gateway process. An experiment's own training jobs and evaluations expire on their own clock. Datasets never
+expire: they have no end, and jobs and experiments are built on them.
 """
-
 from __future__ import annotations
 
 import logging

@@ -10,6 +10,7 @@ from fastapi import APIRouter, FastAPI, Path, Query, status
 from fastapi.responses import Response, StreamingResponse
 
 from service import experiments as svc
+from service import retention
 from service.deps import KeysDep, RedisDep, SettingsDep
 from service.experiment_schemas import ExperimentCreate, ExperimentCreated, ExperimentList, ExperimentPublic
 
@@ -22,7 +23,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = app.state.settings
     task = asyncio.create_task(
         svc.driver(
-            redis=app.state.redis, keys=app.state.keys, settings=settings, interval_s=settings.experiment_poll_s
+            redis=app.state.redis,
+            keys=app.state.keys,
+            settings=settings,
+            interval_s=settings.experiment_poll_s,
+            sweep=retention.sweep,
         ),
         name="experiment-driver",
     )
