@@ -13,6 +13,7 @@ the index existed (an upgrade) are entered into it by a walk over the ids indexe
 gateway process. An experiment's own training jobs and evaluations expire on their own clock. Datasets never
 expire: they have no end, and jobs and experiments are built on them.
 """
+
 from __future__ import annotations
 
 import logging
