@@ -220,6 +220,10 @@ class GrapeClient:
     def cancel_experiment(self, exp_id: str) -> dict[str, Any]:
         return self._request("POST", f"/v1/experiments/{exp_id}/cancel").json()
 
+    def delete_experiment(self, exp_id: str, *, with_runs: bool = False) -> None:
+        """Remove an ended experiment and its stored selections (`with_runs`: its jobs and evaluations too)."""
+        self._request("DELETE", f"/v1/experiments/{exp_id}", params={"with_runs": "true" if with_runs else "false"})
+
     def experiment_selection(self, exp_id: str, arm: int) -> list[dict[str, Any]]:
         text = self._request("GET", f"/v1/experiments/{exp_id}/arms/{arm}/selection").content
         return [orjson.loads(line) for line in text.splitlines() if line.strip()]
@@ -234,6 +238,10 @@ class GrapeClient:
 
     def cancel_evaluation(self, eval_id: str) -> dict[str, Any]:
         return self._request("POST", f"/v1/evaluations/{eval_id}/cancel").json()
+
+    def delete_evaluation(self, eval_id: str) -> None:
+        """Remove an ended evaluation and its log."""
+        self._request("DELETE", f"/v1/evaluations/{eval_id}")
 
     # tenants ---------------------------------------------------------------------------------------
     def usage(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from grape.evaluations import EvaluationSettings
 from grape.jobs import SEED_MAX, Hyperparameters, LoraSpec
 from grape.keys import Keys
-from grape.store.experiments import arm_selection
+from grape.store.experiments import SELECTION_PAGE, selection_page, selection_size
 from grape.store.io import run
 
 EXP_ID = re.compile(r"exp-[0-9a-f]{12}")
@@ -146,15 +146,25 @@ def parse_ref(ref: str) -> tuple[str, int]:
 def write_stored_selection(r: redis.Redis, keys: Keys, ref: str, path: str | Path) -> int:
     """Write an experiment arm's stored selection as NDJSON at `path` (temporary name, then renamed)."""
     exp_id, arm = parse_ref(ref)
-    raw = run(r, arm_selection(keys, exp_id, arm))
-    if raw is None:
+    size = run(r, selection_size(keys, exp_id, arm))
+    if not size:
         raise ValueError(f"the selection of experiment arm {ref} is not stored (experiment deleted?)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(raw)
-    os.replace(tmp, path)
-    return sum(1 for line in raw.splitlines() if line.strip())
+    try:
+        with open(tmp, "wb") as f:  # a page at a time, as the gateway serves it
+            for start in range(0, size, SELECTION_PAGE):
+                page = run(r, selection_page(keys, exp_id, arm, start))
+                if not page:
+                    raise ValueError(f"the selection of experiment arm {ref} was deleted while it was read")
+                f.write(page)
+        with open(tmp, "rb") as f:
+            records = sum(1 for line in f if line.strip())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return records
 
 
 # ---- results ------------------------------------------------------------------------------------------

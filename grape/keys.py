@@ -19,6 +19,7 @@
 {p}:jobs:queue                    list   queued training job ids (LPUSH in, BLMOVE out from the right)
 {p}:jobs:claimed:{trainer}        list   jobs a trainer took from the queue and runs (reaped when it dies)
 {p}:jobs:deleted                  zset   deleted job id -> time (trainers remove its directory; kept a day)
+{p}:jobs:finished                 zset   job id -> when it ended (GRAPE_RETENTION_DAYS: the gateway removes old ones)
 {p}:job:{id}                      hash   training job record (grape.jobs): spec, state, progress, checkpoints
 {p}:job:{id}:log                  stream training job log records
 {p}:job:{id}:cancel               string "cancel" (stop, save, cancelled) or "requeue" (stop, save, queue again)
@@ -26,6 +27,7 @@
 {p}:evals                         zset   evaluation id -> creation time
 {p}:evals:queue                   list   queued evaluation ids (LPUSH in, BLMOVE out from the right)
 {p}:evals:claimed:{evaluator}     list   evaluations an evaluator took from the queue and runs
+{p}:evals:finished                zset   evaluation id -> when it ended (retention, as jobs:finished)
 {p}:evals:tasks                   set    lm-eval task names the evaluators can run (published at start)
 {p}:eval:{id}                     hash   evaluation record (grape.evaluations): spec, state, results
 {p}:eval:{id}:log                 stream evaluation log records
@@ -34,6 +36,7 @@
 {p}:evaluators                    zset   evaluator name -> time of its last heartbeat
 {p}:experiments                   zset   experiment id -> creation time
 {p}:experiments:active            set    experiments not finished yet (the driver advances these)
+{p}:experiments:finished          zset   experiment id -> when it ended (retention, as jobs:finished)
 {p}:exp:{id}                      string experiment record JSON (grape.experiments)
 {p}:exp:{id}:lock                 string held by the process advancing the experiment (short TTL)
 {p}:exp:{id}:arm:{i}              string the selection arm i trains on, NDJSON (kept: it is part of the result)
@@ -165,6 +168,10 @@ class Keys:
     def experiments_active(self) -> str:
         return f"{self.prefix}:experiments:active"
 
+    def experiments_finished(self) -> str:
+        """zset: experiment id -> when it ended (GRAPE_RETENTION_DAYS)."""
+        return f"{self.prefix}:experiments:finished"
+
     def experiment(self, exp_id: str) -> str:
         return f"{self.prefix}:exp:{exp_id}"
 
@@ -216,6 +223,10 @@ class QueueKeys:
 
     def deleted(self) -> str:
         return f"{self.prefix}:{self.plural}:deleted"
+
+    def finished(self) -> str:
+        """zset: id -> when the record reached a terminal state (GRAPE_RETENTION_DAYS: removed after it)."""
+        return f"{self.prefix}:{self.plural}:finished"
 
     def record(self, item_id: str) -> str:
         return f"{self.prefix}:{self.single}:{item_id}"

@@ -246,6 +246,19 @@ class Settings(BaseSettings):
             "active_experiments": self.quota_active_experiments,
         }
 
+    # lifecycle (issue 19): finished resources expire
+    retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Gateway: training jobs, evaluations and experiments that ended (succeeded, failed, cancelled) "
+        "this many days ago are removed with their logs and stored selections (a job's directory too). Unset: "
+        "kept until deleted. Datasets never expire.",
+    )
+
+    def retention_s(self) -> float | None:
+        """GRAPE_RETENTION_DAYS in seconds (None: keep for ever)."""
+        return None if self.retention_days is None else self.retention_days * 86_400.0
+
     def training_dir(self) -> Path:
         return self.train_dir if self.train_dir is not None else self.cache_dir / "train"
 

@@ -36,7 +36,7 @@ from service.errors import Busy, Conflict, NotFound, Unprocessable
 from service.evaluation_schemas import EvaluationPublic
 from service.logs import record_log
 from service.model_access import check_model
-from service.tenancy import check_free, evaluation_missing
+from service.tenancy import check_free, evaluation_missing, owned_evaluation
 
 NO_EVALUATOR = "no evaluator is running: start `grape evaluator` (it publishes the lm-eval tasks it can run)"
 
@@ -173,6 +173,23 @@ async def cancel_evaluation(*, redis: Redis, keys: Keys, eval_id: str) -> Evalua
     if res not in ("cancelled-now", "cancelling"):
         raise Conflict(f"evaluation {eval_id} is already {res}; only queued or running evaluations can be cancelled")
     return await get_evaluation(redis=redis, keys=keys, eval_id=eval_id)
+
+
+async def delete_evaluation(*, redis: Redis, keys: Keys, eval_id: str) -> None:
+    """Remove an evaluation that has ended: its record, its log and its flags, at once. A queued or running one
+    is refused (409: cancel it first); one whose evaluator died is reaped first, like a GET does."""
+    ev = await _load(redis, keys, eval_id)  # the GET's own lookup: 404 for an id that is not one
+    await EVALUATIONS.areap_if_dead(redis, keys, ev)
+    tenant = await owned_evaluation(redis, keys, LOCAL, eval_id)  # the owner's index loses it too
+    res = _text(await acall(redis, EVALUATIONS.delete(keys, eval_id, tenant)))
+    if res == "missing":
+        raise NotFound(f"evaluation {eval_id!r} not found")
+    if res != "deleted":
+        raise Conflict(
+            f"evaluation {eval_id} is {res}: cancel it first (POST /v1/evaluations/{eval_id}/cancel), then delete "
+            "it once it is cancelled",
+            state=res,
+        )
 
 
 def log_lines(

@@ -97,6 +97,10 @@ class ExperimentPublic(BaseModel):
     )
     error: str | None = None
     tenant: str = Field("default", description="The tenant that owns it (GRAPE_API_KEYS `tenant:key`).")
+    driver_error: str | None = Field(
+        None,
+        description="The last error the gateway met advancing it (retried every pass; cleared when a pass works).",
+    )
 
 
 class ExperimentList(BaseModel):

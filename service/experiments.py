@@ -18,11 +18,13 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from grape import experiments as ex
 from grape.evaluations import EvaluationRequest
@@ -36,13 +38,13 @@ from grape.store import tenants
 from grape.store.datasets import check_selection
 from grape.store.errors import Invalid, OverQuota
 from grape.store.io import acall, arun
-from grape.store.jobqueue import TERMINAL, TRAINING
+from grape.store.jobqueue import EVALUATIONS, TERMINAL, TRAINING
 from grape.store.tenants import owner
 from grape.strategies import STRATEGIES, SelectParams
 from grape.tenancy import LOCAL, Identity, quotas_of
 from service import evaluations as eval_svc
 from service.datasets import dataset_status, selection_lines
-from service.errors import ApiError, Conflict, NotFound, Unprocessable
+from service.errors import ApiError, Conflict, NotFound, Unprocessable, shown
 from service.experiment_schemas import ExperimentCreate, ExperimentCreated, ExperimentPublic
 from service.model_access import check_chat_template, check_model
 from service.tenancy import check_free, count_active, experiment_missing, owned_dataset
@@ -160,6 +162,13 @@ async def create_experiment(
     """Check, materialize and store an experiment of `who`'s tenant, on a dataset `who` may see."""
     meta = await owned_dataset(redis, keys, who, body.dataset_id)
     base_model = body.base_model or meta["target_model"]  # the training API's checks, before any work
+    if base_model.strip().startswith("job-"):
+        # the base model is also evaluated, and to the evaluations API `job-…` names a training job
+        raise Unprocessable(
+            f"base_model: {shown(base_model)} looks like a training job id; an experiment fine-tunes a model name "
+            "(GRAPE_ALLOWED_MODELS), and to evaluate a trained job use POST /v1/evaluations",
+            field="base_model",
+        )
     await check_model(redis=redis, keys=keys, settings=settings, name=base_model, field="base_model")
     check_chat_template(settings, body.hyperparameters.chat_template)
     check_arms(body, meta)
@@ -217,24 +226,61 @@ async def create_experiment(
     }
     stored = (b"".join(lines) for lines in selections)
     await arun(redis, exp_store.create(keys, exp_id, record, stored, now, exp_limit, exp_used))
-    await advance_one(redis=redis, keys=keys, settings=settings, exp_id=exp_id)  # queue the jobs now
+    await _advance_now(redis, keys, settings, exp_id)  # queue the jobs now
     return ExperimentCreated(id=exp_id, state=ExperimentState.queued)
 
 
 # ---- reading -------------------------------------------------------------------------------------------
 
 
+_STATES = frozenset(s.value for s in ExperimentState)
+
+
+class Unreadable(Conflict):
+    """A stored experiment record this version cannot read (409 naming DELETE, which removes it)."""
+
+
 async def _load(redis: Redis, keys: Keys, exp_id: str) -> dict[str, Any]:
-    exp = await arun(redis, exp_store.load(keys, exp_id)) if ex.is_experiment_id(exp_id) else None
+    try:
+        exp = await arun(redis, exp_store.load(keys, exp_id)) if ex.is_experiment_id(exp_id) else None
+    except ValueError as exc:  # not JSON
+        raise Unreadable(
+            f"experiment {exp_id}: its stored record cannot be read ({str(exc)[:200]}); DELETE /v1/experiments/"
+            f"{exp_id} removes it",
+            unreadable=True,
+        ) from None
     if exp is None:
         raise experiment_missing(exp_id)
+    if not isinstance(exp, dict) or not isinstance(exp.get("arms"), list) or exp.get("state") not in _STATES:
+        raise Unreadable(
+            f"experiment {exp_id}: its stored record is not an experiment; DELETE /v1/experiments/{exp_id} removes it",
+            unreadable=True,
+        )
     return exp
 
 
 async def get_experiment(*, redis: Redis, keys: Keys, settings: Settings, exp_id: str) -> ExperimentPublic:
     await _load(redis, keys, exp_id)  # 404 first
-    await advance_one(redis=redis, keys=keys, settings=settings, exp_id=exp_id)
-    return ExperimentPublic.model_validate(await _load(redis, keys, exp_id))
+    await _advance_now(redis, keys, settings, exp_id)
+    try:
+        return ExperimentPublic.model_validate(await _load(redis, keys, exp_id))
+    except ValidationError as exc:
+        raise Unreadable(
+            f"experiment {exp_id}: its stored record cannot be read ({str(exc).splitlines()[0][:200]}); "
+            f"DELETE /v1/experiments/{exp_id} removes it",
+            unreadable=True,
+        ) from None
+
+
+async def _advance_now(redis: Redis, keys: Keys, settings: Settings, exp_id: str) -> None:
+    """Advance it for a request: an error advancing is recorded on the experiment (`driver_error`) and logged,
+    and the request is answered all the same."""
+    try:
+        await advance_one(redis=redis, keys=keys, settings=settings, exp_id=exp_id)
+    except (ApiError, RedisConnectionError):
+        raise
+    except Exception:  # noqa: BLE001 - recorded on the experiment by advance_one
+        log.exception("experiment %s: advancing failed", exp_id)
 
 
 async def list_experiments(
@@ -248,19 +294,31 @@ async def list_experiments(
             out.append(ExperimentPublic.model_validate(await _load(redis, keys, exp_id)))
         except NotFound:
             gone.append(exp_id)
+        except (Unreadable, ValidationError) as exc:  # listed without it, never a 500
+            log.warning("experiment %s not listed: %s", exp_id, str(exc).splitlines()[0][:300])
     if tenant is not None:
         await arun(redis, tenants.forget(keys, tenant, "experiments", gone))
     return out
 
 
-async def arm_selection(*, redis: Redis, keys: Keys, exp_id: str, arm: int) -> bytes:
+async def arm_selection(*, redis: Redis, keys: Keys, exp_id: str, arm: int) -> AsyncIterator[bytes]:
+    """The arm's stored selection (NDJSON), read page by page (exp_store.SELECTION_PAGE bytes per Redis read):
+    the gateway never holds more than a page of it, however large it is. 404 before the first byte."""
     exp = await _load(redis, keys, exp_id)
     if not 0 <= arm < len(exp["arms"]):
         raise NotFound(f"experiment {exp_id} has arms 0..{len(exp['arms']) - 1}, not {arm}")
-    raw = await arun(redis, exp_store.arm_selection(keys, exp_id, arm))
-    if raw is None:
+    size = await arun(redis, exp_store.selection_size(keys, exp_id, arm))
+    if not size:
         raise NotFound(f"the selection of arm {arm} of experiment {exp_id} is not stored")
-    return raw
+    return _selection_pages(redis, keys, exp_id, arm, size)
+
+
+async def _selection_pages(redis: Redis, keys: Keys, exp_id: str, arm: int, size: int) -> AsyncIterator[bytes]:
+    for start in range(0, size, exp_store.SELECTION_PAGE):
+        page = await arun(redis, exp_store.selection_page(keys, exp_id, arm, start))
+        if not page:  # deleted while it was being sent
+            return
+        yield page
 
 
 # ---- the lock ------------------------------------------------------------------------------------------
@@ -297,31 +355,62 @@ async def advance_one(*, redis: Redis, keys: Keys, settings: Settings, exp_id: s
         exp = await _load(redis, keys, exp_id)
         before = orjson.dumps(exp)
         if ExperimentState(exp["state"]) not in ex.TERMINAL:
-            await _advance(redis, keys, settings, exp)
+            try:
+                await _advance(redis, keys, settings, exp)
+                exp.pop("driver_error", None)
+            except RedisConnectionError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug or a bad record: said on the experiment, retried
+                exp = await _load(redis, keys, exp_id)  # what _advance changed half-way is not saved
+                exp["driver_error"] = f"{type(exc).__name__}: {str(exc)[:300]}; retried every pass"
+                if orjson.dumps(exp) != before:
+                    await arun(redis, exp_store.save(keys, exp_id, exp, finished=False))
+                raise
         changed = orjson.dumps(exp) != before
         finished = ExperimentState(exp["state"]) in ex.TERMINAL
-        await arun(redis, exp_store.save(keys, exp_id, exp if changed else None, finished=finished))
+        ended = exp.get("finished") if finished else None
+        await arun(redis, exp_store.save(keys, exp_id, exp if changed else None, finished=finished, ended_at=ended))
     finally:
         await lock.release()
 
 
 async def advance_active(*, redis: Redis, keys: Keys, settings: Settings) -> None:
+    """One pass over the unfinished experiments. One that raises is logged (and its error recorded on it when
+    it can be read) and the pass goes on with the others: one bad record never stops the rest."""
     for exp_id in await arun(redis, exp_store.active(keys)):
         try:
             await advance_one(redis=redis, keys=keys, settings=settings, exp_id=exp_id)
         except NotFound:
             await arun(redis, exp_store.forget(keys, exp_id))
+        except Unreadable as exc:  # it can never advance: left for DELETE, no longer retried
+            log.warning("experiment driver: %s; no longer advanced", exc.message)
+            await arun(redis, exp_store.forget(keys, exp_id))
+        except RedisConnectionError:
+            raise  # Redis is away: the pass ends, the driver logs it once and retries
+        except Exception:  # noqa: BLE001 - see advance_one: recorded on the experiment, retried next pass
+            log.exception("experiment driver: advancing experiment %s failed; the others go on", exp_id)
 
 
-async def driver(*, redis: Redis, keys: Keys, settings: Settings, interval_s: float) -> None:
-    """The gateway's background task: advance every unfinished experiment every `interval_s` seconds."""
+async def driver(
+    *,
+    redis: Redis,
+    keys: Keys,
+    settings: Settings,
+    interval_s: float,
+    sweep: Callable[..., Awaitable[Any]] | None = None,
+) -> None:
+    """The gateway's background task: advance every unfinished experiment every `interval_s` seconds, then run
+    `sweep` (the routes pass service.retention.sweep: what GRAPE_RETENTION_DAYS let expire is removed)."""
+    steps: list[tuple[str, Callable[..., Awaitable[Any]]]] = [("advancing", advance_active)]
+    steps += [("the retention sweep", sweep)] if sweep is not None else []
     while True:
-        try:
-            await advance_active(redis=redis, keys=keys, settings=settings)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - the driver survives Redis hiccups and bad records; logged
-            log.exception("experiment driver: advancing failed; retrying")
+        for what, step in steps:
+            try:
+                await step(redis=redis, keys=keys, settings=settings)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the driver survives Redis hiccups and bad records; logged
+                log.exception("experiment driver: %s failed; retrying", what)
         await asyncio.sleep(interval_s)
 
 
@@ -398,6 +487,9 @@ async def _start_eval(
             slot["note"] = f"waiting to queue the evaluation: {exc.message}"
             return
         slot["error"] = f"evaluation refused: {exc.message}"
+        slot["eval_state"] = "failed"
+    except ValidationError as exc:  # a record stored by an earlier version, which checked less at creation
+        slot["error"] = f"evaluation refused: {str(exc).splitlines()[0][:300]}"
         slot["eval_state"] = "failed"
 
 
@@ -539,7 +631,7 @@ async def cancel_experiment(*, redis: Redis, keys: Keys, settings: Settings, exp
         if exp.get("base") and exp["base"].get("eval_state") not in TERMINAL:
             await _cancel_eval(redis, keys, exp["base"])
         exp["state"], exp["finished"] = ExperimentState.cancelled.value, time.time()
-        await arun(redis, exp_store.save(keys, exp_id, exp, finished=True))
+        await arun(redis, exp_store.save(keys, exp_id, exp, finished=True, ended_at=exp["finished"]))
     finally:
         await lock.release()
     return ExperimentPublic.model_validate(exp)
@@ -550,3 +642,95 @@ async def _cancel_eval(redis: Redis, keys: Keys, slot: dict[str, Any]) -> None:
         with contextlib.suppress(ApiError):  # ended meanwhile
             await eval_svc.cancel_evaluation(redis=redis, keys=keys, eval_id=slot["eval_id"])
     slot["eval_state"] = "cancelled" if slot.get("eval_state") not in TERMINAL else slot["eval_state"]
+
+
+# ---- delete --------------------------------------------------------------------------------------------
+
+
+async def delete_experiment(
+    *, redis: Redis, keys: Keys, settings: Settings, exp_id: str, with_runs: bool = False
+) -> None:
+    """Remove an experiment that has ended: its record, its arms' stored selections and its index entries. One
+    that has not ended is refused (409: cancel it first). Its training jobs and evaluations are resources of
+    their own (their models, listed under /v1/training-jobs and /v1/evaluations) and stay, unless `with_runs`:
+    then they are removed too, and the experiment stays when one of them is still running (409)."""
+    with contextlib.suppress(Unreadable):  # a record that cannot be read can still be deleted
+        await _load(redis, keys, exp_id)  # the GET's own lookup: 404 first
+    lock = _Lock(redis, keys, exp_id)
+    if not await lock.acquire(wait_s=10):
+        raise Conflict(f"experiment {exp_id} is being advanced by another process; retry in a few seconds")
+    try:
+        try:
+            exp: dict[str, Any] | None = await _load(redis, keys, exp_id)
+        except Unreadable:
+            exp = None
+        if exp is not None and ExperimentState(exp["state"]) not in ex.TERMINAL:
+            raise Conflict(
+                f"experiment {exp_id} is {exp['state']}: cancel it first (POST /v1/experiments/{exp_id}/cancel), "
+                "then delete it",
+                state=exp["state"],
+            )
+        if with_runs and exp is not None:
+            await _delete_runs(redis, keys, exp)
+        tenant = owner(exp.get("tenant")) if exp else None
+        await arun(redis, exp_store.delete(keys, exp_id, len(exp["arms"]) if exp else 0, tenant))
+    finally:
+        await lock.release()
+
+
+def _runs(exp: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The training job ids and evaluation ids the experiment created."""
+    jobs = [a["job_id"] for a in exp["arms"] if a.get("job_created") and a.get("job_id")]
+    evals = [s["eval_id"] for s in [*exp["arms"], exp.get("base") or {}] if s.get("eval_id")]
+    return jobs, evals
+
+
+async def _delete_runs(redis: Redis, keys: Keys, exp: dict[str, Any]) -> None:
+    """Delete the experiment's jobs and evaluations; none when one of them still runs (checked first)."""
+    from service.training import delete_job
+
+    jobs, evals = _runs(exp)
+    for job_id in jobs:
+        if await arun(redis, TRAINING.field(keys, job_id, "state")) == JobState.running:
+            raise Conflict(
+                f"experiment {exp['id']}: its training job {job_id} is still running (it stops after its current "
+                "step when cancelled); retry once it has ended",
+                job_id=job_id,
+            )
+    for eval_id in evals:
+        if await arun(redis, EVALUATIONS.field(keys, eval_id, "state")) in ("queued", "running"):
+            raise Conflict(
+                f"experiment {exp['id']}: its evaluation {eval_id} has not ended yet; retry once it has",
+                eval_id=eval_id,
+            )
+    for job_id in jobs:
+        with contextlib.suppress(NotFound):  # deleted already
+            await delete_job(redis=redis, keys=keys, job_id=job_id)
+    for eval_id in evals:
+        with contextlib.suppress(NotFound):
+            await eval_svc.delete_evaluation(redis=redis, keys=keys, eval_id=eval_id)
+
+
+async def remove_expired(redis: Redis, keys: Keys, exp_id: str, cutoff: float) -> bool:
+    """GRAPE_RETENTION_DAYS (service.retention): remove an experiment if it ended before `cutoff`, under its lock
+    (one that has not, only has its finished-index entry put right). False: another process holds the lock
+    now, and the next sweep retries."""
+    lock = _Lock(redis, keys, exp_id)
+    if not await lock.acquire():
+        return False
+    try:
+        try:
+            exp: dict[str, Any] | None = await _load(redis, keys, exp_id)
+        except (NotFound, Unreadable):
+            exp = None
+        ended = exp is not None and ExperimentState(exp["state"]) in ex.TERMINAL
+        finished = exp.get("finished") if exp is not None else None
+        if exp is None or (ended and isinstance(finished, int | float) and finished < cutoff):
+            tenant = owner(exp.get("tenant")) if exp else None
+            await arun(redis, exp_store.delete(keys, exp_id, len(exp["arms"]) if exp else 0, tenant))
+        else:
+            at = float(finished) if ended and isinstance(finished, int | float) else None
+            await arun(redis, exp_store.reindex(keys, exp_id, at))
+        return True
+    finally:
+        await lock.release()

@@ -12,7 +12,10 @@ never both move a record.
 Cancel (`cancel`) ends a queued record at once and sets the cancel flag (`QueueKeys.cancel`) of a running
 one, which its holder polls. The flag's other value, `requeue`, is how a holder shutting down hands its
 record back: queued again (a training job resumes from its checkpoint; an evaluation's attempt is not
-counted). Training jobs can also be resumed and deleted (`resume`, `delete`).
+counted). Training jobs can also be resumed (`resume`); both kinds deleted (`delete`: not while running; an
+evaluation not while queued either). Every end (finish, reap, cancel) also enters the id in the kind's
+finished index (`QueueKeys.finished`) with its time, which a resume or a delete removes: GRAPE_RETENTION_DAYS
+reads it (`expired`) instead of scanning records.
 
 The two kinds differ only in what `JobQueue` is given: the holder's name field, the fields a start clears,
 what a hand-back and a dead holder do, the log messages, how a record's fields decode. Each script has one
@@ -105,7 +108,7 @@ return redis.call('HGET', KEYS[2], 'spec')
 """
 
 _FINISH = """
--- KEYS: claimed list, record, log, cancel flag, queue
+-- KEYS: claimed list, record, log, cancel flag, queue, finished zset
 -- ARGV: id, holder, state, now, error, message, level, then field/value pairs to set (results...)
 -- only the holder of a running record may end it; state 'queued' hands it back
 local st = redis.call('HGET', KEYS[2], 'state')
@@ -119,6 +122,7 @@ if ARGV[3] == 'queued' then
   redis.call('RPUSH', KEYS[5], ARGV[1])
 else
   redis.call('HSET', KEYS[2], 'state', ARGV[3], 'finished', ARGV[4]$end_sets)
+  redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1])
   if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'error', ARGV[5]) end
 end
 for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
@@ -127,7 +131,8 @@ return 1
 """
 
 _REAP = """
--- KEYS: holder heartbeat, its claimed list, record, log, queue, cancel flag   ARGV: id, holder, now, reason
+-- KEYS: holder heartbeat, its claimed list, record, log, queue, cancel flag, finished zset
+-- ARGV: id, holder, now, reason
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'alive' end
 local st = redis.call('HGET', KEYS[3], 'state')
 redis.call('LREM', KEYS[2], 0, ARGV[1])
@@ -145,6 +150,7 @@ redis.call('DEL', KEYS[6])
 redis.call('HDEL', KEYS[3], 'cancel_requested')
 if cancelling then
   redis.call('HSET', KEYS[3], 'state', 'cancelled', 'finished', ARGV[3], '$holder', ''$end_sets)
+  redis.call('ZADD', KEYS[7], ARGV[3], ARGV[1])
   log(KEYS[4], ARGV[3], 'info', ARGV[4] .. '; it was being cancelled: cancelled')
   return 'cancelled'
 end
@@ -156,17 +162,19 @@ if $requeue_if attempts < max then
 end
 local reason = ARGV[4]$fail_suffix
 redis.call('HSET', KEYS[3], 'state', 'failed', 'error', reason, 'finished', ARGV[3]$end_sets)
+redis.call('ZADD', KEYS[7], ARGV[3], ARGV[1])
 log(KEYS[4], ARGV[3], 'error', reason)
 return 'failed'
 """
 
 _CANCEL = """
--- KEYS: record, queue, cancel flag, log   ARGV: id, now
+-- KEYS: record, queue, cancel flag, log, finished zset   ARGV: id, now
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return 'missing' end
 if st == 'queued' then
   redis.call('LREM', KEYS[2], 0, ARGV[1])
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished', ARGV[2])
+  redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
   log(KEYS[4], ARGV[2], 'info', 'cancelled while queued')
   return 'cancelled-now'
 end
@@ -180,15 +188,17 @@ return st
 """
 
 _RESUME = """
--- KEYS: record, queue, cancel flag, log, owner's active set (pruned just before)   ARGV: id, now, owner's limit
+-- KEYS: record, queue, cancel flag, log, finished zset, owner's active set (pruned just before)
+-- ARGV: id, now, owner's limit
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return 'missing' end
 if st ~= 'failed' and st ~= 'cancelled' then return st end
-if redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 0 and redis.call('SCARD', KEYS[5]) >= tonumber(ARGV[3]) then
+if redis.call('SISMEMBER', KEYS[6], ARGV[1]) == 0 and redis.call('SCARD', KEYS[6]) >= tonumber(ARGV[3]) then
   return 'quota'
 end
-redis.call('SADD', KEYS[5], ARGV[1])
+redis.call('SADD', KEYS[6], ARGV[1])
 redis.call('DEL', KEYS[3])
+redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'resume', '1', '$holder', '', 'attempts', '0')
 redis.call('HDEL', KEYS[1], 'error', 'finished', 'cancel_requested')
 redis.call('LPUSH', KEYS[2], ARGV[1])
@@ -197,20 +207,65 @@ return 'queued'
 """
 
 _DELETE = """
--- KEYS: record, ids zset, queue, log, cancel flag, deleted zset, owner's ids zset, owner's active set
+-- KEYS: record, ids zset, queue, log, cancel flag, deleted zset, finished zset, owner's ids zset, owner's active set
 -- ARGV: id, now
--- a running record is refused (cancel it first); anything else goes, even a record that cannot be decoded
-if redis.call('EXISTS', KEYS[1]) == 0 and not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 'missing' end
+-- a record in a state the kind refuses ($delete_refused: cancel it first) stays; anything else goes, even a
+-- record that cannot be decoded
+if redis.call('EXISTS', KEYS[1]) == 0 and not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+  redis.call('ZREM', KEYS[7], ARGV[1])
+  return 'missing'
+end
 local st = redis.call('HGET', KEYS[1], 'state')
-if st == 'running' then return 'running' end
+for _, refused in ipairs({$delete_refused}) do
+  if st == refused then
+    redis.call('ZREM', KEYS[7], ARGV[1])  -- not ended, so not in the finished index either
+    return st
+  end
+end
 redis.call('LREM', KEYS[3], 0, ARGV[1])
 redis.call('DEL', KEYS[1], KEYS[4], KEYS[5])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[7], ARGV[1])
-redis.call('SREM', KEYS[8], ARGV[1])
--- holders remove what they keep of it when they see it here (trainer.loop.TrainerLoop.remove_deleted)
-redis.call('ZADD', KEYS[6], ARGV[2], ARGV[1])
+redis.call('ZREM', KEYS[8], ARGV[1])
+redis.call('SREM', KEYS[9], ARGV[1])
+$delete_note
 return 'deleted'
+"""
+
+_EXPIRE = """
+-- KEYS: record, ids zset, queue, log, cancel flag, deleted zset, finished zset   ARGV: id, now, cutoff
+-- GRAPE_RETENTION_DAYS: removed as a delete does, only if it really ended before the cutoff; anything else
+-- only leaves (or is put right in) the finished index
+local st, fin = unpack(redis.call('HMGET', KEYS[1], 'state', 'finished'))
+local ended = st == 'succeeded' or st == 'failed' or st == 'cancelled'
+if ended and tonumber(fin or '') and tonumber(fin) < tonumber(ARGV[3]) then
+  redis.call('LREM', KEYS[3], 0, ARGV[1])
+  redis.call('DEL', KEYS[1], KEYS[4], KEYS[5])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[7], ARGV[1])
+  $delete_note
+  return 'deleted'
+end
+if ended and tonumber(fin or '') then
+  redis.call('ZADD', KEYS[7], fin, ARGV[1])
+  return 'kept'
+end
+redis.call('ZREM', KEYS[7], ARGV[1])
+if not st and redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]) end
+return st or 'missing'
+"""
+
+_INDEX_ENDED = """
+-- KEYS: finished zset, then the record of each id   ARGV: the ids
+-- records that ended before the finished index existed (an upgrade) enter it with their end time
+local n = 0
+for i = 1, #ARGV do
+  local st, fin = unpack(redis.call('HMGET', KEYS[i + 1], 'state', 'finished'))
+  if (st == 'succeeded' or st == 'failed' or st == 'cancelled') and tonumber(fin or '') then
+    n = n + redis.call('ZADD', KEYS[1], 'NX', fin, ARGV[i])
+  end
+end
+return n
 """
 
 
@@ -283,6 +338,8 @@ class ScriptParts:
     requeue_sets: str = ""  # field/value pairs set when it is
     requeue_of: str = ""  # words after "(attempt N of M"
     fail_suffix: str = ""  # a Lua expression appended to the failed record's error
+    delete_refused: str = "'running'"  # the states a delete refuses, as Lua strings (cancel first)
+    delete_note: str = ""  # what a delete does besides removing the record (tell the holders, say)
 
 
 class JobQueue:
@@ -308,6 +365,7 @@ class JobQueue:
         self._enqueue, self._start, self._finish = _lua(_ENQUEUE, parts), _lua(_START, parts), _lua(_FINISH, parts)
         self._reap, self._cancel, self._resume = _lua(_REAP, parts), _lua(_CANCEL, parts), _lua(_RESUME, parts)
         self._delete = _lua(_DELETE, parts)
+        self._expire, self._index_ended = _lua(_EXPIRE, parts), _lua(_INDEX_ENDED, parts)
 
     def beats(self, keys: Keys, ttl: float) -> Beats:
         """Where this kind's holders publish their heartbeats."""
@@ -368,18 +426,20 @@ class JobQueue:
         args: list[Any] = [item_id, holder, state, _now(), error, message, level]
         for k, v in (fields or {}).items():
             args += [k, orjson.dumps(v).decode()]
-        keys_ = [q.claimed(holder), q.record(item_id), q.log(item_id), q.cancel(item_id), q.queue()]
+        keys_ = [q.claimed(holder), q.record(item_id), q.log(item_id), q.cancel(item_id), q.queue(), q.finished()]
         return self._finish.call(keys_, args)
 
     def reap(self, keys: Keys, item_id: str, holder: str, step: Any = None) -> Call:
         """The record of a holder whose heartbeat is gone: queued again, cancelled or failed (see the module)."""
         q = self.space(keys)
         keys_ = [q.holder(holder), q.claimed(holder), q.record(item_id), q.log(item_id), q.queue(), q.cancel(item_id)]
+        keys_.append(q.finished())
         return self._reap.call(keys_, [item_id, holder, _now(), self.dead_reason(holder, step)])
 
     def _move(self, script: Lua, keys: Keys, item_id: str) -> Call:
         q = self.space(keys)
-        return script.call([q.record(item_id), q.queue(), q.cancel(item_id), q.log(item_id)], [item_id, _now()])
+        keys_ = [q.record(item_id), q.queue(), q.cancel(item_id), q.log(item_id), q.finished()]
+        return script.call(keys_, [item_id, _now()])
 
     def cancel(self, keys: Keys, item_id: str) -> Call:
         """Answers `cancelled-now`, `cancelling`, `missing`, or the state it cannot be cancelled in."""
@@ -394,22 +454,49 @@ class JobQueue:
             q.queue(),
             q.cancel(item_id),
             q.log(item_id),
+            q.finished(),
             self.tenant_keys(keys, tenant)[1],
         ]
         return self._resume.call(script_keys, [item_id, _now(), limit])
 
     def delete(self, keys: Keys, item_id: str, tenant: str = DEFAULT_TENANT) -> Call:
-        """Remove a record (of `tenant`: it leaves that tenant's index) that is not running; answers `deleted`,
-        `missing` or `running`."""
+        """Remove a record (of `tenant`: it leaves that tenant's index), its log and flags, unless it is in a state
+        this kind refuses (training jobs: running; evaluations: queued or running); answers `deleted`, `missing`
+        or the refused state."""
         q = self.space(keys)
-        keys_ = [q.record(item_id), q.ids(), q.queue(), q.log(item_id), q.cancel(item_id), q.deleted()]
+        keys_ = [q.record(item_id), q.ids(), q.queue(), q.log(item_id), q.cancel(item_id), q.deleted(), q.finished()]
         return self._delete.call([*keys_, *self.tenant_keys(keys, tenant)], [item_id, _now()])
+
+    def expire(self, keys: Keys, item_id: str, cutoff: float) -> Call:
+        """GRAPE_RETENTION_DAYS: remove a record (as `delete` does) if it ended before `cutoff`; answers
+        `deleted`, `kept` (it ended later), `missing` or the state it is in (not ended: it stays)."""
+        q = self.space(keys)
+        keys_ = [q.record(item_id), q.ids(), q.queue(), q.log(item_id), q.cancel(item_id), q.deleted(), q.finished()]
+        return self._expire.call(keys_, [item_id, _now(), cutoff])
+
+    def index_ended(self, keys: Keys, item_ids: list[str]) -> Call:
+        """Enter those of `item_ids` that have ended into the finished index (records older than the index)."""
+        q = self.space(keys)
+        return self._index_ended.call([q.finished(), *(q.record(i) for i in item_ids)], list(item_ids))
+
+    def created_after(self, keys: Keys, after: float, until: float, limit: int) -> Plan[list[tuple[str, float]]]:
+        """Up to `limit` (id, creation time) created in (`after`, `until`], oldest first: a walk over the ids."""
+        rows = yield from one(
+            "zrangebyscore", self.space(keys).ids(), f"({after}", until, start=0, num=limit, withscores=True
+        )
+        return [(as_str(i), float(t)) for i, t in rows]
 
     # reads (plans: one implementation, run by io.run or io.arun) ---------------------------------------
     def read(self, keys: Keys, item_id: str) -> Plan[dict[str, Any] | None]:
         """The decoded record, or None when there is none (decoding errors propagate: the caller names them)."""
         raw = yield from one("hgetall", self.space(keys).record(item_id))
         return self.decode(raw) if raw else None
+
+    def expired(self, keys: Keys, before: float, limit: int) -> Plan[list[str]]:
+        """The ids of up to `limit` records that reached a terminal state before `before` (GRAPE_RETENTION_DAYS),
+        oldest first: a bounded read of the finished index, never a scan of the keyspace."""
+        ids = yield from one("zrangebyscore", self.space(keys).finished(), "-inf", f"({before}", start=0, num=limit)
+        return [as_str(x) for x in ids]
 
     def newest(self, keys: Keys, limit: int) -> Plan[list[str]]:
         """The ids of the newest `limit` records."""
@@ -497,6 +584,8 @@ TRAINING = JobQueue(
         end_sets=", 'eta_seconds', ''",
         requeue_if="redis.call('HGET', KEYS[3], 'auto_resume') == '1' and",
         requeue_sets=", 'resume', '1'",
+        # holders remove what they keep of it when they see it here (trainer.loop.TrainerLoop.remove_deleted)
+        delete_note="redis.call('ZADD', KEYS[6], ARGV[2], ARGV[1])",
     ),
     decoding=Decoding.of(
         "created started finished epoch loss learning_rate grad_norm eta_seconds progress_at cancel_requested "
@@ -520,6 +609,7 @@ EVALUATIONS = JobQueue(
         running_cancel="the evaluator stops lm-eval",
         requeue_of=" done",
         fail_suffix=" .. ' (attempt ' .. attempts .. ' of ' .. max .. ')'",
+        delete_refused="'queued', 'running'",  # cancel it first; an evaluator keeps nothing of it on disk
     ),
     decoding=Decoding.of(
         "created started finished cancel_requested progress_at",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import StreamingResponse
 
 from grape.evaluations import EvalState
@@ -62,3 +62,12 @@ async def evaluation_logs(
 async def cancel_evaluation(eval_id: OwnedEvalId, redis: RedisDep, keys: KeysDep) -> EvaluationPublic:
     """A queued evaluation is cancelled at once; a running one as soon as its evaluator stops lm-eval."""
     return await svc.cancel_evaluation(redis=redis, keys=keys, eval_id=eval_id)
+
+
+@router.delete(
+    "/{eval_id}", status_code=status.HTTP_204_NO_CONTENT, responses={409: {"description": "Queued or running."}}
+)
+async def delete_evaluation(eval_id: OwnedEvalId, redis: RedisDep, keys: KeysDep) -> Response:
+    """Remove an evaluation that has ended (409 while queued or running: cancel it first), with its log."""
+    await svc.delete_evaluation(redis=redis, keys=keys, eval_id=eval_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

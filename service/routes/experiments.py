@@ -7,9 +7,10 @@ from contextlib import asynccontextmanager, suppress
 from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Path, Query, status
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from service import experiments as svc
+from service import retention
 from service.deps import KeysDep, RedisDep, SettingsDep
 from service.experiment_schemas import ExperimentCreate, ExperimentCreated, ExperimentList, ExperimentPublic
 from service.tenancy import IdentityDep, OwnedExpId, scope_of
@@ -23,7 +24,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = app.state.settings
     task = asyncio.create_task(
         svc.driver(
-            redis=app.state.redis, keys=app.state.keys, settings=settings, interval_s=settings.experiment_poll_s
+            redis=app.state.redis,
+            keys=app.state.keys,
+            settings=settings,
+            interval_s=settings.experiment_poll_s,
+            sweep=retention.sweep,
         ),
         name="experiment-driver",
     )
@@ -66,14 +71,15 @@ async def get_experiment(exp_id: OwnedExpId, redis: RedisDep, keys: KeysDep, set
 
 @router.get(
     "/{exp_id}/arms/{arm}/selection",
-    response_class=Response,
+    response_class=StreamingResponse,
     responses={200: {"content": {"application/x-ndjson": {}}, "description": "The pairs the arm trained on."}},
 )
 async def arm_selection(
     exp_id: OwnedExpId, arm: Annotated[int, Path(ge=0, le=1000)], redis: RedisDep, keys: KeysDep
-) -> Response:
-    raw = await svc.arm_selection(redis=redis, keys=keys, exp_id=exp_id, arm=arm)
-    return Response(raw, media_type="application/x-ndjson")
+) -> StreamingResponse:
+    """Streamed as stored, a page at a time (the gateway never holds the whole selection)."""
+    pages = await svc.arm_selection(redis=redis, keys=keys, exp_id=exp_id, arm=arm)
+    return StreamingResponse(pages, media_type="application/x-ndjson")
 
 
 @router.post("/{exp_id}/cancel", response_model=ExperimentPublic, status_code=status.HTTP_202_ACCEPTED)
@@ -82,3 +88,19 @@ async def cancel_experiment(
 ) -> ExperimentPublic:
     """Cancel the training jobs and evaluations of the experiment that have not finished."""
     return await svc.cancel_experiment(redis=redis, keys=keys, settings=settings, exp_id=exp_id)
+
+
+@router.delete("/{exp_id}", status_code=status.HTTP_204_NO_CONTENT, responses={409: {"description": "Not finished."}})
+async def delete_experiment(
+    exp_id: OwnedExpId,
+    redis: RedisDep,
+    keys: KeysDep,
+    settings: SettingsDep,
+    with_runs: Annotated[
+        bool, Query(description="Also delete its training jobs (and their models) and its evaluations.")
+    ] = False,
+) -> Response:
+    """Remove an experiment that has ended (409 before: cancel it first), with its arms' stored selections. Its
+    training jobs and evaluations stay (they are listed on their own routes) unless `with_runs=true`."""
+    await svc.delete_experiment(redis=redis, keys=keys, settings=settings, exp_id=exp_id, with_runs=with_runs)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
