@@ -28,6 +28,7 @@ from grape.settings import Settings
 from grape.store import experiments as exp_store
 from grape.store.io import acall, arun
 from grape.store.jobqueue import EVALUATIONS, TRAINING
+from grape.store.tenants import owner
 from service import experiments as exp_svc
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,9 @@ async def sweep(*, redis: Redis, keys: Keys, settings: Settings) -> dict[str, in
         while seen < MAX_PER_PASS:
             ids = await arun(redis, queue.expired(keys, cutoff, BATCH))
             for item_id in ids:  # each leaves the index: removed, gone already, or put right
-                removed[name] += as_str(await acall(redis, queue.expire(keys, item_id, cutoff))) == "deleted"
+                tenant = await arun(redis, queue.field(keys, item_id, "tenant"))
+                expire = queue.expire(keys, item_id, cutoff, owner(tenant))
+                removed[name] += as_str(await acall(redis, expire)) == "deleted"
             seen += len(ids)
             if len(ids) < BATCH:
                 break

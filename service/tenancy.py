@@ -268,8 +268,11 @@ async def adopt_legacy(redis: Redis, keys: Keys) -> int:
     for exp_id in await arun(redis, exp_store.newest(keys, 10**9)):
         if exp_id in indexed:
             continue
-        exp = await arun(redis, exp_store.load(keys, exp_id))
-        if exp is not None and "tenant" not in exp:
+        try:
+            exp = await arun(redis, exp_store.load(keys, exp_id))
+        except ValueError:  # a record this version cannot read: it answers 409 naming DELETE, owner unknown
+            continue
+        if isinstance(exp, dict) and "tenant" not in exp:
             await arun(redis, store.adopt_experiment(keys, exp_id, float(exp.get("created") or 0), exp_id in active))
             adopted += 1
     return adopted

@@ -233,7 +233,8 @@ return 'deleted'
 """
 
 _EXPIRE = """
--- KEYS: record, ids zset, queue, log, cancel flag, deleted zset, finished zset   ARGV: id, now, cutoff
+-- KEYS: record, ids zset, queue, log, cancel flag, deleted zset, finished zset, owner's ids zset, owner's active set
+-- ARGV: id, now, cutoff
 -- GRAPE_RETENTION_DAYS: removed as a delete does, only if it really ended before the cutoff; anything else
 -- only leaves (or is put right in) the finished index
 local st, fin = unpack(redis.call('HMGET', KEYS[1], 'state', 'finished'))
@@ -243,6 +244,8 @@ if ended and tonumber(fin or '') and tonumber(fin) < tonumber(ARGV[3]) then
   redis.call('DEL', KEYS[1], KEYS[4], KEYS[5])
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('ZREM', KEYS[7], ARGV[1])
+  redis.call('ZREM', KEYS[8], ARGV[1])
+  redis.call('SREM', KEYS[9], ARGV[1])
   $delete_note
   return 'deleted'
 end
@@ -467,12 +470,12 @@ class JobQueue:
         keys_ = [q.record(item_id), q.ids(), q.queue(), q.log(item_id), q.cancel(item_id), q.deleted(), q.finished()]
         return self._delete.call([*keys_, *self.tenant_keys(keys, tenant)], [item_id, _now()])
 
-    def expire(self, keys: Keys, item_id: str, cutoff: float) -> Call:
-        """GRAPE_RETENTION_DAYS: remove a record (as `delete` does) if it ended before `cutoff`; answers
-        `deleted`, `kept` (it ended later), `missing` or the state it is in (not ended: it stays)."""
+    def expire(self, keys: Keys, item_id: str, cutoff: float, tenant: str = DEFAULT_TENANT) -> Call:
+        """GRAPE_RETENTION_DAYS: remove a record of `tenant` (as `delete` does) if it ended before `cutoff`;
+        answers `deleted`, `kept` (it ended later), `missing` or the state it is in (not ended: it stays)."""
         q = self.space(keys)
         keys_ = [q.record(item_id), q.ids(), q.queue(), q.log(item_id), q.cancel(item_id), q.deleted(), q.finished()]
-        return self._expire.call(keys_, [item_id, _now(), cutoff])
+        return self._expire.call([*keys_, *self.tenant_keys(keys, tenant)], [item_id, _now(), cutoff])
 
     def index_ended(self, keys: Keys, item_ids: list[str]) -> Call:
         """Enter those of `item_ids` that have ended into the finished index (records older than the index)."""
