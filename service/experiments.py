@@ -42,6 +42,7 @@ from service.datasets import dataset_meta, dataset_status, selection_lines
 from service.errors import ApiError, Conflict, NotFound, Unprocessable
 from service.experiment_schemas import ExperimentCreate, ExperimentCreated, ExperimentPublic
 from service.model_access import check_chat_template, check_model
+from service.training import check_job_budget
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,9 @@ async def create_experiment(
     await check_model(redis=redis, keys=keys, settings=settings, name=base_model, field="base_model")
     check_chat_template(settings, body.hyperparameters.chat_template)
     check_arms(body, meta)
+    # each arm is a training job on budget.pairs records with these hyperparameters: one check covers every
+    # arm, before anything is stored
+    check_job_budget(settings, body.hyperparameters, body.budget.pairs)
     ds = await dataset_status(redis=redis, keys=keys, dataset_id=body.dataset_id)
     if ds.state is not DatasetState.done:
         raise Conflict(
@@ -165,7 +169,7 @@ async def create_experiment(
             f"{ds.items} items scored or failed): an experiment needs a fully scored dataset; retry when it is done",
             dataset_state=ds.state.value,
         )
-    await eval_svc.check_tasks(redis=redis, keys=keys, tasks=body.evaluation.tasks)
+    await eval_svc.check_tasks(redis=redis, keys=keys, settings=settings, tasks=body.evaluation.tasks)
     selections, common = await materialize(redis, keys, body)
     exp_id = ex.new_experiment_id()
     now = time.time()
