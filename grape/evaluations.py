@@ -4,7 +4,7 @@ Torch-free and lm-eval-free: the gateway and the experiments import this; only `
 The queue protocol an evaluation goes through is the training jobs' one, `grape.store.jobqueue.EVALUATIONS`:
 a dead evaluator's evaluation starts over (there is no checkpoint) until `max_attempts` runs started, and an
 evaluator shutting down hands its evaluation back without counting the attempt. Evaluators also publish the
-task names they can run (`Keys.eval_tasks`).
+task names they offer (`Keys.eval_tasks`): those the operator's GRAPE_EVAL_TASKS allows (`task_allowed`).
 """
 
 from __future__ import annotations
