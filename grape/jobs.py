@@ -128,9 +128,19 @@ class Hyperparameters(BaseModel):
         1, gt=0, le=1_000_000, description="Loss / learning rate reported every N steps (below 1: a fraction)."
     )
     save_steps: float = Field(
-        500, gt=0, le=1_000_000, description="Checkpoint every N steps (a value below 1: a fraction)."
+        500,
+        gt=0,
+        le=1_000_000,
+        description="Checkpoint every N steps (a value below 1: a fraction of the run); at most the operator's "
+        "GRAPE_MAX_TRAIN_SAVES checkpoints over the run.",
     )
-    save_total_limit: int | None = Field(None, ge=1, le=1000, description="Checkpoints kept; older ones deleted.")
+    save_total_limit: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="Checkpoints kept, older ones deleted; at most (and by default) the operator's "
+        "GRAPE_TRAIN_SAVE_TOTAL_LIMIT.",
+    )
     bf16: bool | None = Field(None, description="bf16 mixed precision; default TRL's (on unless fp16), off on CPU.")
     fp16: bool | None = Field(None, description="fp16 mixed precision (GPUs).")
     gradient_checkpointing: bool | None = Field(None, description="Recompute activations; default TRL's (on).")
