@@ -53,9 +53,10 @@ async def live_evaluators(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
 HINT_TTL_S = 60.0
 """How long the names near matches are searched in are kept per key prefix (they change when evaluators start)."""
 _hint_names: dict[tuple[str, tuple[str, ...]], tuple[float, tuple[str, ...]]] = {}
-# near-match searches at once per gateway process (the rest wait for a thread): CPU-bound, they would
-# otherwise take every thread of the default pool that selections and uploads use
-_hint_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grape-hint")
+_hint_reads: dict[tuple[str, tuple[str, ...]], asyncio.Task] = {}
+# one near-match search at a time per gateway process (the rest wait for the thread): CPU-bound, each holds
+# the GIL the event loop needs, and would otherwise take threads of the default pool selections use
+_hint_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grape-hint")
 
 
 async def check_tasks(*, redis: Redis, keys: Keys, settings: Settings, tasks: list[str]) -> None:
@@ -98,21 +99,35 @@ async def _unknown(redis: Redis, keys: Keys, settings: Settings, names: list[str
 
 async def _near(redis: Redis, keys: Keys, settings: Settings, name: str) -> list[str]:
     """Near matches among the names a request may use (allowed and offered), off the event loop: difflib over
-    thousands of names takes a CPU-bound fraction of a second. The names are read once per HINT_TTL_S."""
-    patterns = tuple(settings.eval_task_patterns())
-    slot = (keys.prefix, patterns)
-    now = time.monotonic()
-    cached = _hint_names.get(slot)
-    if cached is None or now - cached[0] > HINT_TTL_S:
-        offered = await arun(redis, eval_tasks.every(keys))
-        local = set() if patterns else await arun(redis, eval_tasks.dir_tasks(keys))
-        names = tuple(sorted(n for n in offered if task_allowed(n, list(patterns), local)))
-        if len(_hint_names) >= 64:  # one entry per key prefix and setting: a few in any deployment
-            _hint_names.clear()
-        _hint_names[slot] = cached = (now, names)
-    names = cached[1]
+    thousands of names takes a CPU-bound fraction of a second."""
+    names = await _hint_list(redis, keys, tuple(settings.eval_task_patterns()))
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(_hint_pool, difflib.get_close_matches, name, names, 5, 0.6)
+
+
+async def _hint_list(redis: Redis, keys: Keys, patterns: tuple[str, ...]) -> tuple[str, ...]:
+    """The allowed offered names, read once per HINT_TTL_S; concurrent requests share one read."""
+    slot = (keys.prefix, patterns)
+    cached = _hint_names.get(slot)
+    if cached is not None and time.monotonic() - cached[0] <= HINT_TTL_S:
+        return cached[1]
+    read = _hint_reads.get(slot)
+    if read is None or read.done():
+        read = _hint_reads[slot] = asyncio.ensure_future(_read_hint_list(redis, keys, patterns))
+    return await asyncio.shield(read)
+
+
+async def _read_hint_list(redis: Redis, keys: Keys, patterns: tuple[str, ...]) -> tuple[str, ...]:
+    offered = await arun(redis, eval_tasks.every(keys))
+    local = set() if patterns else await arun(redis, eval_tasks.dir_tasks(keys))
+    loop = asyncio.get_running_loop()
+    names = await loop.run_in_executor(
+        _hint_pool, lambda: tuple(sorted(n for n in offered if task_allowed(n, list(patterns), local)))
+    )
+    if len(_hint_names) >= 64:  # one entry per key prefix and setting: a few in any deployment
+        _hint_names.clear()
+    _hint_names[(keys.prefix, patterns)] = (time.monotonic(), names)
+    return names
 
 
 async def resolve_model(*, redis: Redis, keys: Keys, settings: Settings, model: str) -> dict[str, str | None]:
