@@ -34,6 +34,7 @@ from grape.keys import Keys
 from grape.settings import Settings
 from grape.store import eval_tasks
 from grape.store.consumer import QueueConsumer
+from grape.store.errors import shown
 from grape.store.io import run
 from grape.store.jobqueue import CANCEL, EVALUATIONS, REQUEUE
 
@@ -62,6 +63,7 @@ class EvaluatorLoop(QueueConsumer):
         super().__init__(client, keys, settings, name=name, block_s=block_s)
         self.task_dir = settings.eval_task_dir.resolve() if settings.eval_task_dir else None
         self.tasks: frozenset[str] = frozenset()
+        self.offer: Any = None  # evaluator.harness.Offer, once load_tasks ran
 
     def run(self, *, max_evals: int | None = None, idle_exit_s: float | None = None) -> int:
         """Take evaluations until stopped (or `max_evals` ran, or idle `idle_exit_s`). Returns how many ran."""
@@ -71,19 +73,39 @@ class EvaluatorLoop(QueueConsumer):
     # interrupted code may hold); `_supervise` sees the stop and hands the running evaluation back.
 
     def load_tasks(self) -> None:
-        from evaluator.harness import known_tasks
+        """The tasks this evaluator offers: the operator's GRAPE_EVAL_TASKS (default: only GRAPE_EVAL_TASK_DIR's),
+        GRAPE_MAX_EVAL_SUBTASKS and GRAPE_EVAL_UNSAFE_CODE_TASKS decide; nothing of a request does."""
+        from evaluator.harness import offer
 
         t0 = time.monotonic()
-        self.tasks = frozenset(known_tasks(self.task_dir, self.settings.cache_dir))
-        log.info("evaluator %s: %d lm-eval tasks known (%.1f s)", self.name, len(self.tasks), time.monotonic() - t0)
+        s = self.settings
+        self.offer = offer(
+            self.task_dir,
+            patterns=s.eval_task_patterns(),
+            unsafe_patterns=s.eval_unsafe_code_patterns(),
+            max_subtasks=s.max_eval_subtasks,
+            cache_dir=s.cache_dir,
+        )
+        self.tasks = frozenset(self.offer.offered)
+        log.info(
+            "evaluator %s: %d lm-eval tasks offered, %d allowed but refused (%.1f s)",
+            self.name,
+            len(self.tasks),
+            len(self.offer.refused),
+            time.monotonic() - t0,
+        )
+
+    def _publish(self, *, if_lost: bool = False) -> None:
+        publish = eval_tasks.publish_if_lost if if_lost else eval_tasks.publish
+        publish(self.r, self.keys, self.tasks, self.offer.local, self.offer.refused)
 
     def prepare(self) -> None:
-        if not self.tasks:
+        if self.offer is None:
             self.load_tasks()
-        eval_tasks.publish(self.r, self.keys, self.tasks)  # for the gateway's check at creation
+        self._publish()  # for the gateway's check at creation
 
     def heartbeat_info(self) -> dict[str, Any]:
-        eval_tasks.publish_if_lost(self.r, self.keys, self.tasks)
+        self._publish(if_lost=True)
         return {
             "evaluation": self.current,
             "backend": self.settings.eval_backend,
@@ -102,13 +124,22 @@ class EvaluatorLoop(QueueConsumer):
         cmd += ["--backend", s.eval_backend, "--device", s.eval_device, "--dtype", s.eval_dtype]
         cmd += ["--cache-dir", str(s.cache_dir)]
         cmd += ["--trust-remote-code"] if s.trusts_remote_code(spec.base_model) else []
+        # only for tasks the operator allowed to run model-generated code (GRAPE_EVAL_UNSAFE_CODE_TASKS)
+        cmd += ["--confirm-run-unsafe-code"] if self.offer and set(spec.tasks) & self.offer.unsafe else []
         return cmd + (["--task-dir", str(self.task_dir)] if self.task_dir else [])
 
     def _run(self, eval_id: str, spec: EvalSpec) -> None:
         unknown = [t for t in spec.tasks if t not in self.tasks]
-        if unknown:
+        if unknown:  # defence in depth: the gateway checked its own GRAPE_EVAL_TASKS; this is the evaluator's
             where = f"GRAPE_EVAL_TASK_DIR {self.task_dir}" if self.task_dir else "no GRAPE_EVAL_TASK_DIR"
-            error = f"task {', '.join(unknown)} is not known to evaluator {self.name} (lm-eval's tasks, {where})"
+            allowed = self.settings.eval_tasks or f"unset: only the tasks of {where}"
+            why = "; ".join(
+                f"{shown(t)}: {self.offer.refused[t]}" for t in unknown if self.offer and t in self.offer.refused
+            )
+            error = (
+                f"task {', '.join(shown(t) for t in unknown)} is not offered by evaluator {self.name} "
+                f"(GRAPE_EVAL_TASKS: {allowed})" + (f"; {why}" if why else "")
+            )
             self._end(eval_id, EvalState.failed, f"failed: {error}", error=error, level="error")
             return
         with tempfile.TemporaryDirectory(prefix=f"grape-{eval_id}-") as tmp:

@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task-dir", type=Path, default=None)
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--trust-remote-code", action="store_true", help="the operator trusts this model's own code")
+    p.add_argument(
+        "--confirm-run-unsafe-code",
+        action="store_true",
+        help="the operator allowed these tasks to run model-generated code (GRAPE_EVAL_UNSAFE_CODE_TASKS)",
+    )
     args = p.parse_args(argv)
     # lm-eval's own log lines (tasks built, requests run, warnings) become the evaluation's log stream
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -63,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             cache_dir=args.cache_dir,
             trust_remote_code=args.trust_remote_code,
+            confirm_run_unsafe_code=args.confirm_run_unsafe_code,
         )
     except Exception as exc:  # noqa: BLE001 - lm-eval's reason, whatever it is, is the evaluation's error
         traceback.print_exc()

@@ -4,11 +4,12 @@ Torch-free and lm-eval-free: the gateway and the experiments import this; only `
 The queue protocol an evaluation goes through is the training jobs' one, `grape.store.jobqueue.EVALUATIONS`:
 a dead evaluator's evaluation starts over (there is no checkpoint) until `max_attempts` runs started, and an
 evaluator shutting down hands its evaluation back without counting the attempt. Evaluators also publish the
-task names they can run (`Keys.eval_tasks`).
+task names they offer (`Keys.eval_tasks`): those the operator's GRAPE_EVAL_TASKS allows (`task_allowed`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import uuid
 from enum import StrEnum
@@ -17,9 +18,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from grape.keys import is_job_id
+from grape.store.errors import shown
 
 EVAL_ID = re.compile(r"ev-[0-9a-f]{12}")
 TASK_NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
+
+
+def task_allowed(name: str, patterns: list[str], local: set[str]) -> bool:
+    """Whether the operator's GRAPE_EVAL_TASKS (`patterns`: names and fnmatch globs, case-sensitive) allows a
+    task; without patterns only the tasks of the evaluators' GRAPE_EVAL_TASK_DIR (`local`) are allowed."""
+    if patterns:
+        return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    return name in local
 
 
 def new_eval_id() -> str:
@@ -49,8 +59,8 @@ class EvaluationSettings(BaseModel):
     tasks: list[str] = Field(
         min_length=1,
         max_length=16,
-        description="lm-eval task (or group) names: lm-eval's own, or those of the YAML files in the "
-        "evaluators' GRAPE_EVAL_TASK_DIR.",
+        description="lm-eval task (or group) names the operator allows (GRAPE_EVAL_TASKS; by default those of "
+        "the YAML files in the evaluators' GRAPE_EVAL_TASK_DIR).",
     )
     limit: int | None = Field(None, ge=1, le=100_000, description="Evaluate only the first N examples of each task.")
     num_fewshot: int | None = Field(None, ge=0, le=25, description="Few-shot examples; default: each task's own.")
@@ -63,10 +73,10 @@ class EvaluationSettings(BaseModel):
     def _tasks(cls, v: list[str]) -> list[str]:
         bad = [t for t in v if not TASK_NAME.fullmatch(t)]
         if bad:
-            raise ValueError(f"not a task name: {bad[0]!r} (letters, digits, '_', '.', '-')")
+            raise ValueError(f"not a task name: {shown(bad[0])} (letters, digits, '_', '.', '-')")
         dup = sorted({t for t in v if v.count(t) > 1})
         if dup:
-            raise ValueError(f"duplicate task: {dup[0]!r}")
+            raise ValueError(f"duplicate task: {shown(dup[0])}")
         return v
 
     @field_validator("batch_size")

@@ -7,6 +7,8 @@ cancelled, resumed, deleted) is `grape.store.jobqueue.TRAINING`. A job's directo
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -126,9 +128,19 @@ class Hyperparameters(BaseModel):
         1, gt=0, le=1_000_000, description="Loss / learning rate reported every N steps (below 1: a fraction)."
     )
     save_steps: float = Field(
-        500, gt=0, le=1_000_000, description="Checkpoint every N steps (a value below 1: a fraction)."
+        500,
+        gt=0,
+        le=1_000_000,
+        description="Checkpoint every N steps (a value below 1: a fraction of the run); at most the operator's "
+        "GRAPE_MAX_TRAIN_SAVES checkpoints over the run.",
     )
-    save_total_limit: int | None = Field(None, ge=1, le=1000, description="Checkpoints kept; older ones deleted.")
+    save_total_limit: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="Checkpoints kept, older ones deleted; at most (and by default) the operator's "
+        "GRAPE_TRAIN_SAVE_TOTAL_LIMIT.",
+    )
     bf16: bool | None = Field(None, description="bf16 mixed precision; default TRL's (on unless fp16), off on CPU.")
     fp16: bool | None = Field(None, description="fp16 mixed precision (GPUs).")
     gradient_checkpointing: bool | None = Field(None, description="Recompute activations; default TRL's (on).")
@@ -234,3 +246,84 @@ def new_job_fields(job_id: str, spec: JobSpec, now: float) -> dict[str, str]:
         "max_attempts": str(spec.max_attempts if spec.auto_resume else 1),
         "checkpoints": "[]",
     }
+
+
+# ---- budgets: what one job may ask for (GRAPE_MAX_TRAIN_TOKENS, GRAPE_MAX_TRAIN_SAVES) --------------------
+
+
+class OverBudget(ValueError):
+    """A job asks for more than the operator's cap; the message names the setting, the figure and the cap."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainBudget:
+    """The work a job asks for, counted before it runs (an upper bound: packing and short sequences do less)."""
+
+    steps: int
+    """Optimizer steps of the whole run."""
+    tokens: int
+    """steps x effective batch (batch x accumulation x processes) x max_length."""
+    saves: int
+    """Checkpoints written over the run at save_steps."""
+
+
+def save_every(save_steps: float, steps: int) -> int:
+    """The step interval of checkpoints, as transformers reads save_steps: below 1, a fraction of the run."""
+    every = math.ceil(steps * save_steps) if save_steps < 1 else math.floor(save_steps)
+    return max(1, every)
+
+
+def train_budget(
+    hp: Hyperparameters, records: int, *, world_size: int = 1, max_length: int | None = None
+) -> TrainBudget:
+    """The job's steps, tokens and checkpoints over `records` selected records on `world_size` processes.
+    `max_length`: the resolved length (the trainer knows the model's context); default the job's, or
+    MAX_LENGTH_CAP when the job leaves it to the model (an upper bound)."""
+    length = max_length or hp.max_length or MAX_LENGTH_CAP
+    per_step = hp.per_device_train_batch_size * hp.gradient_accumulation_steps * max(1, world_size)
+    if hp.max_steps > 0:
+        steps = hp.max_steps
+    else:  # transformers: ceil(batches per epoch / accumulation) steps per epoch, epochs may be fractional
+        batches = math.ceil(max(1, records) / (hp.per_device_train_batch_size * max(1, world_size)))
+        steps = max(1, math.ceil(math.ceil(batches / hp.gradient_accumulation_steps) * hp.num_train_epochs))
+    return TrainBudget(steps=steps, tokens=steps * per_step * length, saves=steps // save_every(hp.save_steps, steps))
+
+
+def check_budget(
+    hp: Hyperparameters,
+    records: int,
+    *,
+    max_tokens: int,
+    max_saves: int,
+    world_size: int = 1,
+    max_length: int | None = None,
+    where: str = "hyperparameters",
+) -> TrainBudget:
+    """The job's budget, or OverBudget naming GRAPE_MAX_TRAIN_TOKENS / GRAPE_MAX_TRAIN_SAVES, the figure asked
+    and the cap."""
+    b = train_budget(hp, records, world_size=world_size, max_length=max_length)
+    if b.tokens > max_tokens:
+        how = (
+            f"max_steps {hp.max_steps}"
+            if hp.max_steps > 0
+            else f"{hp.num_train_epochs:g} epochs over {records} records = {b.steps} steps"
+        )
+        raise OverBudget(
+            f"{where}: the job asks for {b.tokens:,} tokens of training ({how} x "
+            f"{hp.per_device_train_batch_size} per_device_train_batch_size x {hp.gradient_accumulation_steps} "
+            f"gradient_accumulation_steps x {max(1, world_size)} processes x "
+            f"{max_length or hp.max_length or MAX_LENGTH_CAP} max_length), more than the operator's "
+            f"GRAPE_MAX_TRAIN_TOKENS={max_tokens:,}: ask for fewer steps, epochs, a smaller batch or max_length"
+        )
+    if b.saves > max_saves:
+        raise OverBudget(
+            f"{where}.save_steps: {hp.save_steps:g} over {b.steps} steps writes {b.saves:,} checkpoints, more than "
+            f"the operator's GRAPE_MAX_TRAIN_SAVES={max_saves:,}: give save_steps of at least "
+            f"{math.ceil(b.steps / max_saves)}"
+        )
+    return b
+
+
+def kept_checkpoints(asked: int | None, cap: int) -> int:
+    """save_total_limit as run: the job's, never more than the operator's GRAPE_TRAIN_SAVE_TOTAL_LIMIT."""
+    return min(asked, cap) if asked is not None else cap

@@ -28,7 +28,9 @@
 {p}:evals:queue                   list   queued evaluation ids (LPUSH in, BLMOVE out from the right)
 {p}:evals:claimed:{evaluator}     list   evaluations an evaluator took from the queue and runs
 {p}:evals:finished                zset   evaluation id -> when it ended (retention, as jobs:finished)
-{p}:evals:tasks                   set    lm-eval task names the evaluators can run (published at start)
+{p}:evals:tasks                   set    lm-eval task names the evaluators offer (allowed; published at start)
+{p}:evals:tasks:dir               set    task names of the evaluators' GRAPE_EVAL_TASK_DIR (published at start)
+{p}:evals:tasks:refused           hash   task name -> why the evaluators do not offer it (subtasks, unsafe code)
 {p}:eval:{id}                     hash   evaluation record (grape.evaluations): spec, state, results
 {p}:eval:{id}:log                 stream evaluation log records
 {p}:eval:{id}:cancel              string "cancel" (stop lm-eval, cancelled) or "requeue" (stop, queue again)
@@ -160,6 +162,14 @@ class Keys:
     def eval_tasks(self) -> str:
         """set: lm-eval task names the evaluators can run (published at start)."""
         return f"{self.prefix}:evals:tasks"
+
+    def eval_dir_tasks(self) -> str:
+        """set: the task names of the evaluators' GRAPE_EVAL_TASK_DIR (allowed when GRAPE_EVAL_TASKS is unset)."""
+        return f"{self.prefix}:evals:tasks:dir"
+
+    def eval_refused_tasks(self) -> str:
+        """hash: task name -> why the evaluators do not offer it though GRAPE_EVAL_TASKS allows it."""
+        return f"{self.prefix}:evals:tasks:refused"
 
     # experiments (grape.experiments) -------------------------------------------------------------
     def experiments(self) -> str:

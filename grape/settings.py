@@ -259,6 +259,50 @@ class Settings(BaseSettings):
         """GRAPE_RETENTION_DAYS in seconds (None: keep for ever)."""
         return None if self.retention_days is None else self.retention_days * 86_400.0
 
+    # budgets per job (issue 19): what one training job or evaluation may ask for
+    max_train_tokens: int = Field(
+        5_000_000_000,
+        ge=1,
+        description="Largest training work one job may ask for, in tokens: optimizer steps x effective batch "
+        "(per_device_train_batch_size x gradient_accumulation_steps x processes) x max_length, epochs converted "
+        "through the selection's size; a job past it is refused (422), and a trainer refuses it too.",
+    )
+    train_save_total_limit: int = Field(
+        3,
+        ge=1,
+        le=1000,
+        description="Checkpoints a training job keeps (older ones deleted); a job may ask for fewer, never more.",
+    )
+    max_train_saves: int = Field(
+        100,
+        ge=1,
+        description="Checkpoints one training job may write over its run (its steps / save_steps); a job asking "
+        "for more is refused (422), and a trainer refuses it too.",
+    )
+    eval_tasks: str = Field(
+        "",
+        description="Comma-separated lm-eval task names and globs (fnmatch) evaluations may name, on the gateway "
+        "and the evaluators. Unset: only the tasks of the evaluators' GRAPE_EVAL_TASK_DIR (nothing downloaded "
+        "from a hub); `*`: any of lm-eval's tasks.",
+    )
+    max_eval_subtasks: int = Field(
+        64,
+        ge=1,
+        description="Evaluator: tasks one requested name may expand to (a group or tag counts its subtasks); "
+        "names past it are not offered.",
+    )
+    eval_unsafe_code_tasks: str = Field(
+        "",
+        description="Evaluator: comma-separated task names and globs that may run model-generated code "
+        "(lm-eval's unsafe_code tasks: humaneval, mbpp, ...); every other such task is never offered.",
+    )
+
+    def eval_task_patterns(self) -> list[str]:
+        return [t.strip() for t in self.eval_tasks.split(",") if t.strip()]
+
+    def eval_unsafe_code_patterns(self) -> list[str]:
+        return [t.strip() for t in self.eval_unsafe_code_tasks.split(",") if t.strip()]
+
     def training_dir(self) -> Path:
         return self.train_dir if self.train_dir is not None else self.cache_dir / "train"
 

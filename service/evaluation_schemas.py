@@ -8,8 +8,9 @@ from grape.evaluations import EvalState, EvaluationRequest
 
 
 class EvaluationCreate(EvaluationRequest):
-    """A model evaluated with lm-evaluation-harness by a `grape evaluator`. Refused (422) for a task no live
-    evaluator knows, (503) when no evaluator is running, (409) for a training job that has not succeeded."""
+    """A model evaluated with lm-evaluation-harness by a `grape evaluator`. Refused (422) for a task the operator
+    does not allow (GRAPE_EVAL_TASKS) or no live evaluator offers, (503) when no evaluator is running, (409) for
+    a training job that has not succeeded."""
 
 
 class EvaluationCreated(BaseModel):

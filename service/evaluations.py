@@ -1,16 +1,18 @@
 """Service functions behind the evaluation routes. The gateway checks, queues and reports; evaluators run lm-eval.
 
-An evaluation is refused before it is queued when it could not run: a task no live evaluator knows (422,
-with near matches), no evaluator running at all (503), a training job that does not exist (422) or has not
-succeeded (409), a model name the operator does not allow (422, GRAPE_ALLOWED_MODELS), too many queued
-evaluations (429).
+An evaluation is refused before it is queued when it could not run: a task the operator does not allow
+(422 naming GRAPE_EVAL_TASKS), a task no live evaluator offers (422, with near matches or the evaluators'
+reason), no evaluator running at all (503), a training job that does not exist (422) or has not succeeded
+(409), a model name the operator does not allow (422, GRAPE_ALLOWED_MODELS), too many queued evaluations (429).
 """
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from redis.asyncio import Redis
@@ -21,6 +23,7 @@ from grape.evaluations import (
     is_eval_id,
     new_eval_id,
     new_evaluation_fields,
+    task_allowed,
 )
 from grape.jobs import JobState
 from grape.keys import Keys, is_job_id
@@ -32,7 +35,7 @@ from grape.store.io import acall, arun
 from grape.store.jobqueue import EVALUATIONS, TRAINING
 from grape.store.tenants import owner
 from grape.tenancy import LOCAL, Identity
-from service.errors import Busy, Conflict, NotFound, Unprocessable
+from service.errors import Busy, Conflict, NotFound, Unprocessable, shown
 from service.evaluation_schemas import EvaluationPublic
 from service.logs import record_log
 from service.model_access import check_model
@@ -51,24 +54,84 @@ async def live_evaluators(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
     return await EVALUATIONS.beats(keys, HOUR_S).live(redis)
 
 
-async def check_tasks(*, redis: Redis, keys: Keys, tasks: list[str]) -> None:
-    """Every task must be one a live evaluator published (lm-eval's TaskManager names, with GRAPE_EVAL_TASK_DIR):
-    checked when asked, not after an hour of training. 503 without a live evaluator, 422 naming the task."""
+HINT_TTL_S = 60.0
+"""How long the names near matches are searched in are kept per key prefix (they change when evaluators start)."""
+_hint_names: dict[tuple[str, tuple[str, ...]], tuple[float, tuple[str, ...]]] = {}
+_hint_reads: dict[tuple[str, tuple[str, ...]], asyncio.Task] = {}
+# one near-match search at a time per gateway process (the rest wait for the thread): CPU-bound, each holds
+# the GIL the event loop needs, and would otherwise take threads of the default pool selections use
+_hint_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grape-hint")
+
+
+async def check_tasks(*, redis: Redis, keys: Keys, settings: Settings, tasks: list[str]) -> None:
+    """Every task must be one the operator allows (GRAPE_EVAL_TASKS; unset: the tasks of the evaluators'
+    GRAPE_EVAL_TASK_DIR) and a live evaluator offers: checked when asked, not after an hour of training. 503
+    without a live evaluator, 422 naming the setting or the task (cut to 64 characters)."""
     if not await live_evaluators(redis, keys):
         raise Busy(NO_EVALUATOR, retry_after=30, status=503)
+    patterns = settings.eval_task_patterns()
+    if patterns:
+        allowed = [task_allowed(t, patterns, set()) for t in tasks]
+    else:
+        allowed = await arun(redis, eval_tasks.in_task_dir(keys, tasks))
+    refused = [t for t, ok in zip(tasks, allowed, strict=True) if not ok]
+    if refused:
+        rule = (
+            f"GRAPE_EVAL_TASKS={settings.eval_tasks}"
+            if patterns
+            else "GRAPE_EVAL_TASKS is unset: only the tasks of the evaluators' GRAPE_EVAL_TASK_DIR"
+        )
+        raise await _unknown(redis, keys, settings, refused, f" or not allowed by the operator ({rule})")
     known = await arun(redis, eval_tasks.known(keys, tasks))
     unknown = [t for t, ok in zip(tasks, known, strict=True) if not ok]
-    if not unknown:
-        return
-    near = difflib.get_close_matches(unknown[0], await arun(redis, eval_tasks.every(keys)), n=5, cutoff=0.6)
+    if unknown:
+        why = [w for w in await arun(redis, eval_tasks.refusals(keys, unknown)) if w]
+        raise await _unknown(redis, keys, settings, unknown, f": {why[0]}" if why else " (no live evaluator offers it)")
+
+
+async def _unknown(redis: Redis, keys: Keys, settings: Settings, names: list[str], why: str) -> Unprocessable:
+    """The 422 of tasks a request may not use: each name cut to 64 characters, with near matches."""
+    near = await _near(redis, keys, settings, names[0][:64])
     hint = f"; did you mean {', '.join(near)}?" if near else ""
-    raise Unprocessable(
-        f"tasks: {', '.join(repr(t) for t in unknown)} not known to the evaluators (lm-eval's tasks and those in "
-        f"their GRAPE_EVAL_TASK_DIR){hint}",
+    return Unprocessable(
+        f"tasks: {', '.join(shown(t) for t in names[:10])} not known to the evaluators{why}{hint}",
         field="tasks",
-        unknown=unknown,
+        unknown=[t[:64] for t in names[:10]],
         near=near,
     )
+
+
+async def _near(redis: Redis, keys: Keys, settings: Settings, name: str) -> list[str]:
+    """Near matches among the names a request may use (allowed and offered), off the event loop: difflib over
+    thousands of names takes a CPU-bound fraction of a second."""
+    names = await _hint_list(redis, keys, tuple(settings.eval_task_patterns()))
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_hint_pool, difflib.get_close_matches, name, names, 5, 0.6)
+
+
+async def _hint_list(redis: Redis, keys: Keys, patterns: tuple[str, ...]) -> tuple[str, ...]:
+    """The allowed offered names, read once per HINT_TTL_S; concurrent requests share one read."""
+    slot = (keys.prefix, patterns)
+    cached = _hint_names.get(slot)
+    if cached is not None and time.monotonic() - cached[0] <= HINT_TTL_S:
+        return cached[1]
+    read = _hint_reads.get(slot)
+    if read is None or read.done():
+        read = _hint_reads[slot] = asyncio.ensure_future(_read_hint_list(redis, keys, patterns))
+    return await asyncio.shield(read)
+
+
+async def _read_hint_list(redis: Redis, keys: Keys, patterns: tuple[str, ...]) -> tuple[str, ...]:
+    offered = await arun(redis, eval_tasks.every(keys))
+    local = set() if patterns else await arun(redis, eval_tasks.dir_tasks(keys))
+    loop = asyncio.get_running_loop()
+    names = await loop.run_in_executor(
+        _hint_pool, lambda: tuple(sorted(n for n in offered if task_allowed(n, list(patterns), local)))
+    )
+    if len(_hint_names) >= 64:  # one entry per key prefix and setting: a few in any deployment
+        _hint_names.clear()
+    _hint_names[(keys.prefix, patterns)] = (time.monotonic(), names)
+    return names
 
 
 async def resolve_model(
@@ -106,7 +169,7 @@ async def create_evaluation(
 ) -> str:
     """Check and queue an evaluation of `who`'s tenant (403 past its active_evaluations quota); its id."""
     resolved = await resolve_model(redis=redis, keys=keys, settings=settings, model=body.model, who=who)
-    await check_tasks(redis=redis, keys=keys, tasks=body.tasks)
+    await check_tasks(redis=redis, keys=keys, settings=settings, tasks=body.tasks)
     spec = EvalSpec(**body.model_dump(), **resolved, experiment_id=experiment_id)
     eval_id = new_eval_id()
     fields = new_evaluation_fields(eval_id, spec, time.time(), settings.eval_max_attempts)

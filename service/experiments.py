@@ -48,6 +48,7 @@ from service.errors import ApiError, Conflict, NotFound, Unprocessable, shown
 from service.experiment_schemas import ExperimentCreate, ExperimentCreated, ExperimentPublic
 from service.model_access import check_chat_template, check_model
 from service.tenancy import check_free, count_active, experiment_missing, owned_dataset
+from service.training import check_job_budget
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,9 @@ async def create_experiment(
     await check_model(redis=redis, keys=keys, settings=settings, name=base_model, field="base_model")
     check_chat_template(settings, body.hyperparameters.chat_template)
     check_arms(body, meta)
+    # each arm is a training job on budget.pairs records with these hyperparameters: one check covers every
+    # arm, before anything is stored
+    check_job_budget(settings, body.hyperparameters, body.budget.pairs)
     # the tenant's quotas, before any work and before anything is stored: a slot for the experiment, and one
     # training job per arm (queued when the experiment is created, so they must fit now)
     exp_limit, exp_used = await check_free(redis, keys, settings, who.tenant, "active_experiments")
@@ -183,7 +187,7 @@ async def create_experiment(
             f"{ds.items} items scored or failed): an experiment needs a fully scored dataset; retry when it is done",
             dataset_state=ds.state.value,
         )
-    await eval_svc.check_tasks(redis=redis, keys=keys, tasks=body.evaluation.tasks)
+    await eval_svc.check_tasks(redis=redis, keys=keys, settings=settings, tasks=body.evaluation.tasks)
     selections, common = await materialize(redis, keys, body)
     exp_id = ex.new_experiment_id()
     now = time.time()

@@ -2,8 +2,9 @@
 
 A job is refused before it is queued when it could not produce a useful run: unknown dataset (404),
 unknown strategy or scores the strategy needs not requested (422), dataset still scoring (409),
-empty selection (422), a base model the operator does not allow (422, GRAPE_ALLOWED_MODELS), too many
-queued jobs (429). The request itself is an allow-list (grape.jobs.Hyperparameters): nothing in it names a
+empty selection (422), a base model the operator does not allow (422, GRAPE_ALLOWED_MODELS), more
+training or checkpoints than the operator's budget (422, GRAPE_MAX_TRAIN_TOKENS, GRAPE_MAX_TRAIN_SAVES), too
+many queued jobs (429). The request itself is an allow-list (grape.jobs.Hyperparameters): nothing in it names a
 file, a directory, code or a machine setting.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from grape.jobs import JobSpec, JobState, new_job_fields
+from grape.jobs import Hyperparameters, JobRequest, JobSpec, JobState, OverBudget, check_budget, new_job_fields
 from grape.keys import Keys, is_job_id, new_job_id
 from grape.records import DatasetState
 from grape.redis_client import as_str as _text
@@ -29,7 +30,7 @@ from grape.store.errors import OverQuota
 from grape.store.io import Call, acall, arun
 from grape.store.jobqueue import TRAINING
 from grape.store.tenants import UNLIMITED
-from grape.strategies import SelectParams
+from grape.strategies import STRATEGIES, SelectParams
 from grape.tenancy import LOCAL, Identity, quotas_of
 from service.datasets import dataset_status, selection_lines
 from service.errors import Busy, Conflict, NotFound, Unprocessable
@@ -64,6 +65,7 @@ async def create_job(
             items=ds.items,
             scored_items=ds.scored_items,
         )
+    check_job_budget(settings, body.hyperparameters, selection_bound(body, ds.items, ds.candidates))
     params = SelectParams(k=body.k, reduce=body.reduce, n=body.n, tau=body.tau, seed=body.seed)
     if not await _selection_nonempty(redis, keys, body.dataset_id, body.strategy, params):
         raise Unprocessable(
@@ -88,6 +90,25 @@ async def create_job(
             retry_after=60,
         )
     return TrainingJobCreated(id=job_id, state=JobState.queued)
+
+
+def selection_bound(body: JobRequest, items: int, candidates: int) -> int:
+    """At most how many records the job's selection holds, from the dataset's counts: a per-instruction
+    strategy keeps at most k of each instruction's candidates, a pool-wide one at most n. An upper bound
+    (counting the selection exactly would run it whole at every submit), so epochs are never undercounted."""
+    if getattr(STRATEGIES.get(body.strategy), "per_instruction", False):
+        return min(items * body.k, candidates)
+    return min(body.n, candidates) if body.n is not None else candidates
+
+
+def check_job_budget(settings: Settings, hp: Hyperparameters, records: int, where: str = "hyperparameters") -> None:
+    """422 when the job asks for more training than GRAPE_MAX_TRAIN_TOKENS or more checkpoints than
+    GRAPE_MAX_TRAIN_SAVES. One process counted: the gateway cannot know the trainer's world size (the trainer
+    checks again with it)."""
+    try:
+        check_budget(hp, records, max_tokens=settings.max_train_tokens, max_saves=settings.max_train_saves, where=where)
+    except OverBudget as exc:
+        raise Unprocessable(str(exc), field=where) from None
 
 
 async def _selection_nonempty(redis: Redis, keys: Keys, dataset_id: str, strategy: str, params: SelectParams) -> bool:

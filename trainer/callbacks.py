@@ -149,7 +149,8 @@ class JobProgressCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> TrainerControl:
         if state.is_world_process_zero:
-            dirs = checkpoint_dirs(args.output_dir)
+            # the newest save_total_limit, as on disk after transformers' rotation: the record stays bounded
+            dirs = checkpoint_dirs(args.output_dir)[-(args.save_total_limit or 1) :]
             self._hset(checkpoints=orjson.dumps(dirs).decode())
             self._log(f"checkpoint saved at step {state.global_step}", path=dirs[-1] if dirs else None)
         return control

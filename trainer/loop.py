@@ -29,7 +29,7 @@ import orjson
 import redis
 
 from grape.experiments import write_stored_selection
-from grape.jobs import JobSpec, JobState
+from grape.jobs import JobSpec, JobState, kept_checkpoints
 from grape.keys import Keys, is_job_id
 from grape.settings import Settings
 from grape.store.consumer import QueueConsumer
@@ -175,7 +175,8 @@ class TrainerLoop(QueueConsumer):
             return
         ctx = TrainContext(job_id, spec, data, out, resume=resume, trainer_name=self.name, settings=self.settings)
         outcome = self._train(ctx)
-        ckpts = checkpoint_dirs(out)
+        keep = kept_checkpoints(spec.hyperparameters.save_total_limit, self.settings.train_save_total_limit)
+        ckpts = checkpoint_dirs(out)[-keep:]  # the newest, as transformers keeps them on disk
         self._set(job_id, checkpoints=orjson.dumps(ckpts).decode())
         if outcome.stop is Stop.none:
             self._set(job_id, model_path=outcome.model_path or "")
@@ -225,6 +226,9 @@ class TrainerLoop(QueueConsumer):
                 "GRAPE_TRUST_REMOTE_CODE_MODELS": self.settings.trust_remote_code_models,
                 "GRAPE_TRAIN_REPORT_TO": self.settings.train_report_to,
                 "GRAPE_TRAIN_DATALOADER_WORKERS": str(self.settings.train_dataloader_workers),
+                "GRAPE_MAX_TRAIN_TOKENS": str(self.settings.max_train_tokens),
+                "GRAPE_MAX_TRAIN_SAVES": str(self.settings.max_train_saves),
+                "GRAPE_TRAIN_SAVE_TOTAL_LIMIT": str(self.settings.train_save_total_limit),
             }
         )
         if self.settings.chat_template_dir is not None:

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from grape.formatting import plain_prompt, resolve_template
-from grape.jobs import MAX_LENGTH_CAP, JobSpec
+from grape.jobs import MAX_LENGTH_CAP, JobSpec, check_budget, kept_checkpoints
 from grape.records import Template
 from grape.settings import Settings
 from trainer.context import OUTCOME_FILE, Outcome, Stop, TrainContext
@@ -82,7 +82,8 @@ def sft_config_kwargs(
         "seed": hp.seed,
         "logging_steps": hp.logging_steps,
         "save_steps": hp.save_steps,
-        "save_total_limit": hp.save_total_limit,
+        # the operator's GRAPE_TRAIN_SAVE_TOTAL_LIMIT caps what a job keeps on the trainer's disk
+        "save_total_limit": kept_checkpoints(hp.save_total_limit, settings.train_save_total_limit),
         # without a GPU: CPU training (gloo when several processes), fp32 unless bf16 is asked
         "bf16": hp.bf16 if hp.bf16 is not None else (None if accelerator else False),
         # the job's own settings and the operator's: never from a request
@@ -166,6 +167,16 @@ def build_trainer(ctx: TrainContext, callbacks: list[Any] | None = None) -> tupl
         kw["assistant_only_loss"] = False
         kw["completion_only_loss"] = hp.assistant_only_loss
     args = SFTConfig(**kw)
+    # defence in depth: the gateway counted one process and at most the selection's size; here the real
+    # record count, world size and max_length decide, against this trainer's own caps (OverBudget fails the job)
+    check_budget(
+        hp,
+        len(records),
+        max_tokens=settings.max_train_tokens,
+        max_saves=settings.max_train_saves,
+        world_size=args.world_size,
+        max_length=kw["max_length"],
+    )
     peft_config = None
     if spec.lora is not None:
         from peft import LoraConfig
