@@ -44,7 +44,7 @@ def client(settings: Settings, **update: Any) -> TestClient:
 def fake_evaluator(rclient: redis.Redis, keys: Keys, name: str = "stand-in") -> str:
     """An evaluator's presence as the gateway sees it: a live heartbeat and the task names it can run."""
     EVALUATIONS.beats(keys, 600).publish(rclient, name, {"name": name})
-    eval_tasks.publish(rclient, keys, [TASK])
+    eval_tasks.publish(rclient, keys, [TASK], [TASK])  # a task of its GRAPE_EVAL_TASK_DIR
     return name
 
 

@@ -74,7 +74,7 @@ def null_worker(rclient: redis.Redis, keys: Keys) -> Iterator[Worker]:
 def evaluator(rclient: redis.Redis, keys: Keys) -> None:
     """An evaluator's heartbeat and the task it can run: evaluations can be created (none runs here)."""
     EVALUATIONS.beats(keys, 600).publish(rclient, "eval-test", {"name": "eval-test"})
-    eval_tasks.publish(rclient, keys, [TASK])
+    eval_tasks.publish(rclient, keys, [TASK], [TASK])  # a task of its GRAPE_EVAL_TASK_DIR
 
 
 def tenants_file(tmp_path: Path, text: str) -> Path:
