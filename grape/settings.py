@@ -172,6 +172,13 @@ class Settings(BaseSettings):
         2.0, gt=0, description="Gateway: how often its background task advances unfinished experiments."
     )
 
+    # edges (issue 19): what /metrics shows without a key; the processes a killed worker leaves
+    metrics_detail: bool = Field(
+        False,
+        description="Gateway: /metrics carries the per-dataset and per-worker series (dataset ids, worker names) "
+        "for every scraper; by default only for a scrape with a valid API key (or a gateway without keys).",
+    )
+
     def training_dir(self) -> Path:
         return self.train_dir if self.train_dir is not None else self.cache_dir / "train"
 
