@@ -197,3 +197,56 @@ def test_a_killed_evaluator_leaves_no_evaluation_process(redis_url, keys, rclien
             assert any("evaluator.run" in c for c in seen.values()), seen
             left = kill_and_watch(evaluator, seen)
             assert not left, f"alive {GONE_WITHIN_S:.0f} s after the evaluator was killed: {left}"
+
+
+# ---- the mechanism itself (grape.lifeline), on small processes -------------------------------------------
+
+SHOW_PDEATHSIG = "import ctypes; s = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(s)); print(s.value)"
+"""A command that prints the parent-death signal it runs with (prctl PR_GET_PDEATHSIG)."""
+
+
+def test_a_command_run_through_the_lifeline_dies_with_the_process_that_asked_only(tmp_path) -> None:
+    wrapped = [sys.executable, "-m", "grape.lifeline", "--", sys.executable, "-c", SHOW_PDEATHSIG]
+    env = cli_env("", Keys("unused"))
+
+    def run(parent: str) -> subprocess.CompletedProcess:
+        return subprocess.run(wrapped, env={**env, PARENT_ENV: parent}, capture_output=True, text=True, cwd=ROOT)
+
+    mine = run(str(os.getpid()))
+    assert (mine.returncode, mine.stdout.strip()) == (0, str(int(signal.SIGKILL))), mine.stderr
+    stranger = run(str(os.getppid()))  # alive, but not the command's parent: not followed
+    assert (stranger.returncode, stranger.stdout.strip()) == (0, "0"), stranger.stderr
+    unset = run("")
+    assert (unset.returncode, unset.stdout.strip()) == (0, "0"), unset.stderr
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    late = run(str(gone.pid))  # its parent died before it could arm: it must not run on
+    assert late.returncode == 1 and late.stdout == "", late
+
+
+def test_exec_and_forked_children_die_with_a_guarding_process(tmp_path) -> None:
+    """What `accelerate launch` (not grape code) and vLLM's `fork` start method rely on."""
+    script = (
+        "import multiprocessing, os, subprocess, sys, time\n"
+        "from grape import lifeline\n"
+        "lifeline.guard_children()\n"
+        "subprocess.Popen(lifeline.command(['sleep', '300']), env=lifeline.child_env(dict(os.environ)),"
+        " start_new_session=True)\n"
+        "multiprocessing.get_context('fork').Process(target=time.sleep, args=(300,)).start()\n"
+        "time.sleep(300)\n"
+    )
+    log = tmp_path / "guard.log"
+    parent = start([sys.executable, "-c", script], cli_env("", Keys("unused")), log)
+    seen: dict[Proc, str] = {}
+    with reaped(seen, parent):
+
+        def both() -> bool:
+            seen.update(descendants(parent.pid))
+            return len([c for c in seen.values() if c == "sleep 300" or c.startswith(sys.executable)]) >= 2
+
+        wait_for("an exec'ed and a forked child", both, parent, log, timeout=30)
+        time.sleep(0.5)
+        watched = descendants(parent.pid)
+        assert len(watched) >= 2 and all(alive(p) for p in watched), watched
+        left = kill_and_watch(parent, watched)
+        assert not left, f"alive {GONE_WITHIN_S:.0f} s after their parent was killed: {left}"
