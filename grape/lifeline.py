@@ -38,10 +38,6 @@ except (OSError, AttributeError):  # not Linux: callers' own cleanup is all ther
 _fork_hook_installed = False
 
 
-def supported() -> bool:
-    return _prctl is not None
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -102,11 +98,9 @@ def guard_children() -> None:
 def vllm_plugin() -> None:
     """vLLM's `vllm.general_plugins` entry point: runs in every process vLLM starts (and in the one that
     builds the engine). It must never raise: vLLM calls it unguarded."""
-    try:
+    with contextlib.suppress(Exception):
         if hold_on() or os.environ.get(PARENT_ENV) == str(os.getpid()):
             guard_children()  # an engine process: its own workers follow it in turn
-    except Exception:  # noqa: BLE001
-        pass
 
 
 def command(cmd: list[str]) -> list[str]:
