@@ -29,6 +29,7 @@ from typing import IO, Any
 import orjson
 import redis
 
+from grape import lifeline
 from grape.evaluations import EvalSpec, EvalState
 from grape.keys import Keys
 from grape.settings import Settings
@@ -172,7 +173,7 @@ class EvaluatorLoop(QueueConsumer):
         # the child runs this very code whatever its working directory (the task dir): our source root first
         root = str(Path(__file__).resolve().parents[1])
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-        env = {**os.environ, "PYTHONPATH": path, "GRAPE_EVALUATOR_PID": str(os.getpid()), "TQDM_MININTERVAL": "1"}
+        env = lifeline.child_env({**os.environ, "PYTHONPATH": path, "TQDM_MININTERVAL": "1"})
         proc = subprocess.Popen(
             cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
         )

@@ -9,34 +9,21 @@ relative `data_files` of the operator's task YAML files are relative to that dir
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
-import os
-import signal
 import sys
 import traceback
 from pathlib import Path
 
 import orjson
 
-PR_SET_PDEATHSIG = 1
-PARENT_ENV = "GRAPE_EVALUATOR_PID"
-
-
-def die_with_parent() -> None:
-    """Linux: be killed when the evaluator that started us dies (even by SIGKILL), so a dead evaluator
-    leaves no orphan burning the CPU its successor needs."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return  # not Linux: the evaluator kills us on every way out it survives
-    parent = os.environ.get(PARENT_ENV)
-    if parent and os.getppid() != int(parent):  # it died before prctl took effect
-        os._exit(1)
+from grape import lifeline
 
 
 def main(argv: list[str] | None = None) -> int:
-    die_with_parent()
+    # Linux: killed when the evaluator that started us dies (even by SIGKILL), so a dead evaluator leaves no
+    # orphan burning the CPU its successor needs; lm-eval's own processes (vLLM's engine) follow us in turn
+    lifeline.hold_on()
+    lifeline.guard_children()
     p = argparse.ArgumentParser(prog="python -m evaluator.run")
     p.add_argument("spec", type=Path)
     p.add_argument("out", type=Path)

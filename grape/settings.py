@@ -303,6 +303,13 @@ class Settings(BaseSettings):
     def eval_unsafe_code_patterns(self) -> list[str]:
         return [t.strip() for t in self.eval_unsafe_code_tasks.split(",") if t.strip()]
 
+    # edges (issue 19): what /metrics shows without a key; the processes a killed worker leaves
+    metrics_detail: bool = Field(
+        False,
+        description="Gateway: /metrics carries the per-dataset and per-worker series (dataset ids, worker names) "
+        "for every scraper; by default only for a scrape with a valid API key (or a gateway without keys).",
+    )
+
     def training_dir(self) -> Path:
         return self.train_dir if self.train_dir is not None else self.cache_dir / "train"
 

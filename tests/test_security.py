@@ -349,7 +349,7 @@ def _half_sent_header(port: int, size: int) -> tuple[bool, float]:
     try:
         sock.sendall(head + b"a" * size)
         answer = sock.recv(65536)
-        refused = answer == b"" or answer.startswith(b"HTTP/1.1 400")
+        refused = answer == b"" or answer.startswith(b"HTTP/1.1 431")
     except OSError:  # reset while sending: the server closed the connection before reading it all
         refused = True
     finally:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import orjson
 import redis
 
+from grape import lifeline
 from grape.experiments import write_stored_selection
 from grape.jobs import JobSpec, JobState, kept_checkpoints
 from grape.keys import Keys, is_job_id
@@ -240,8 +241,17 @@ class TrainerLoop(QueueConsumer):
         cmd = self.command(ctx)
         logfile = ctx.output_dir / TRAIN_LOG_FILE
         self._log(ctx.job_id, f"launching: {' '.join(cmd)} (output in {logfile})")
+        # its own session (a signal to the trainer's terminal group is not the job's), yet it dies with this
+        # trainer however the trainer ends: armed before its exec (grape.lifeline), from this thread, which
+        # waits for it, so the signal cannot come early when the trainer runs in a thread of its own
         with open(logfile, "ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            proc = subprocess.Popen(
+                lifeline.command(cmd),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=lifeline.child_env(env),
+                start_new_session=True,
+            )
             code = proc.wait()
         if code != 0 or not outcome_file.exists():
             tail = logfile.read_text(errors="replace").strip().splitlines()[-8:]

@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from grape import lifeline
 from grape.formatting import plain_prompt, resolve_template
 from grape.jobs import MAX_LENGTH_CAP, JobSpec, check_budget, kept_checkpoints
 from grape.records import Template
@@ -253,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # a rank under `accelerate launch` dies with its launcher, itself armed by the trainer (grape.lifeline);
+    # run straight by the trainer, this process was armed before its exec and this is a no-op
+    lifeline.hold_on()
+    lifeline.guard_children()
     from grape.keys import Keys
     from grape.redis_client import connect
     from grape.settings import DEFAULT_REDIS_URL, get_settings

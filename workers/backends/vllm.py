@@ -42,6 +42,7 @@ import os
 import time
 from typing import Any
 
+from grape import lifeline
 from workers.backends.base import BackendConfig, ScoreRequest
 
 log = logging.getLogger(__name__)
@@ -271,6 +272,8 @@ class VLLMBackend:
         # tensor_parallel_size, max_num_batched_tokens, enforce_eager, block_size...
         engine_args.update({k: v for k, v in config.extra.items() if k != "share_prefix"})
 
+        # vLLM's engine processes die with this worker, even when it is SIGKILLed (grape.lifeline's plugin)
+        lifeline.guard_children()
         started = time.perf_counter()
         self.llm = LLM(**engine_args)
         self.engine_seconds = time.perf_counter() - started
