@@ -172,6 +172,16 @@ class Settings(BaseSettings):
         2.0, gt=0, description="Gateway: how often its background task advances unfinished experiments."
     )
 
+    # ---- fair share of the scoring queues (issue 19) ----
+    fair_share_window: int = Field(
+        8,
+        ge=1,
+        le=10_000,
+        description="Chunks an upload tops a model's stream up to, ahead of the round-robin; the rest waits in "
+        "its dataset's backlog and workers take one chunk per dataset in turn. A dataset uploaded later waits "
+        "behind at most this many chunks of the others (plus one turn of the datasets with work).",
+    )
+
     def training_dir(self) -> Path:
         return self.train_dir if self.train_dir is not None else self.cache_dir / "train"
 

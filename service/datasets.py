@@ -175,10 +175,10 @@ async def ingest(
         )
     accepted: set[str] = set()
     for chunk in scoring.chunked(items, settings.chunk_pairs):
-        new = await acall(redis, scoring.ingest(keys, dataset_id, meta, chunk))
+        new = await acall(redis, scoring.ingest(keys, dataset_id, meta, chunk, settings.fair_share_window))
         accepted.update(as_str(x) for x in new or [])
     fresh = [it for it in items if it["id"] in accepted]
-    await arun(redis, store.catch_up(keys, dataset_id, meta, fresh, settings.chunk_pairs))
+    await arun(redis, store.catch_up(keys, dataset_id, meta, fresh, settings.chunk_pairs, settings.fair_share_window))
     return IngestResult(
         accepted=len(accepted),
         duplicates=len(items) - len(accepted),
@@ -284,7 +284,8 @@ async def request_scores(
 ) -> list[str]:
     """Add score kinds to a dataset; the tasks that are new, for which its stored items were queued."""
     models = {"scorer_model": body.scorer_model, "embedding_model": body.embedding_model}
-    return await arun(redis, store.request_scores(keys, dataset_id, body.scores, models, settings.chunk_pairs))
+    plan = store.request_scores(keys, dataset_id, body.scores, models, settings.chunk_pairs, settings.fair_share_window)
+    return await arun(redis, plan)
 
 
 async def delete_dataset(*, redis: Redis, keys: Keys, dataset_id: str) -> None:
