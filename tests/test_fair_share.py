@@ -176,7 +176,8 @@ def test_hf_worker_scores_a_one_item_dataset_before_a_twelve_item_one_is_half_do
     at = got["a_at_b_done"]
     assert got["b_done"]["scored_items"] == 1 and got["b_done"]["failed_items"] == 0
     assert at["scored_items"] < 12 / 2, at
-    assert rec.at_small_done is not None and rec.at_small_done["A"] < 12 * 2 / 2, rec.at_small_done
+    # exactly: the window's A chunk, then A and B in turn (A was first in the ring): B third
+    assert rec.at_small_done == {"A": 2 * 2, "B": 2}, rec.at_small_done
     assert (st_a["scored_items"], st_a["scored_candidates"], st_a["failed_items"]) == (12, 24, 0)
     _drained(rclient, keys)
 
