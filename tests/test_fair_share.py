@@ -289,3 +289,34 @@ def test_a_score_kind_requested_later_is_queued_in_turn(api, keys, rclient) -> N
     assert rclient.lrange(q.ring, 0, -1) == [ds.encode()] and rclient.llen(q.backlog(ds)) == 10 - window
     assert api.delete(f"/v1/datasets/{ds}").status_code == 204
     assert rclient.llen(q.ring) == 0 and int(rclient.get(q.waiting)) == 0 and not rclient.exists(q.backlog(ds))
+
+
+def test_a_stopped_worker_hands_its_chunks_back_ahead_of_the_backlogs(api, keys, rclient, model_path, worker_factory):
+    """SIGTERM (stop) while a batch is in the backend and more are read ahead, with chunks waiting in the
+    backlog: nothing stays pending, every item is scored, in the stream or in the backlog exactly once, and
+    the next worker scores each candidate once."""
+    q = keys.score_queue("logprob", MODEL)
+    ds = create(api)
+    items = _items("A", 80)  # 10 chunks of 16 pairs: 8 in the stream, 2 in the backlog
+    api.post(f"/v1/datasets/{ds}/items", json={"items": items})
+    rec = Recorder(load_backend("null", BackendConfig(model=model_path)), "-", 1)
+    w = worker_factory(backend=rec, read_count=2)
+    assert rec.started(120)
+    _wait(lambda: rclient.xpending(q.stream, GROUP)["pending"] >= 6, 60, "the worker reads ahead")
+    w.stop()
+    rec.go()
+    _wait(lambda: not rclient.exists(keys.worker(w.name)), 60, "the worker stops")
+    assert rclient.xpending(q.stream, GROUP)["pending"] == 0
+    in_stream = [i for _, f in rclient.xrange(q.stream) for i in scoring.parse_entry(f)[1]]
+    in_backlog = [
+        i for c in rclient.lrange(q.backlog(ds), 0, -1) for i in scoring.parse_entry({"ds": ds, "items": c})[1]
+    ]
+    scored = [k.decode() for k in rclient.hkeys(keys.scores(ds))]
+    assert 0 < len(scored) < 80 and in_backlog  # stopped mid-way, with chunks still waiting their turn
+    assert sorted(scored + in_stream + in_backlog) == sorted(it["id"] for it in items)
+    assert in_backlog == [it["id"] for it in items[64:]]  # the hand-back went into the stream, ahead of them
+    rec.release()
+    worker_factory(backend=load_backend("null", BackendConfig(model=model_path)))
+    st = wait_done(api, ds, timeout=120)
+    assert (st["scored_candidates"], st["failed_items"], rec.pairs["A"]) == (160, 0, len(scored) * 2)
+    _drained(rclient, keys)
