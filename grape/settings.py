@@ -179,7 +179,7 @@ class Settings(BaseSettings):
         le=10_000,
         description="Chunks an upload tops a model's stream up to, ahead of the round-robin; the rest waits in "
         "its dataset's backlog and workers take one chunk per dataset in turn. A dataset uploaded later waits "
-        "behind at most this many chunks of the others (plus one turn of the datasets with work).",
+        "behind at most this many chunks of the others, plus what the workers hold and one turn of the datasets.",
     )
 
     def training_dir(self) -> Path:
