@@ -124,6 +124,8 @@ def main() -> int:
         scored = {k.decode() for k in r.hkeys(keys.scores(ds))}
         failed = {k.decode() for k in r.hkeys(keys.failed(ds))}
         queued = {i for _, f in r.xrange(keys.stream(MODEL)) for i in orjson.loads(f[b"items"])}
+        # and the chunks waiting for their turn in the dataset's backlog (fair share)
+        queued |= {i for chunk in r.lrange(keys.backlog(ds, "logprob"), 0, -1) for i in orjson.loads(chunk)}
         try:
             pending = r.xpending(keys.stream(MODEL), "scorers")["pending"]
         except redis.ResponseError:  # no consumer group: no worker ever read

@@ -1,7 +1,7 @@
 """What the machinery around the model costs: the queue, the worker loop, the gateway.
 
-    python bench/pipeline.py                       # all three parts
-    python bench/pipeline.py --parts null,ingest   # a subset: null, ingest, efficiency
+    python bench/pipeline.py                       # all four parts
+    python bench/pipeline.py --parts null,fair     # a subset: null, ingest, efficiency, fair
 
 Prints:
   (i)   null: pair-tokens/s one worker process (`grape worker --backend null`: tokenizes, checks, writes
@@ -10,6 +10,10 @@ Prints:
   (iii) efficiency: the service end to end (gateway + Redis + one worker with its default backend, upload ->
         `done`) against the same backend called directly, in this process, on the same requests (the
         worker's own tokenization); target >= 95%.
+  (iv)  fair: the fair share of one model's queue. A big dataset is queued, null-backend worker processes
+        start on it, and a small one (400 pairs) is uploaded once the big one is being scored: how far the
+        big one was when the small one was done (first come, first served: 100%; the fair share: a few
+        percent), how long the small one took, and the rate of the whole run.
 
 Real Redis (REDIS_URL, else 127.0.0.1:6379) under a key prefix of its own, removed afterwards; the real
 pool from ../shared/data; real processes (`python -m service`, `python -m workers`). On a machine shared
@@ -170,6 +174,46 @@ def bench_null(svc: Service, r: redis.Redis, args: argparse.Namespace) -> None:
     )
 
 
+# (iv) ----------------------------------------------------------------------------------------------------
+def bench_fair(svc: Service, r: redis.Redis, args: argparse.Namespace) -> None:
+    keys = Keys(svc.prefix)
+    big = pool(copies=args.fair_copies)
+    small = [{**it, "id": f"small-{it['id']}"} for it in pool(n=args.fair_small_items)]
+    big_pairs, small_pairs = (sum(len(i["candidates"]) for i in x) for x in (big, small))
+
+    def scored(ds: str) -> int:
+        return int(r.hget(keys.stats(ds), "scored_candidates") or 0)
+
+    with httpx.Client(timeout=600) as client:
+        a, b = svc.dataset(client), svc.dataset(client)
+        for k in range(0, len(big), 500):
+            svc.upload(client, a, ndjson(big[k : k + 500]))
+        names = [f"fair-{i}-{uuid.uuid4().hex[:4]}" for i in range(args.fair_workers)]
+        procs = [svc.worker(n, "--backend", "null", "--idle-exit", "3") for n in names]
+        for n, p in zip(names, procs, strict=True):
+            svc.wait_ready(r, n, p)
+        while (before := scored(a)) == 0:  # the big one is being scored: now the small one arrives
+            time.sleep(0.005)
+        t0 = time.perf_counter()
+        svc.upload(client, b, ndjson(small))
+        while scored(b) < small_pairs:  # polled every 5 ms: the big one's count is read within ~10 pairs
+            time.sleep(0.005)
+        small_s, at = time.perf_counter() - t0, scored(a)
+        wait_done(client, svc.url, a, poll=0.05)
+        for p in procs:
+            p.wait(timeout=120)
+    stats = [{k.decode(): float(v) for k, v in r.hgetall(keys.stats(ds)).items()} for ds in (a, b)]
+    seconds = max(s["t_last"] for s in stats) - min(s["t_start"] for s in stats)
+    tokens = sum(s["tokens"] for s in stats)
+    print(
+        f"(iv)  fair share, {args.fair_workers} null worker processes: {small_pairs} pairs uploaded when a "
+        f"{big_pairs:,}-pair dataset was {before / big_pairs:.1%} scored were done after {small_s:.2f} s, when it "
+        f"was {at / big_pairs:.1%} scored (first come, first served: 100%); both datasets: {tokens:,.0f} "
+        f"pair-tokens in {seconds:.2f} s = {tokens / seconds:,.0f} pair-tokens/s",
+        flush=True,
+    )
+
+
 # (ii) ----------------------------------------------------------------------------------------------------
 def bench_ingest(svc: Service, r: redis.Redis, args: argparse.Namespace) -> None:
     items = pool(copies=max(1, -(-args.ingest_items // 403)))[: args.ingest_items]
@@ -284,7 +328,7 @@ def bench_efficiency(svc: Service, r: redis.Redis, args: argparse.Namespace) -> 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", default="null,ingest,efficiency")
+    ap.add_argument("--parts", default="null,ingest,efficiency,fair")
     ap.add_argument("--null-copies", type=int, default=4, help="(i) the real pool this many times (403 items each)")
     ap.add_argument("--null-worker-args", default="", help="(i) extra `grape worker` flags, e.g. '--read-count 8'")
     ap.add_argument("--ingest-uploads", type=int, default=16, help="(ii) uploads in all")
@@ -293,13 +337,16 @@ def main() -> int:
     ap.add_argument("--ingest-profile", action="store_true", help="(ii) also profile parse_upload in this process")
     ap.add_argument("--items", type=int, default=8, help="(iii) real items (8 candidates each)")
     ap.add_argument("--eff-start", type=int, default=100, help="(iii) first item of the pool used")
+    ap.add_argument("--fair-copies", type=int, default=8, help="(iv) the big dataset: the real pool this many times")
+    ap.add_argument("--fair-small-items", type=int, default=50, help="(iv) the small dataset: items (8 pairs each)")
+    ap.add_argument("--fair-workers", type=int, default=2, help="(iv) null-backend worker processes")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
 
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     r = redis.Redis.from_url(redis_url)
     print(f"pipeline bench: Redis {redis_url}, {os.cpu_count()} CPUs", flush=True)
-    runs = [("null", bench_null), ("ingest", bench_ingest), ("efficiency", bench_efficiency)]
+    runs = [("null", bench_null), ("ingest", bench_ingest), ("efficiency", bench_efficiency), ("fair", bench_fair)]
     for part, run in runs:
         if part not in parts:
             continue

@@ -8,11 +8,15 @@
 {p}:ds:{id}:failed                hash   item id -> reason
 {p}:ds:{id}:stats                 hash   counters (items, candidates, scored, failed, tokens, t_start, t_last)
 {p}:q:{model}                     stream work queue of one target model (model_key); entry = one chunk of item ids
+{p}:ring:{model}                  list   fair share: datasets with chunks in their backlog for this queue, in turn
+{p}:waiting:{model}               string fair share: chunks in the backlogs of this queue (all datasets)
+{p}:ds:{id}:backlog               list   fair share: the dataset's chunks not yet in the queue stream (item ids JSON)
 {p}:dead:{model}                  stream chunks that failed too often, with the reason
 {p}:ds:{id}:{result}              hash   extra tasks (grape.score_kinds): unconditioned, ratings, embeddings
 {p}:ds:{id}:{result}:failed       hash   item id -> reason, per extra task
 {p}:ds:{id}:{result}:stats        hash   counters of an extra task (same fields as stats)
 {p}:q:{task}:{model}              stream work queue of an extra task on one model (a model key has no ':')
+{p}:ring:{task}:{model}           list   its ring, {p}:waiting:{task}:{model} its count, {p}:ds:{id}:backlog:{task}
 {p}:dead:{task}:{model}           stream dead letters of an extra task
 {p}:worker:{name}                 string worker heartbeat JSON, with a TTL
 {p}:jobs                          zset   training job id -> creation time
@@ -131,6 +135,19 @@ class Keys:
     def task_stream(self, task: str, model: str) -> str:
         return self.stream(model) if task == "logprob" else f"{self.prefix}:q:{task}:{model_key(model)}"
 
+    def score_queue(self, task: str, model: str) -> ScoreQueue:
+        """The keys of a task's queue on a model, its fair share included (grape.store.scoring)."""
+        suffix = model_key(model) if task == "logprob" else f"{task}:{model_key(model)}"
+        tail = ":backlog" if task == "logprob" else f":backlog:{task}"
+        return ScoreQueue(
+            self.task_stream(task, model), f"{self.prefix}:ring:{suffix}", f"{self.prefix}:waiting:{suffix}",
+            f"{self.prefix}:ds:", tail,
+        )  # fmt: skip
+
+    def backlog(self, ds: str, task: str) -> str:
+        """list: a dataset's chunks of a task not yet moved into the task's stream (fair share)."""
+        return f"{self.prefix}:ds:{ds}:backlog" + ("" if task == "logprob" else f":{task}")
+
     def task_dead(self, task: str, model: str) -> str:
         return self.dead(model) if task == "logprob" else f"{self.prefix}:dead:{task}:{model_key(model)}"
 
@@ -206,6 +223,22 @@ class Keys:
     def tenant_usage(self, tenant: str) -> str:
         """hash: a tenant's counters kept by scripts (stored_pairs)."""
         return f"{self.prefix}:tenant:{tenant}:usage"
+
+
+@dataclass(frozen=True)
+class ScoreQueue:
+    """One scoring queue (a task on a model): the stream workers read, and its fair share: the ring of datasets
+    with chunks waiting, the count of those chunks, and each dataset's backlog list (`backlog_head` + dataset
+    id + `backlog_tail`, so a script can name the backlog of any dataset the ring holds)."""
+
+    stream: str
+    ring: str
+    waiting: str
+    backlog_head: str
+    backlog_tail: str
+
+    def backlog(self, ds: str) -> str:
+        return f"{self.backlog_head}{ds}{self.backlog_tail}"
 
 
 @dataclass(frozen=True)

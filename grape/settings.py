@@ -308,6 +308,14 @@ class Settings(BaseSettings):
         False,
         description="Gateway: /metrics carries the per-dataset and per-worker series (dataset ids, worker names) "
         "for every scraper; by default only for a scrape with a valid API key (or a gateway without keys).",
+    # ---- fair share of the scoring queues (issue 19) ----
+    fair_share_window: int = Field(
+        8,
+        ge=1,
+        le=10_000,
+        description="Chunks an upload tops a model's stream up to, ahead of the round-robin; the rest waits in "
+        "its dataset's backlog and workers take one chunk per dataset in turn. A dataset uploaded later waits "
+        "behind at most this many chunks of the others, plus what the workers hold and one turn of the datasets.",
     )
 
     def training_dir(self) -> Path:

@@ -196,14 +196,14 @@ async def ingest(
     over: set[str] = set()
     used = 0
     for chunk in scoring.chunked(items, settings.chunk_pairs):
-        res = await acall(redis, scoring.ingest(keys, dataset_id, meta, chunk, limit))
+        res = await acall(redis, scoring.ingest(keys, dataset_id, meta, chunk, limit, settings.fair_share_window))
         if res is None:  # deleted while the upload ran
             raise store.missing(dataset_id)
         new, refused, used = res
         accepted.update(as_str(x) for x in new)
         over.update(as_str(x) for x in refused)
     fresh = [it for it in items if it["id"] in accepted]
-    await arun(redis, store.catch_up(keys, dataset_id, meta, fresh, settings.chunk_pairs))
+    await arun(redis, store.catch_up(keys, dataset_id, meta, fresh, settings.chunk_pairs, settings.fair_share_window))
     quota = None
     if over:
         used = int(used)
@@ -325,7 +325,8 @@ async def request_scores(
 ) -> list[str]:
     """Add score kinds to a dataset; the tasks that are new, for which its stored items were queued."""
     models = {"scorer_model": body.scorer_model, "embedding_model": body.embedding_model}
-    return await arun(redis, store.request_scores(keys, dataset_id, body.scores, models, settings.chunk_pairs))
+    plan = store.request_scores(keys, dataset_id, body.scores, models, settings.chunk_pairs, settings.fair_share_window)
+    return await arun(redis, plan)
 
 
 async def delete_dataset(*, redis: Redis, keys: Keys, dataset_id: str) -> None:

@@ -1,5 +1,8 @@
 """The consumer loop: claim chunks from the model's stream, score them, write results + ack atomically.
 
+Each read first moves chunks from the datasets' backlogs into the stream, one dataset after another (fair
+share, grape.store.scoring.take), so every dataset with work queued gets its turn.
+
 Three threads keep the backend busy: a reader claims chunks, loads their items and tokenizes the next
 batches while the backend computes the current one (`prefetch` batches ahead); the compute thread (the
 caller of `run`) only runs the backend, and with a backend that streams (vLLM) adds the next batch to the
@@ -114,7 +117,8 @@ class Worker:
         self.keys = keys
         self.model = model
         self.task = str(task)  # grape.score_kinds.ScoreTask: which stream to read, which hashes to write
-        self.stream = keys.task_stream(self.task, model)
+        self.queue = keys.score_queue(self.task, model)  # its stream, and the backlogs it is refilled from
+        self.stream = self.queue.stream
         self.backend = backend
         self._run = load_task(self.task, backend, model)  # [(item, template)] -> [ItemResult]
         # tasks that can tokenize apart from computing get their tokenizing done by the reader thread
@@ -268,7 +272,7 @@ class Worker:
             return []
         # reclaim first: old work of dead workers before new work
         opts = {"idle_ms": self.claim_idle_ms, "count": self.read_count, "block_ms": self.block_ms}
-        claim = scoring.claim(self.stream, self.name, self._claim_cursor, **opts)
+        claim = scoring.claim(self.queue, self.name, self._claim_cursor, **opts)
         self._claim_cursor, reclaimed, fresh = run(self.r, claim)
         if reclaimed:
             log.warning(

@@ -18,13 +18,13 @@ from typing import Any
 
 import orjson
 
-from grape.keys import Keys, is_dataset_id, new_dataset_id
+from grape.keys import Keys, ScoreQueue, is_dataset_id, new_dataset_id
 from grape.redis_client import as_str
 from grape.score_kinds import ScoreTask, dataset_scores, extra_tasks, normalize_scores, task_model, tasks_for
 from grape.settings import DEFAULT_TENANT
 from grape.store import scoring
 from grape.store.errors import Invalid, NotFound, OverQuota, shown
-from grape.store.io import Lua, Page, Plan, cmd, one, pages, run
+from grape.store.io import Lua, Page, Plan, cmd, one, pages, run, script
 from grape.store.tenants import UNLIMITED, owner
 from grape.strategies import STRATEGIES, Pick, ScoredItem, SelectParams, strategy_needs
 
@@ -147,7 +147,12 @@ def delete(keys: Keys, dataset_id: str) -> Plan[None]:
         *(k(dataset_id) for k in parts),
         *(k for k in per_task if k != keys.stats(dataset_id)),
     ]
-    yield [cmd("eval", DELETE.source, len(script_keys), *script_keys, dataset_id)]
+    yield [
+        # its chunks still waiting for their turn leave the backlogs, counts and rings (fair share) in one script:
+        # the backlogs are not deleted apart from it, or a count would keep chunks an upload racing it pushed
+        script(scoring.drop(scoring.queues_of(keys, found), dataset_id)),
+        cmd("eval", DELETE.source, len(script_keys), *script_keys, dataset_id),
+    ]
 
 
 # ---- items ---------------------------------------------------------------------------------------------
@@ -226,10 +231,12 @@ def load_chunks(
 # ---- score kinds ---------------------------------------------------------------------------------------
 
 
-def _enqueue(keys: Keys, dataset_id: str, streams: list[str], items: list[dict[str, Any]], pairs: int) -> Plan[None]:
-    chunks = scoring.chunked(items, pairs)
-    if streams and chunks:
-        yield [cmd("xadd", s, scoring.entry(dataset_id, [it["id"] for it in c])) for s in streams for c in chunks]
+def _enqueue(
+    dataset_id: str, queues: list[ScoreQueue], items: list[dict[str, Any]], pairs: int, window: int
+) -> Plan[None]:
+    chunks = [[it["id"] for it in c] for c in scoring.chunked(items, pairs)]
+    if queues and chunks:
+        yield [script(scoring.enqueue(q, dataset_id, chunks, window)) for q in queues]
 
 
 def request_scores(
@@ -238,6 +245,7 @@ def request_scores(
     scores: list[str],
     models: Mapping[str, str | None],
     pairs: int,
+    window: int = scoring.DEFAULT_WINDOW,
 ) -> Plan[list[str]]:
     """Add score kinds to a dataset and queue its stored items (chunks of about `pairs` pairs) for the tasks
     that are new; the tasks queued. `models` ("scorer_model", "embedding_model"): chosen only for a task not
@@ -260,16 +268,21 @@ def request_scores(
     yield [cmd("hset", keys.dataset(dataset_id), mapping=update)]
     found.update(update)
     # after the metadata: an upload running now either sees the new tasks or is seen here (catch_up)
-    streams = [keys.task_stream(t, task_model(found, t)) for t in new_tasks]
+    queues = [keys.score_queue(t, task_model(found, t)) for t in new_tasks]
     nxt: int | None = 0
-    while streams and nxt is not None:
+    while queues and nxt is not None:
         stored, nxt = yield from items_page(keys, dataset_id, nxt)
-        yield from _enqueue(keys, dataset_id, streams, stored, pairs)
+        yield from _enqueue(dataset_id, queues, stored, pairs, window)
     return [t.value for t in new_tasks]
 
 
 def catch_up(
-    keys: Keys, dataset_id: str, before: Mapping[str, str], accepted: list[dict[str, Any]], pairs: int
+    keys: Keys,
+    dataset_id: str,
+    before: Mapping[str, str],
+    accepted: list[dict[str, Any]],
+    pairs: int,
+    window: int = scoring.DEFAULT_WINDOW,
 ) -> Plan[None]:
     """After an upload: queue its new items for the tasks requested while it ran (its ingest script only knew
     the tasks of `before`). A duplicate entry is harmless: results are idempotent."""
@@ -279,8 +292,8 @@ def catch_up(
     if now is None:
         return
     known = set(extra_tasks(before))
-    streams = [keys.task_stream(t, task_model(now, t)) for t in extra_tasks(now) if t not in known]
-    yield from _enqueue(keys, dataset_id, streams, accepted, pairs)
+    queues = [keys.score_queue(t, task_model(now, t)) for t in extra_tasks(now) if t not in known]
+    yield from _enqueue(dataset_id, queues, accepted, pairs, window)
 
 
 # ---- selection -----------------------------------------------------------------------------------------

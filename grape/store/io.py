@@ -131,6 +131,12 @@ class Call:
     args: list[Any]
 
 
+def script(c: Call) -> Cmd:
+    """A script call as one command of a plan's round trip. EVAL, not EVALSHA: a pipeline cannot load a script
+    Redis does not know (after a restart) and retry; Redis caches the compiled script by its SHA1 either way."""
+    return cmd("eval", c.script.source, len(c.keys), *c.keys, *c.args)
+
+
 def call(client: Any, c: Call) -> Any:
     """Run a script call with a sync client."""
     try:

@@ -1,15 +1,23 @@
-"""The Redis protocol between gateway and workers: two atomic scripts and the record shapes they move.
+"""The Redis protocol between gateway and workers: its atomic scripts and the record shapes they move.
 
 Ingest (gateway): per chunk, store each new item once (a re-sent id is a duplicate, never new work) that
 fits the owner's stored-pairs quota (what does not fit is refused in the same step, so concurrent uploads
-never overshoot it), append the new ids to the dataset's order, bump the counters and XADD one stream entry
-naming the chunk's item ids, all in one script so a crash never leaves an item stored but not queued.
+never overshoot it), append the new ids to the dataset's order, bump the counters and queue one chunk naming
+the item ids, all in one script so a crash never leaves an item stored but not queued.
+
+Fair share: a chunk is queued into its dataset's backlog (a list per dataset and queue), and the dataset joins
+the queue's ring of datasets with work. Workers still read one stream per queue through its consumer group
+(pending lists, XAUTOCLAIM, dead letters and hand-back are unchanged): the `take` script a worker reads with
+first moves chunks from the backlogs into the stream, one per dataset in turn, only as many as it reads,
+and the ingest tops a nearly empty stream up to `window` chunks so a blocked worker wakes. A small dataset's
+chunks thus wait behind a few chunks, not behind every chunk of the datasets uploaded before it.
 
 Results (worker): per item, write its scores (or its failure), bump the counters only when the field is
 new (a redelivered chunk overwrites, never double counts), then XACK + XDEL the entry, in one script.
 
-Each script is a `Lua` beside the one function that builds its keys and arguments (`ingest`, `results`,
-`handback`); a stream entry (`{"ds", "items"}`) is built by `entry` and read by `parse_entry` alone.
+Each script is a `Lua` beside the one function that builds its keys and arguments (`ingest`, `enqueue`,
+`take`, `drop`, `results`, `handback`); a stream entry (`{"ds", "items"}`) is built by `entry` and read by
+`parse_entry` alone.
 
 The rest of the streams' protocol is here too, as plans (grape.store.io): a worker's side (`ensure_group`,
 `claim`, `written`, `mark_started`, `dead_letter`, `requeue`, `touch`), run with its sync client, and the
@@ -25,15 +33,61 @@ from typing import Any, NamedTuple
 import orjson
 from redis.exceptions import ResponseError
 
-from grape.keys import GROUP, Keys
+from grape.keys import GROUP, Keys, ScoreQueue
 from grape.redis_client import as_str
 from grape.score_kinds import ScoreTask, extra_tasks, task_model
 from grape.settings import DEFAULT_TENANT
-from grape.store.io import Call, Lua, Plan, cmd, one
+from grape.store.io import Call, Cmd, Lua, Plan, cmd, one, script
 
-INGEST = Lua("""
--- KEYS: items, order, stats, metadata, owner's usage, stream, then the streams of the dataset's extra tasks
--- ARGV: dataset id, n, the owner's stored-pairs limit, then n x (item id, item json, candidates)
+FAIR = """
+-- The fair share of a queue (grape.keys.ScoreQueue): chunks wait in a backlog list per dataset; `refill` moves
+-- them into the stream, one chunk per dataset in turn (the ring of datasets with chunks waiting rotates), only
+-- while the stream's undelivered part is under `target`. Workers read the stream as ever (consumer group,
+-- pending lists, XAUTOCLAIM, dead letters, hand-back), and a dataset that arrives waits behind at most that
+-- small part and one turn of the ring, however many chunks other datasets have waiting.
+local function pending_of(stream, group)
+  local p = redis.pcall('XPENDING', stream, group)
+  if type(p) == 'table' and p.err then return 0, p end  -- no group yet: no worker has read the stream
+  return p[1], nil
+end
+
+local function refill(stream, ring, waiting, head, tail, pending, target)
+  -- acked entries are deleted (RESULTS, HANDBACK): what the stream holds beyond its pending list is undelivered
+  local want = target - math.max(redis.call('XLEN', stream) - pending, 0)
+  local moved = 0
+  for _ = 1, want + 16 do  -- bounded: each turn moves a chunk or drops a dataset with nothing left
+    if moved >= want then break end
+    local ds = redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
+    if not ds then break end
+    local backlog = head .. ds .. tail
+    local chunk = redis.call('LPOP', backlog)
+    if chunk then
+      redis.call('XADD', stream, '*', 'ds', ds, 'items', chunk)
+      moved = moved + 1
+    end
+    if redis.call('LLEN', backlog) == 0 then redis.call('LREM', ring, -1, ds) end
+  end
+  if moved > 0 then redis.call('DECRBY', waiting, moved) end
+  return moved
+end
+
+local function enqueue(stream, ring, waiting, backlog, ds, chunks, group, head, tail, window)
+  if redis.call('LLEN', backlog) == 0 then redis.call('RPUSH', ring, ds) end  -- in the ring iff it has a backlog
+  redis.call('RPUSH', backlog, unpack(chunks))
+  redis.call('INCRBY', waiting, #chunks)
+  -- a stream kept nearly empty: top it up, so a worker blocked on it wakes for the new work
+  local pending = pending_of(stream, group)
+  refill(stream, ring, waiting, head, tail, pending, window)
+end
+"""
+
+INGEST = Lua(
+    FAIR
+    + """
+-- KEYS: items, order, stats, metadata, owner's usage, then per queue (the target model's, then the dataset's extra
+--       tasks' (grape.score_kinds), if any) its stream, ring, waiting count and this dataset's backlog
+-- ARGV: dataset id, n, the owner's stored-pairs limit, group, backlog head, window, then n x (item id, item json,
+--       candidates), then per queue its backlog tail
 -- answers {new ids, ids refused by the quota, stored pairs after}, or nothing when the dataset is gone
 if redis.call('EXISTS', KEYS[4]) == 0 then return false end
 local new, over = {}, {}
@@ -42,12 +96,12 @@ local n = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
 local used = tonumber(redis.call('HGET', KEYS[5], 'stored_pairs') or '0')
 for i = 0, n - 1 do
-  local id, c = ARGV[4 + i * 3], tonumber(ARGV[6 + i * 3])
+  local id, c = ARGV[7 + i * 3], tonumber(ARGV[9 + i * 3])
   if redis.call('HEXISTS', KEYS[1], id) == 0 then
     if used + c > limit then
       over[#over + 1] = id
     else
-      redis.call('HSET', KEYS[1], id, ARGV[5 + i * 3])
+      redis.call('HSET', KEYS[1], id, ARGV[8 + i * 3])
       new[#new + 1] = id
       ncand = ncand + c
       used = used + c
@@ -59,12 +113,51 @@ if #new > 0 then
   redis.call('HINCRBY', KEYS[3], 'items', #new)
   redis.call('HINCRBY', KEYS[3], 'candidates', ncand)
   redis.call('HINCRBY', KEYS[5], 'stored_pairs', ncand)
-  local entry = cjson.encode(new)
-  for k = 6, #KEYS do
-    redis.call('XADD', KEYS[k], '*', 'ds', ARGV[1], 'items', entry)
+  local chunk = {cjson.encode(new)}
+  for q = 0, (#KEYS - 5) / 4 - 1 do
+    local k = 6 + q * 4
+    enqueue(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[1], chunk, ARGV[4], ARGV[5], ARGV[7 + n * 3 + q],
+      tonumber(ARGV[6]))
   end
 end
 return {new, over, used}
+"""
+)
+
+ENQUEUE = Lua(
+    FAIR
+    + """
+-- KEYS: stream, ring, waiting, the dataset's backlog   ARGV: dataset id, group, backlog head, tail, window, chunks...
+enqueue(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], {unpack(ARGV, 6)}, ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]))
+return #ARGV - 5
+"""
+)
+
+TAKE = Lua(
+    FAIR
+    + """
+-- KEYS: stream, ring, waiting   ARGV: group, consumer, count, backlog head, tail
+-- A worker's read: first top the stream's undelivered part up to `count` from the backlogs, in turn, then read.
+local pending, err = pending_of(KEYS[1], ARGV[1])
+if err then return err end  -- NOGROUP: the worker creates the group again (and nothing was moved)
+refill(KEYS[1], KEYS[2], KEYS[3], ARGV[4], ARGV[5], pending, tonumber(ARGV[3]))
+return redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
+"""
+)
+
+DROP = Lua("""
+-- KEYS: per queue its ring, waiting count and this dataset's backlog   ARGV: dataset id
+-- A dataset deleted: its chunks leave the backlogs and the rings (what is in a stream already is dropped by the
+-- worker that reads it).
+for k = 1, #KEYS, 3 do
+  local n = redis.call('LLEN', KEYS[k + 2])
+  if n > 0 then
+    redis.call('DECRBY', KEYS[k + 1], n)
+    redis.call('DEL', KEYS[k + 2])
+  end
+  redis.call('LREM', KEYS[k], 0, ARGV[1])
+end
+return 1
 """)
 
 RESULTS = Lua("""
@@ -123,16 +216,33 @@ def parse_entry(fields: Mapping[Any, Any]) -> tuple[str, list[str]]:
     return as_str(f["ds"]), orjson.loads(f["items"])
 
 
+DEFAULT_WINDOW = 8
+"""Undelivered chunks an upload keeps in a queue's stream (GRAPE_FAIR_SHARE_WINDOW): the rest waits in the
+dataset's backlog for its turn."""
+
+
+def queues_of(keys: Keys, meta: Mapping[str, str]) -> list[ScoreQueue]:
+    """The queues a dataset's chunks go to: its target model's (logprob), then each extra task's."""
+    return [keys.score_queue(t, task_model(meta, t)) for t in (ScoreTask.logprob, *extra_tasks(meta))]
+
+
 def ingest(
-    keys: Keys, dataset_id: str, meta: Mapping[str, str], items: list[dict[str, Any]], limit: int = 2**62
+    keys: Keys,
+    dataset_id: str,
+    meta: Mapping[str, str],
+    items: list[dict[str, Any]],
+    limit: int = 2**62,
+    window: int = DEFAULT_WINDOW,
 ) -> Call:
-    """Store one chunk of new items and queue it on the target model's stream and each extra task's. The
-    dataset's owner may hold `limit` stored pairs: a new item that does not fit is refused, the rest stored."""
-    streams = [keys.task_stream(t, task_model(meta, t)) for t in extra_tasks(meta)]
-    args: list[Any] = [dataset_id, len(items), limit]
+    """Store one chunk of new items and queue it for the target model and each extra task: into the dataset's
+    backlogs, in turn with the other datasets (`window`: how many undelivered chunks a stream is topped up to).
+    The dataset's owner may hold `limit` stored pairs: a new item that does not fit is refused, the rest stored."""
+    queues = queues_of(keys, meta)
+    tenant = meta.get("tenant") or DEFAULT_TENANT
+    args: list[Any] = [dataset_id, len(items), limit, GROUP, queues[0].backlog_head, window]
     for it in items:
         args += [it["id"], orjson.dumps(it), len(it["candidates"])]
-    tenant = meta.get("tenant") or DEFAULT_TENANT
+    args += [q.backlog_tail for q in queues]
     return INGEST.call(
         [
             keys.items(dataset_id),
@@ -140,11 +250,21 @@ def ingest(
             keys.stats(dataset_id),
             keys.dataset(dataset_id),
             keys.tenant_usage(tenant),
-            keys.stream(meta["target_model"]),
-            *streams,
+            *(k for q in queues for k in (q.stream, q.ring, q.waiting, q.backlog(dataset_id))),
         ],
         args,
     )
+
+
+def enqueue(queue: ScoreQueue, dataset_id: str, chunks: list[list[str]], window: int = DEFAULT_WINDOW) -> Call:
+    """Queue chunks of items already stored (a score kind requested later) into the dataset's backlog."""
+    args = [dataset_id, GROUP, queue.backlog_head, queue.backlog_tail, window, *(orjson.dumps(c) for c in chunks)]
+    return ENQUEUE.call([queue.stream, queue.ring, queue.waiting, queue.backlog(dataset_id)], args)
+
+
+def drop(queues: Iterable[ScoreQueue], dataset_id: str) -> Call:
+    """Remove a dataset's waiting chunks from the backlogs and rings of these queues."""
+    return DROP.call([k for q in queues for k in (q.ring, q.waiting, q.backlog(dataset_id))], [dataset_id])
 
 
 def results(
@@ -226,29 +346,54 @@ def ensure_group(client: Any, stream: str) -> None:
             raise
 
 
+def _deliveries(reply: Any) -> list[tuple[str, Any]]:
+    """(id, fields) of an XREADGROUP reply: redis-py's ([[stream, [(id, {fields})]]]) or a script's (fields as a
+    flat list), or nothing."""
+    return [
+        (as_str(i), f if isinstance(f, Mapping) else dict(zip(f[::2], f[1::2], strict=True)))
+        for _, rows in reply or []
+        for i, f in rows
+    ]
+
+
+def take(queue: ScoreQueue, consumer: str, count: int) -> Call:
+    """Up to `count` new entries for `consumer`, the stream topped up from the backlogs first (fair share)."""
+    return TAKE.call(
+        [queue.stream, queue.ring, queue.waiting], [GROUP, consumer, count, queue.backlog_head, queue.backlog_tail]
+    )
+
+
 def claim(
-    stream: str, consumer: str, cursor: str, *, idle_ms: int, count: int, block_ms: int
+    queue: ScoreQueue | str, consumer: str, cursor: str, *, idle_ms: int, count: int, block_ms: int
 ) -> Plan[tuple[str, list[Delivery], list[Delivery]]]:
     """Up to `count` entries for `consumer`: the cursor to pass next time, the reclaimed ones and the new ones.
     First those pending longer than `idle_ms` on a silent consumer (XAUTOCLAIM from `cursor`: it walks a long
-    pending list across calls instead of rescanning its head), with their delivery counts; then new ones
-    (XREADGROUP, blocking up to `block_ms` only when nothing was reclaimed). Two round trips."""
+    pending list across calls instead of rescanning its head), with their delivery counts; then new ones: for
+    a `ScoreQueue`, the stream topped up from the datasets' backlogs in turn and read in one script (`take`), and
+    only when that found nothing anywhere a blocking read of up to `block_ms` (the gateway's next chunk or a
+    hand-back wakes it); for a bare stream, XREADGROUP, blocking only when nothing was reclaimed. Two round
+    trips, three when idle."""
+    stream = queue if isinstance(queue, str) else queue.stream
     ((nxt, claimed, *_),) = yield [cmd("xautoclaim", stream, GROUP, consumer, idle_ms, cursor, count)]
     # an entry deleted while pending comes back without fields (Redis < 7): nothing to score
     taken = [(as_str(i), f) for i, f in claimed if f is not None]
     want = count - len(taken)
-    read = [cmd("xreadgroup", GROUP, consumer, {stream: ">"}, want, None if taken else block_ms)] if want > 0 else []
+    read: list[Cmd] = []
+    if want > 0:
+        if isinstance(queue, str):
+            read = [cmd("xreadgroup", GROUP, consumer, {stream: ">"}, want, None if taken else block_ms)]
+        else:
+            read = [script(take(queue, consumer, want))]
     replies = yield [*(cmd("xpending_range", stream, GROUP, i, i, 1) for i, _ in taken), *read]
     reclaimed = [
         Delivery(i, *parse_entry(f), int(rows[0]["times_delivered"]) if rows else 1)
         for (i, f), rows in zip(taken, replies[: len(taken)], strict=True)
     ]
-    fresh = [
-        Delivery(as_str(i), *parse_entry(f), 1)
-        for reply in replies[len(taken) :]  # the XREADGROUP's, when it was sent: [[stream, entries]] or nothing
-        for _, rows in reply or []
-        for i, f in rows
-    ]
+    new = [e for reply in replies[len(taken) :] for e in _deliveries(reply)]
+    if not isinstance(queue, str) and want > 0 and not taken and not new:
+        (reply,) = yield [cmd("xreadgroup", GROUP, consumer, {stream: ">"}, want, block_ms)]
+        new = _deliveries(reply)
+    fresh = [Delivery(i, *parse_entry(f), 1) for i, f in new]
     return as_str(nxt), reclaimed, fresh
 
 
@@ -286,8 +431,11 @@ def requeue(stream: str, dataset_id: str, item_ids: list[str]) -> Plan[None]:
 
 
 def queued(keys: Keys, model: str) -> Plan[int]:
-    """Chunks in a target model's queue, waiting and in flight (the gateway's backpressure)."""
-    return one("xlen", keys.stream(model))
+    """Chunks in a target model's queue: in its stream (waiting and in flight) and in the datasets' backlogs
+    (the gateway's backpressure)."""
+    q = keys.score_queue(ScoreTask.logprob, model)
+    length, waiting = yield [cmd("xlen", q.stream), cmd("get", q.waiting)]
+    return int(length) + int(waiting or 0)
 
 
 def _queue_of(suffix: str) -> tuple[str, str]:
@@ -312,19 +460,24 @@ QueueDepths = dict[tuple[str, str], tuple[int, int]]
 
 
 def queue_depths(keys: Keys) -> Plan[tuple[QueueDepths, dict[tuple[str, str], int]]]:
-    """Every queue's depth and pending count, and every dead-letter stream's length, by (model, task)."""
-    queue_prefix, dead_prefix = f"{keys.prefix}:q:", f"{keys.prefix}:dead:"
+    """Every queue's depth (its stream's entries and the chunks waiting in the datasets' backlogs) and pending
+    count, and every dead-letter stream's length, by (model, task)."""
+    queue_prefix, dead_prefix, waiting_prefix = f"{keys.prefix}:q:", f"{keys.prefix}:dead:", f"{keys.prefix}:waiting:"
     queues = yield from _streams(f"{queue_prefix}*")
     dead = yield from _streams(f"{dead_prefix}*")
+    suffixes = [q[len(queue_prefix) :] for q in queues]
     # XINFO GROUPS, not XPENDING: a stream no worker has read has no group yet, an empty list and no error
     replies = yield [
         *(c for q in queues for c in (cmd("xlen", q), cmd("xinfo_groups", q))),
         *(cmd("xlen", d) for d in dead),
+        *(cmd("get", f"{waiting_prefix}{s}") for s in suffixes),
     ]
     depths: QueueDepths = {}
-    for j, q in enumerate(queues):
+    waiting = replies[2 * len(queues) + len(dead) :]
+    for j, s in enumerate(suffixes):
         length, groups = replies[2 * j], replies[2 * j + 1]
         pending = sum(int(g["pending"]) for g in groups if as_str(g["name"]) == GROUP)
-        depths[_queue_of(q[len(queue_prefix) :])] = (int(length), pending)
-    letters = {_queue_of(d[len(dead_prefix) :]): int(n) for d, n in zip(dead, replies[2 * len(queues) :], strict=True)}
+        depths[_queue_of(s)] = (int(length) + int(waiting[j] or 0), pending)
+    dead_lengths = replies[2 * len(queues) : 2 * len(queues) + len(dead)]
+    letters = {_queue_of(d[len(dead_prefix) :]): int(n) for d, n in zip(dead, dead_lengths, strict=True)}
     return depths, letters
