@@ -307,7 +307,9 @@ class Settings(BaseSettings):
     metrics_detail: bool = Field(
         False,
         description="Gateway: /metrics carries the per-dataset and per-worker series (dataset ids, worker names) "
-        "for every scraper; by default only for a scrape with a valid API key (or a gateway without keys).",
+        "for every scraper; by default only for a scrape with an admin key (or a gateway without keys).",
+    )
+
     # ---- fair share of the scoring queues (issue 19) ----
     fair_share_window: int = Field(
         8,
