@@ -195,6 +195,8 @@ def test_chunks_go_round_robin_across_datasets_and_a_hand_back_goes_first(rclien
     q = keys.score_queue("logprob", MODEL)
     meta = {"target_model": MODEL}
     a, b, c = "ds-00000000000a", "ds-00000000000b", "ds-00000000000c"
+    for d in (a, b, c):  # the ingest script stores into a dataset that exists (a deleted one takes nothing)
+        rclient.hset(keys.dataset(d), mapping=meta)
     for k in range(6):
         call(rclient, scoring.ingest(keys, a, meta, [{"id": f"a{k}", "candidates": [{}]}], window=2))
     assert (rclient.xlen(q.stream), rclient.llen(q.backlog(a)), int(rclient.get(q.waiting))) == (2, 4, 4)
@@ -226,6 +228,7 @@ def test_a_read_without_the_workers_group_moves_nothing(rclient, keys) -> None:
     the group again) and the backlog keeps its chunks."""
     q = keys.score_queue("logprob", MODEL)
     meta = {"target_model": MODEL}
+    rclient.hset(keys.dataset("ds-00000000000a"), mapping=meta)
     for k in range(3):
         call(rclient, scoring.ingest(keys, "ds-00000000000a", meta, [{"id": str(k), "candidates": [{}]}], window=1))
     rclient.xgroup_create(q.stream, "other", id="0")  # a group, not the workers' one
