@@ -3,7 +3,10 @@
 Two tenants (`alpha`, `beta`) and an operator (`ops`, GRAPE_ADMIN_KEYS) on one gateway with keys: every route
 that reads, lists, follows, cancels, resumes, deletes or builds on a resource is tried across tenants, and each
 such request must answer exactly what an unknown id of the same form answers (status and body, the id aside),
-and leave the resource as it was. Quotas from a real GRAPE_TENANTS_FILE are each reached. Real Redis, the
+and leave the resource as it was; ended evaluations and experiments are deleted by their tenant or an admin only.
+Quotas from a real GRAPE_TENANTS_FILE are each reached. Fair share across tenants is counted with two null workers
+(tests.test_fair_share's Recorder); GRAPE_RETENTION_DAYS expires one tenant's ended resources, not another's
+unended ones. Real Redis, the
 gateway app in process (and as a uvicorn process where the limit lives in the server), a real worker thread on
 the null backend (it loads the real tokenizer, scores 0.0: the datasets reach `done` in a second).
 """
@@ -24,6 +27,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from grape.cli import main as cli_main
+from grape.experiments import TERMINAL, ExperimentState
 from grape.keys import Keys
 from grape.models import resolve_model
 from grape.settings import Settings
@@ -32,6 +36,7 @@ from grape.store.jobqueue import EVALUATIONS
 from grape.tenancy import QUOTAS, Quotas, parse_quotas
 from service.app import create_app
 from tests.conftest import MODEL, start_gateway
+from tests.test_fair_share import Recorder, _items
 from workers.backends import BackendConfig, load_backend
 from workers.loop import Worker
 
@@ -182,10 +187,13 @@ def test_another_tenants_resources_answer_exactly_as_unknown_ids_and_stay_unchan
         ("GET", "/v1/evaluations/{ev}/logs", None),
         ("GET", "/v1/evaluations/{ev}/logs?follow=true", None),
         ("POST", "/v1/evaluations/{ev}/cancel", None),
+        ("DELETE", "/v1/evaluations/{ev}", None),
         ("POST", "/v1/experiments", experiment_body("{ds}", ["grape"])),
         ("GET", "/v1/experiments/{exp}", None),
         ("GET", "/v1/experiments/{exp}/arms/0/selection", None),
         ("POST", "/v1/experiments/{exp}/cancel", None),
+        ("DELETE", "/v1/experiments/{exp}", None),
+        ("DELETE", "/v1/experiments/{exp}?with_runs=true", None),
     ]
     for method, path, body in requests:
         kind = next(k for k in ("ds", "job", "ev", "exp") if "{" + k + "}" in path + json.dumps(body))
@@ -235,6 +243,11 @@ def test_another_tenants_resources_answer_exactly_as_unknown_ids_and_stay_unchan
     assert c.post(f"/v1/evaluations/{ev}/cancel", headers=auth("ops")).json()["state"] == "cancelled"
     assert c.post(f"/v1/experiments/{exp}/cancel", headers=auth("ops")).json()["state"] == "cancelled"
     assert c.delete(f"/v1/training-jobs/{job}", headers=auth("ops")).status_code == 204
+    assert c.delete(f"/v1/evaluations/{ev}", headers=auth("ops")).status_code == 204
+    assert c.delete(f"/v1/experiments/{exp}", params={"with_runs": "true"}, headers=auth("ops")).status_code == 204
+    assert c.get(f"/v1/evaluations/{ev}", headers=auth("beta")).status_code == 404
+    assert c.get(f"/v1/experiments/{exp}", headers=auth("beta")).status_code == 404
+    assert listed("beta", "exps") == set() and listed("beta", "jobs") == listed("beta", "evals") == set()
     assert c.delete(f"/v1/datasets/{ds}", headers=auth("ops")).status_code == 204
     assert c.get(f"/v1/datasets/{ds}", headers=auth("beta")).status_code == 404
     # what an admin creates is its own tenant's
@@ -513,3 +526,190 @@ def test_the_follow_limit_counts_the_key_however_its_header_is_spelled(redis_url
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# deletion of evaluations and experiments, inside the tenant -------------------------------------------
+def test_ended_evaluations_and_experiments_are_deleted_by_their_tenant_or_an_admin_only(
+    gw, null_worker, evaluator, rclient, keys
+) -> None:
+    c = gw
+    ds = scored_dataset(c, "beta")  # 3 items of 2 candidates
+    made: dict[str, list[str]] = {"ev": [], "exp": []}
+    for _ in range(2):  # one for beta to delete, one for the admin
+        ev = c.post("/v1/evaluations", json={"model": MODEL, "tasks": [TASK]}, headers=auth("beta")).json()["id"]
+        assert c.post(f"/v1/evaluations/{ev}/cancel", headers=auth("beta")).json()["state"] == "cancelled"
+        exp = c.post("/v1/experiments", json=experiment_body(ds, ["grape"]), headers=auth("beta"))
+        assert exp.status_code == 201, exp.text
+        exp = exp.json()["id"]
+        assert c.post(f"/v1/experiments/{exp}/cancel", headers=auth("beta")).json()["state"] == "cancelled"
+        made["ev"].append(ev)
+        made["exp"].append(exp)
+    (ev, ev_admin), (exp, exp_admin) = made["ev"], made["exp"]
+    arm_job = c.get(f"/v1/experiments/{exp}", headers=auth("beta")).json()["arms"][0]["job_id"]
+    base_eval = c.get(f"/v1/experiments/{exp}", headers=auth("beta")).json()["base"]["eval_id"]
+
+    def usage(who: str) -> dict[str, int]:
+        r = c.get("/v1/usage", headers=auth(who))
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]
+
+    ended = {"stored_pairs": 6, "datasets": 1, "active_training_jobs": 0, "active_evaluations": 0}
+    assert usage("beta") == {**ended, "active_experiments": 0}
+
+    def snapshot() -> list[Any]:
+        views = [c.get(f"/v1/evaluations/{i}", headers=auth("beta")).json() for i in made["ev"]]
+        views += [c.get(f"/v1/experiments/{i}", headers=auth("beta")).json() for i in made["exp"]]
+        raw = [rclient.hgetall(keys.evaluations.record(i)) for i in made["ev"]]
+        raw += [rclient.get(keys.experiment(i)) for i in made["exp"]]
+        raw += [rclient.zrange(keys.tenant_ids("beta", kind), 0, -1) for kind in ("evals", "experiments", "jobs")]
+        return [*views, *raw, rclient.exists(keys.experiment_selection(exp, 0))]
+
+    before = snapshot()
+    # ended, so the owner could delete them: another tenant gets the unknown id's 404 and nothing changes
+    for path, real, unknown in [
+        ("/v1/evaluations/{}", ev, UNKNOWN["ev"]),
+        ("/v1/experiments/{}", exp, UNKNOWN["exp"]),
+        ("/v1/experiments/{}?with_runs=true", exp, UNKNOWN["exp"]),
+    ]:
+        cross = c.delete(path.format(real), headers=auth("alpha"))
+        assert cross.status_code == 404, cross.text
+        same_as_unknown(cross, real, c.delete(path.format(unknown), headers=auth("alpha")), unknown)
+    assert snapshot() == before, "another tenant's DELETE changed the resource"
+    assert usage("alpha") == dict.fromkeys(ended | {"active_experiments": 0}, 0)
+
+    # the owner deletes its own: 204, gone from its lists, its tenant index and nothing changes in its usage
+    assert c.delete(f"/v1/evaluations/{ev}", headers=auth("beta")).status_code == 204
+    assert c.delete(f"/v1/experiments/{exp}", params={"with_runs": "true"}, headers=auth("beta")).status_code == 204
+    for path in (f"/v1/evaluations/{ev}", f"/v1/experiments/{exp}", f"/v1/training-jobs/{arm_job}"):
+        assert c.get(path, headers=auth("beta")).status_code == 404, path
+    evals = {e["id"] for e in c.get("/v1/evaluations", headers=auth("beta")).json()["evaluations"]}
+    exps = {e["id"] for e in c.get("/v1/experiments", headers=auth("beta")).json()["experiments"]}
+    jobs = {j["id"] for j in c.get("/v1/training-jobs", headers=auth("beta")).json()["jobs"]}
+    assert ev not in evals and base_eval not in evals and ev_admin in evals
+    assert exps == {exp_admin} and arm_job not in jobs and len(jobs) == 1  # the admin's experiment's arm
+    assert rclient.zscore(keys.tenant_ids("beta", "evals"), ev) is None
+    assert rclient.zscore(keys.tenant_ids("beta", "evals"), base_eval) is None
+    assert rclient.zscore(keys.tenant_ids("beta", "experiments"), exp) is None
+    assert rclient.zscore(keys.tenant_ids("beta", "jobs"), arm_job) is None
+    assert usage("beta") == {**ended, "active_experiments": 0}
+
+    # the admin deletes another tenant's
+    assert c.delete(f"/v1/evaluations/{ev_admin}", headers=auth("ops")).status_code == 204
+    assert c.delete(f"/v1/experiments/{exp_admin}", headers=auth("ops")).status_code == 204
+    assert c.get(f"/v1/evaluations/{ev_admin}", headers=auth("beta")).status_code == 404
+    assert c.get(f"/v1/experiments/{exp_admin}", headers=auth("beta")).status_code == 404
+    assert c.get("/v1/experiments", headers=auth("beta")).json()["experiments"] == []
+    assert rclient.zrange(keys.tenant_ids("beta", "experiments"), 0, -1) == []
+    assert usage("beta") == {**ended, "active_experiments": 0}
+
+
+# fair share across tenants ----------------------------------------------------------------------------
+def test_a_tenants_400_pairs_are_scored_while_another_tenants_big_dataset_is_less_than_half_done(
+    redis_url, keys, rclient, model_path
+) -> None:
+    """alpha uploads 4,000 pairs, beta 400 afterwards (while two null workers score alpha's first batches): beta
+    is done while alpha is less than half scored. Counted, not timed: the backends (tests.test_fair_share's
+    Recorder) hold every call after beta's last pair until the counts in Redis have been read."""
+    s = app_settings(redis_url, keys).model_copy(update={"chunk_pairs": 8})
+    rec = Recorder(load_backend("null", BackendConfig(model=model_path)), "B", 400)
+    workers = [Worker(rclient, keys, MODEL, rec, block_ms=100, name=f"null-{i}", read_count=2) for i in range(2)]
+    threads = [threading.Thread(target=w.run, daemon=True) for w in workers]
+    with TestClient(create_app(s)) as c:
+
+        def upload(who: str, tag: str, n: int) -> str:
+            ds = c.post("/v1/datasets", json={"name": tag, "target_model": MODEL}, headers=auth(who)).json()["id"]
+            r = c.post(f"/v1/datasets/{ds}/items", json={"items": _items(tag, n)}, headers=auth(who))
+            assert r.status_code == 202 and r.json()["accepted"] == n, r.text
+            return ds
+
+        big = upload("alpha", "A", 2000)  # 4,000 pairs in 500 chunks
+        try:
+            for t in threads:
+                t.start()
+            assert rec.started(120), "no worker started scoring"
+            small = upload("beta", "B", 200)  # 400 pairs in 50 chunks, while the workers hold alpha's
+            rec.go()
+            try:
+                wait_done(c, "beta", small, timeout=300)
+                at_small_done = c.get(f"/v1/datasets/{big}", headers=auth("alpha")).json()
+            finally:
+                rec.release()
+            assert c.get(f"/v1/datasets/{small}", headers=auth("beta")).json()["scored_candidates"] == 400
+            assert at_small_done["scored_candidates"] < 4000 / 2, at_small_done
+            assert rec.at_small_done is not None and rec.at_small_done.get("A", 0) < 4000 / 2, rec.at_small_done
+            wait_done(c, "alpha", big, timeout=300)
+        finally:
+            rec.go()
+            rec.release()
+            for w in workers:
+                w.stop()
+            for t in threads:
+                t.join(timeout=60)
+        done = c.get(f"/v1/datasets/{big}", headers=auth("alpha")).json()
+        assert (done["scored_candidates"], done["failed_items"], rec.pairs) == (4000, 0, {"A": 4000, "B": 400})
+        assert c.get("/v1/usage", headers=auth("alpha")).json()["usage"]["stored_pairs"] == 4000
+        assert c.get("/v1/usage", headers=auth("beta")).json()["usage"]["stored_pairs"] == 400
+
+
+# retention per tenant ----------------------------------------------------------------------------------
+def test_retention_expires_a_tenants_ended_resources_and_leaves_the_others_unended_ones(
+    redis_url, keys, rclient, null_worker, evaluator
+) -> None:
+    """GRAPE_RETENTION_DAYS=0.00002 (1.7 s), as tests/test_lifecycle.py drives it: the gateway's background pass
+    removes alpha's ended evaluation and experiment (with its arm's job and base evaluation) from alpha's tenant
+    index, alpha's usage stays exact; beta's queued ones, as old, stay."""
+    s = app_settings(redis_url, keys, retention_days=0.00002, experiment_poll_s=0.2)
+    with TestClient(create_app(s)) as c:
+        own: dict[str, dict[str, str]] = {}
+        for who in ("alpha", "beta"):
+            ds = scored_dataset(c, who)
+            ev = c.post("/v1/evaluations", json={"model": MODEL, "tasks": [TASK]}, headers=auth(who))
+            exp = c.post("/v1/experiments", json=experiment_body(ds, ["grape"]), headers=auth(who))
+            assert ev.status_code == exp.status_code == 201, (ev.text, exp.text)
+            own[who] = {"ds": ds, "ev": ev.json()["id"], "exp": exp.json()["id"]}
+        a, b = own["alpha"], own["beta"]
+        assert c.post(f"/v1/evaluations/{a['ev']}/cancel", headers=auth("alpha")).json()["state"] == "cancelled"
+        exp = c.post(f"/v1/experiments/{a['exp']}/cancel", headers=auth("alpha")).json()
+        assert exp["state"] == "cancelled"
+        a_job, a_base = exp["arms"][0]["job_id"], exp["base"]["eval_id"]
+        b_exp = c.get(f"/v1/experiments/{b['exp']}", headers=auth("beta")).json()
+        b_job, b_base = b_exp["arms"][0]["job_id"], b_exp["base"]["eval_id"]
+        t_ended = time.monotonic()
+
+        def indexed(who: str, kind: str) -> set[str]:
+            return {i.decode() for i in rclient.zrange(keys.tenant_ids(who, kind), 0, -1)}
+
+        def expired() -> bool:
+            return indexed("alpha", "evals") == indexed("alpha", "experiments") == indexed("alpha", "jobs") == set()
+
+        deadline = time.monotonic() + 30
+        while not expired():  # nothing reads them meanwhile: only the background pass removes them
+            assert time.monotonic() < deadline, (indexed("alpha", "evals"), indexed("alpha", "experiments"))
+            time.sleep(0.1)
+        assert time.monotonic() - t_ended > 1.7
+        for path in (f"/v1/evaluations/{a['ev']}", f"/v1/evaluations/{a_base}", f"/v1/experiments/{a['exp']}"):
+            assert c.get(path, headers=auth("alpha")).status_code == 404, path
+        assert not rclient.exists(keys.evaluations.record(a["ev"]), keys.experiment(a["exp"]))
+        assert not rclient.exists(keys.experiment_selection(a["exp"], 0))
+        assert c.get(f"/v1/training-jobs/{a_job}", headers=auth("alpha")).status_code == 404
+        # alpha's dataset has not "ended": it stays, and alpha's usage is exactly it
+        assert indexed("alpha", "datasets") == {a["ds"]}
+        usage = c.get("/v1/usage", headers=auth("alpha")).json()["usage"]
+        zero = dict.fromkeys(usage, 0)
+        assert usage == {**zero, "stored_pairs": 6, "datasets": 1}
+
+        # beta's, as old, have not ended: they stay, listed, indexed and counted
+        assert indexed("beta", "evals") == {b["ev"], b_base} and indexed("beta", "experiments") == {b["exp"]}
+        assert indexed("beta", "jobs") == {b_job} and indexed("beta", "datasets") == {b["ds"]}
+        assert c.get(f"/v1/evaluations/{b['ev']}", headers=auth("beta")).json()["state"] == "queued"
+        b_state = ExperimentState(c.get(f"/v1/experiments/{b['exp']}", headers=auth("beta")).json()["state"])
+        assert b_state not in TERMINAL, b_state
+        listed = c.get("/v1/evaluations", headers=auth("beta")).json()["evaluations"]
+        assert {e["id"] for e in listed} == {b["ev"], b_base}
+        assert c.get("/v1/usage", headers=auth("beta")).json()["usage"] == {
+            "stored_pairs": 6,
+            "datasets": 1,
+            "active_training_jobs": 1,
+            "active_evaluations": 2,
+            "active_experiments": 1,
+        }
