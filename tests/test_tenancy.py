@@ -6,9 +6,9 @@ such request must answer exactly what an unknown id of the same form answers (st
 and leave the resource as it was; ended evaluations and experiments are deleted by their tenant or an admin only.
 Quotas from a real GRAPE_TENANTS_FILE are each reached. Fair share across tenants is counted with two null workers
 (tests.test_fair_share's Recorder); GRAPE_RETENTION_DAYS expires one tenant's ended resources, not another's
-unended ones. Real Redis, the
-gateway app in process (and as a uvicorn process where the limit lives in the server), a real worker thread on
-the null backend (it loads the real tokenizer, scores 0.0: the datasets reach `done` in a second).
+unended ones. Real Redis, the gateway app in process (and as a uvicorn process where the limit lives in the
+server), a real worker thread on the null backend (it loads the real tokenizer, scores 0.0: the datasets reach
+`done` in a second).
 """
 
 from __future__ import annotations
