@@ -10,9 +10,17 @@ import orjson
 from redis.asyncio import Redis
 
 from grape.keys import Keys, model_key
+from grape.local_steps import LocalParams
 from grape.records import DatasetState
 from grape.redis_client import as_str
-from grape.score_kinds import DEFAULT_EMBEDDING_MODEL, dataset_scores, normalize_scores, task_model, tasks_for
+from grape.score_kinds import (
+    DEFAULT_EMBEDDING_MODEL,
+    ScoreTask,
+    dataset_scores,
+    normalize_scores,
+    task_model,
+    tasks_for,
+)
 from grape.settings import Settings
 from grape.store import datasets as store
 from grape.store import heartbeats, scoring
@@ -29,6 +37,7 @@ from service.schemas import (
     FailurePublic,
     IngestResult,
     ItemPublic,
+    LocalParamsPublic,
     Rejected,
     ScoresRequest,
     TaskProgress,
@@ -49,6 +58,7 @@ async def create_dataset(*, redis: Redis, keys: Keys, body: DatasetCreate) -> Da
         "scores": orjson.dumps(normalize_scores(body.scores)).decode(),
         "scorer_model": body.scorer_model or body.target_model,
         "embedding_model": body.embedding_model or DEFAULT_EMBEDDING_MODEL,
+        **LocalParams(body.local_segmentation, body.local_window).fields(),
     }
     ds = await arun(redis, store.create(keys, fields))
     return await dataset_status(redis=redis, keys=keys, dataset_id=ds)
@@ -132,8 +142,16 @@ async def dataset_status(
         scores=dataset_scores(meta),
         scorer_model=task_model(meta, "rating"),
         embedding_model=task_model(meta, "embedding"),
+        local=local_public(meta),
         tasks=tasks,
     )
+
+
+def local_public(meta: Mapping[str, str]) -> LocalParamsPublic | None:
+    if ScoreTask.local not in tasks_for(dataset_scores(meta)):
+        return None
+    params = LocalParams.from_meta(meta)
+    return LocalParamsPublic(segmentation=params.segmentation, window=params.window)
 
 
 async def list_datasets(*, redis: Redis, keys: Keys) -> list[DatasetPublic]:
@@ -284,7 +302,9 @@ async def request_scores(
 ) -> list[str]:
     """Add score kinds to a dataset; the tasks that are new, for which its stored items were queued."""
     models = {"scorer_model": body.scorer_model, "embedding_model": body.embedding_model}
-    return await arun(redis, store.request_scores(keys, dataset_id, body.scores, models, settings.chunk_pairs))
+    local = {"local_segmentation": body.local_segmentation, "local_window": body.local_window}
+    plan = store.request_scores(keys, dataset_id, body.scores, models, settings.chunk_pairs, local=local)
+    return await arun(redis, plan)
 
 
 async def delete_dataset(*, redis: Redis, keys: Keys, dataset_id: str) -> None:
