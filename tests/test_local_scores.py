@@ -253,3 +253,37 @@ def test_a_window_longer_than_the_context_fails_the_item_with_its_reason(hf_back
     # the runner scores the others of a batch
     res = local_runner(hf_backend, MODEL)([(empty, "auto"), (ONE_STEP, "auto")])
     assert res[0].error and res[1].scores and res[1].scores[0]["steps"] == 1
+
+
+# ---- the vLLM backend ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_backend(model_path: str):
+    from workers.backends.base import BackendConfig
+    from workers.backends.vllm import VLLMBackend
+
+    backend = VLLMBackend(
+        BackendConfig(
+            model=model_path,
+            dtype="float32",
+            max_model_len=1024,
+            extra={"kv_cache_memory_bytes": 512 * 1024**2, "max_num_seqs": 32},
+        )
+    )
+    yield backend
+    backend.close()
+
+
+def test_vllm_local_scores_match_a_forward_by_hand(vllm_backend, plain_model) -> None:
+    """The local runner on the vLLM engine (token-id prompts, prefix cache on): every candidate's local
+    score and step extremes within 1e-4 of the hand computation; the windows' shared prompt is read from
+    the prefix cache."""
+    items = reasoning_items(2)
+    before = vllm_backend.cached_tokens
+    params = LocalParams(window=2)
+    results = local_runner(vllm_backend, MODEL)([(it, ("auto", params)) for it in items])
+    assert all(r.error is None for r in results), [r.error for r in results]
+    assert sum(check_exact(r.scores, it, plain_model, window=2) for r, it in zip(results, items, strict=True)) == 6
+    assert vllm_backend.info()["prefix_reuse"] is True
+    assert vllm_backend.cached_tokens > before  # steps and candidates share their instruction's prompt
