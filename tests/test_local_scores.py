@@ -287,3 +287,17 @@ def test_vllm_local_scores_match_a_forward_by_hand(vllm_backend, plain_model) ->
     assert sum(check_exact(r.scores, it, plain_model, window=2) for r, it in zip(results, items, strict=True)) == 6
     assert vllm_backend.info()["prefix_reuse"] is True
     assert vllm_backend.cached_tokens > before  # steps and candidates share their instruction's prompt
+
+
+def test_a_vllm_worker_scores_a_local_dataset(api, worker_factory, vllm_backend, plain_model, rclient, keys) -> None:
+    items = reasoning_items(1) + [ONE_STEP]
+    body = {"name": "t", "target_model": MODEL, "scores": ["logprob", "local"], "local_window": 1}
+    ds = api.post("/v1/datasets", json=body).json()["id"]
+    api.post(f"/v1/datasets/{ds}/items", json={"items": items})
+    worker_factory(task="logprob", name="w-logprob")  # hf
+    worker_factory(backend=vllm_backend, task="local", name="w-local-vllm")
+    st = wait_done(api, ds, timeout=900)
+    assert (st["tasks"]["local"]["scored_items"], st["tasks"]["local"]["failed_items"]) == (2, 0)
+    for it in items:
+        stored = orjson.loads(rclient.hget(keys.task_results(ds, "local"), it["id"]))
+        check_exact(stored, it, plain_model, window=1)
