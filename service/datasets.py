@@ -209,6 +209,7 @@ async def ingest(
 def candidate_extras(stored: store.StoredItem) -> list[dict[str, Any]]:
     """Per candidate, the extra task results shown in the item view (IFD and Deita's evol score with them)."""
     uncond, rating = stored.extra.get("unconditioned"), stored.extra.get("rating")
+    local = stored.extra.get("local")
     out: list[dict[str, Any]] = [{} for _ in stored.item["candidates"]]
     for i, extra in enumerate(out):
         if uncond is not None:
@@ -223,6 +224,9 @@ def candidate_extras(stored: store.StoredItem) -> list[dict[str, Any]]:
                 quality=r["quality"],
                 evol=r.get("history", 0.0) + r["complexity"] * r["quality"],
             )
+        if local is not None:
+            lc = local[i]
+            extra.update(local=lc["local"], local_steps=lc["steps"], local_step_min=lc["step_min"])
     return out
 
 

@@ -151,6 +151,9 @@ class CandidatePublic(BaseModel):
     complexity: float | None = Field(None, description="Deita complexity of the instruction (1..6).")
     quality: float | None = Field(None, description="Deita quality of this response (1..6).")
     evol: float | None = Field(None, description="Deita evol score: complexity x quality (+ earlier turns).")
+    local: float | None = Field(None, description="LALP local score (mean of the step means), when requested.")
+    local_steps: int | None = Field(None, description="Reasoning steps the local score averages.")
+    local_step_min: float | None = Field(None, description="The lowest step mean (the least natural step).")
 
 
 class ItemPublic(BaseModel):

@@ -146,6 +146,7 @@ def test_scores_through_the_service_match_a_forward_by_hand_and_lalp_everywhere(
     view = api.get(f"/v1/datasets/{ds}/items/one-step").json()["candidates"]
     for got, grape in zip(stored["one-step"], view, strict=True):
         assert got["steps"] == 1 and got["tokens"] == grape["tokens"]
+        assert (grape["local"], grape["local_steps"], grape["local_step_min"]) == (got["local"], 1, got["local"])
         assert abs(got["local"] - grape["mean"]) < 1e-5, (got, grape)
 
     # lalp: per instruction the highest local score, k of them

@@ -29,7 +29,7 @@ from grape.strategies import STRATEGIES, Pick, ScoredItem, SelectParams, strateg
 PAGE = 500
 """Items read per round trip (and NDJSON records per chunk of a pool-wide selection)."""
 
-ITEM_EXTRAS = ("unconditioned", "rating")
+ITEM_EXTRAS = ("unconditioned", "rating", "local")
 """The extra task results shown with an item (not the embeddings: large, and of no use to a reader)."""
 
 Counters = dict[str, float]
