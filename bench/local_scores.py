@@ -15,6 +15,7 @@ contexts (its shared-prefix path groups requests by their whole context).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -85,7 +86,9 @@ def main() -> int:
         ),
         "long-trace (examples/reasoning_pool.jsonl)": read(LONG_POOL, 1000, 1000, 10**9),
     }
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"backend {args.backend}, model {args.model}, window {args.window}, segmentation {args.segmentation}")
+    print(f"load average before: {load} on {os.cpu_count()} cores")
     head = f"{'pool':<44} {'task':<8} {'pairs':>5} {'steps/c':>7} {'pair tok':>8} {'fwd tok':>8} {'s':>7} "
     head += f"{'pair-tok/s':>10}"
     print(head)
@@ -121,6 +124,7 @@ def main() -> int:
         if args.backend == "vllm":
             line += f", vllm read {cached} ({cached / fwd:.0%})"
         print(line)
+    print(f"load average after: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 
 
