@@ -243,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--n", type=int, default=None, help="budget of pool-wide strategies (longest, deita, ifd)")
         sp.add_argument("--tau", type=float, default=None, help="deita: cosine similarity threshold (0.9)")
         sp.add_argument("--seed", type=int, default=None, help="random: seed (0)")
-    sc = sub.add_parser("scores", help="ask for more score kinds on a dataset (rating, embedding, unconditioned)")
+    sc = sub.add_parser(
+        "scores", help="ask for more score kinds on a dataset (rating, embedding, unconditioned, local)"
+    )
     sc.add_argument("dataset_id")
     sc.add_argument("scores", nargs="+", choices=["logprob", "length", "unconditioned", "rating", "embedding", "local"])
     sc.set_defaults(func=cmd_scores)
