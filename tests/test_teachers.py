@@ -83,3 +83,40 @@ def test_grape_teachers_prints_the_ranking(live_gateway, worker_factory, capsys)
     plain = client.create_dataset("t", MODEL)["id"]
     assert cli_main(["teachers", plain, "--url", live_gateway]) == 1
     assert "scores" in capsys.readouterr().err
+
+
+def test_status_page_ranks_the_teachers(live_gateway, worker_factory, tmp_path) -> None:
+    from tests.test_status_page import browser_page, ensure_binary, wait_js
+
+    chromium = ensure_binary("chromium", "chromium")
+    client = GrapeClient(live_gateway)
+    ds = client.create_dataset("t", MODEL, scores=["logprob", "local"], local_window=1)["id"]
+    client.upload(ds, reasoning_items(2))
+    worker_factory(task="logprob", name="w-logprob")
+    worker_factory(task="local", name="w-local")
+    deadline = time.monotonic() + 600
+    while client.status(ds)["state"] != "done":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    want = client.teachers(ds)
+    with browser_page(chromium) as page:
+        page.goto(f"{live_gateway}/#{ds}")
+        wait_js(page, "document.querySelectorAll('#teachers tbody tr').length === 3", 30)
+        rows = page.evaluate(
+            "[...document.querySelectorAll('#teachers tbody tr')].map(r => [...r.cells].map(c => c.textContent))"
+        )
+        assert rows == [
+            [
+                t["source"],
+                str(t["instructions"]),
+                f"{t['local_mean']:.3f}",
+                str(t["local_rank"]),
+                f"{t['grape_mean']:.3f}",
+                str(t["grape_rank"]),
+            ]
+            for t in want["sources"]
+        ]
+        assert page.evaluate("document.getElementById('teachers-box').hidden") is False
+        assert "rank correlation" in page.evaluate("document.getElementById('teachers-note').textContent")
+        assert page.evaluate("window.__errors") == []
+        page.screenshot(path=str(tmp_path / "teachers.png"), full_page=True)
