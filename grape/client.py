@@ -95,9 +95,17 @@ class GrapeClient:
         scores: list[str] | None = None,
         scorer_model: str | None = None,
         embedding_model: str | None = None,
+        local_segmentation: str | None = None,
+        local_window: int | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name, "target_model": target_model, "template": template}
-        extra = {"scores": scores, "scorer_model": scorer_model, "embedding_model": embedding_model}
+        extra = {
+            "scores": scores,
+            "scorer_model": scorer_model,
+            "embedding_model": embedding_model,
+            "local_segmentation": local_segmentation,
+            "local_window": local_window,
+        }
         body.update({k: v for k, v in extra.items() if v is not None})
         return self._request("POST", "/v1/datasets", json=body).json()
 
@@ -105,6 +113,10 @@ class GrapeClient:
         """Ask for more score kinds (rating, embedding, unconditioned...); stored items are queued for them."""
         body = {"scores": scores, **{k: v for k, v in models.items() if v is not None}}
         return self._request("POST", f"/v1/datasets/{dataset_id}/scores", json=body).json()
+
+    def teachers(self, dataset_id: str) -> dict[str, Any]:
+        """Sources ranked by mean local (LALP) and mean GRAPE score (GET /v1/datasets/{id}/teachers)."""
+        return self._request("GET", f"/v1/datasets/{dataset_id}/teachers").json()
 
     def compare(self, dataset_id: str, strategies: list[str], **params: Any) -> dict[str, Any]:
         """Strategies side by side on the scored pool (GET /v1/datasets/{id}/compare)."""

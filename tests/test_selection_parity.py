@@ -45,7 +45,8 @@ def _items() -> list[dict]:
 def _write_scores(r: redis.Redis, keys: Keys, ds: str, items: list[dict]) -> None:
     """Every task's results, deterministic; a few items failed or unscored, a few lacking an extra result."""
     rng = random.Random(29)
-    rows: dict[str, list[ItemResult]] = {t: [] for t in ("logprob", "unconditioned", "rating", "embedding")}
+    rows: dict[str, list[ItemResult]] = {t: [] for t in ("logprob", "unconditioned", "rating", "embedding", "local")}
+    lrng = random.Random(31)  # local scores from their own stream: the other tasks' numbers stay as they were
     for i, it in enumerate(items):
         n, iid = len(it["candidates"]), it["id"]
         if i % 97 == 5:
@@ -82,6 +83,10 @@ def _write_scores(r: redis.Redis, keys: Keys, ds: str, items: list[dict]) -> Non
             {"embedding": v, "dim": 6, "tokens": t, "prompt_tokens": 0} for v, t in zip(vectors, tokens, strict=True)
         ]
         rows["embedding"].append(ItemResult(iid, n, embedding))
+        if i % 41 != 6:
+            shape = {"steps": 2, "step_min": -3.5, "step_max": 0.0, "prompt_tokens": 4}
+            local = [{"local": -lrng.uniform(0.1, 3), "tokens": t, **shape} for t in tokens]
+            rows["local"].append(ItemResult(iid, n, local))
     for task, got in rows.items():
         for start in range(0, len(got), 200):
             call(r, results(keys, task, MODEL, ds, "", time.time(), got[start : start + 200]))

@@ -175,6 +175,7 @@ def test_another_tenants_resources_answer_exactly_as_unknown_ids_and_stay_unchan
         ("POST", "/v1/datasets/{ds}/scores", {"scores": ["length"]}),
         ("GET", "/v1/datasets/{ds}/compare?strategies=grape,longest", None),
         ("GET", "/v1/datasets/{ds}/summary", None),
+        ("GET", "/v1/datasets/{ds}/teachers", None),
         ("POST", "/v1/training-jobs", {"dataset_id": "{ds}"}),
         ("GET", "/v1/training-jobs/{job}", None),
         ("GET", "/v1/training-jobs/{job}/logs", None),

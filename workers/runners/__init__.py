@@ -21,6 +21,7 @@ TASKS.register("logprob", "workers.runners.logprob:runner")
 TASKS.register("unconditioned", "workers.runners.unconditioned:runner")
 TASKS.register("rating", "workers.runners.rating:runner")
 TASKS.register("embedding", "workers.runners.embedding:runner")
+TASKS.register("local", "workers.runners.local:runner")
 
 
 def load_task(task: str, backend: Any, model: str) -> TaskRunner:

@@ -1,0 +1,28 @@
+"""LALP (Just, Ko, Jia, "The Signal is in the Steps", arXiv 2510.03988): per instruction, the candidate
+with the highest local score (grape.local_steps: the mean over its reasoning steps of the target model's
+mean token log-prob of the step given the prompt and a short window of preceding steps).
+
+`k` per instruction, best first; ties go to the earlier candidate. Instructions without local scores (not
+scored yet by the local task, or failed there) are left out. `score` is the local score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from grape.strategies.base import Pick, ScoredItem, SelectParams
+
+
+def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
+    for row in rows:
+        local = row.extra.get("local")
+        if local is None:
+            continue
+        ranked = sorted(range(len(local)), key=lambda i: (-float(local[i]["local"]), i))
+        for rank, i in enumerate(ranked[: params.k], start=1):
+            yield Pick(row.item, i, float(local[i]["local"]), rank)
+
+
+select.needs = ("local",)  # type: ignore[attr-defined]
+select.per_item = True  # type: ignore[attr-defined]  # streams: one instruction at a time
+select.per_instruction = True  # type: ignore[attr-defined]  # picks a response for each instruction it can serve
