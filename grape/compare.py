@@ -93,12 +93,12 @@ class Comparison:
         ranked = sorted(self.in_pool, key=lambda s: (-self.in_pool[s], s))
         sources = sorted(ranked if self.max_sources is None else ranked[: self.max_sources])
         picked = {counts.name: np.unique(np.frombuffer(counts.codes, dtype=np.int64)) for counts, _ in self.runs}
-        summaries = [
-            counts.summary(sources, len(np.unique(picked[counts.name] >> 32))) for counts, _ in self.runs
-        ]
+        summaries = [counts.summary(sources, len(np.unique(picked[counts.name] >> 32))) for counts, _ in self.runs]
         overlap = {
-            a: {b: len(picked[a]) if a == b else int(np.intersect1d(picked[a], picked[b], assume_unique=True).size)
-                for b in picked}
+            a: {
+                b: len(picked[a]) if a == b else int(np.intersect1d(picked[a], picked[b], assume_unique=True).size)
+                for b in picked
+            }
             for a in picked
         }
         return {

@@ -20,8 +20,8 @@ async def compare(
     *, redis: Redis, keys: Keys, settings: Settings, dataset_id: str, strategies: list[str], params: SelectParams
 ) -> ComparisonPublic:
     """The strategies side by side (grape.compare), in one pass over the pool. Its work grows with strategies x
-    pool: the number of strategies is capped (GRAPE_MAX_COMPARE_STRATEGIES) and the comparison runs in a worker thread, so the
-    event loop keeps answering other requests meanwhile."""
+    pool: the number of strategies is capped (GRAPE_MAX_COMPARE_STRATEGIES) and the counting runs in a worker
+    thread, so the event loop keeps answering other requests meanwhile."""
     if not strategies:
         raise Unprocessable("strategies: name at least one, e.g. ?strategies=grape,longest")
     if len(strategies) > settings.max_compare_strategies:

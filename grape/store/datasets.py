@@ -316,7 +316,9 @@ def check_selection(found: Mapping[str, str], names: Iterable[str], dataset_id: 
     return needs
 
 
-def scored_rows(keys: Keys, dataset_id: str, item_ids: list[str], needs: tuple[str, ...] = ()) -> Plan[list[ScoredItem]]:
+def scored_rows(
+    keys: Keys, dataset_id: str, item_ids: list[str], needs: tuple[str, ...] = ()
+) -> Plan[list[ScoredItem]]:
     """The scored items among `item_ids`, in that order (one round trip; the one place scored items are
     decoded): unscored, failed and unknown ids are left out. `needs`: extra task results attached where an
     item has them."""
