@@ -328,3 +328,25 @@ def test_selection_and_compare_memory_does_not_grow_with_the_pool(
             peaks.setdefault("compare", []).append(_peak(compare))
     grown = {k: round(big / small, 2) for k, (small, big) in peaks.items()}
     assert all(g < 1.3 for g in grown.values()), grown
+
+
+def test_a_pool_wide_strategy_without_a_streaming_form_still_compares_and_selects() -> None:
+    """A strategy registered without `accumulate` (a new one, say) is given the whole pool, and agrees."""
+    from grape.compare import compare
+    from grape.strategies.base import accumulator, picks
+
+    rows = [
+        ScoredItem(it, [{"logprob_sum": -1.0 - j, "tokens": 1 + (i + j) % 5, "prompt_tokens": 1} for j in range(3)])
+        for i, it in enumerate(_synthetic(700, "plain"))
+    ]
+
+    def plain(rows: Any, params: SelectParams) -> Any:  # longest, as a plain function
+        return ref.longest(rows, params)
+
+    params = SelectParams(n=40, k=2)
+    assert [(p.item["id"], p.candidate) for p in picks(accumulator(plain, params), rows)] == [
+        (p.item["id"], p.candidate) for p in ref.longest(rows, params)
+    ]
+    assert compare(rows, {"plain": plain, "grape": STRATEGIES.get("grape")}, params) == ref.compare(
+        rows, {"plain": ref.longest, "grape": STRATEGIES.get("grape")}, params
+    )

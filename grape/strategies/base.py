@@ -136,20 +136,23 @@ class _PerItem:
 
 
 class _Collect:
-    """A pool-wide strategy without a streaming form of its own: it is given the whole pool (memory grows with it)."""
+    """A pool-wide strategy without a streaming form of its own: it is given the whole pool (memory grows with it).
+    The refs are taken as each page is added (`keep` may depend on the page being read)."""
 
     def __init__(self, select: Strategy, params: SelectParams, keep: Keep) -> None:
         self.select, self.params, self.keep = select, params, keep
         self.rows: list[ScoredItem] = []
+        self.refs: dict[int, list[Any]] = {}
 
     def add(self, rows: Iterable[ScoredItem]) -> Iterator[Choice]:
-        self.rows.extend(rows)
+        for row in rows:
+            self.rows.append(row)
+            self.refs[id(row.item)] = [self.keep(row, i) for i in range(len(row.item["candidates"]))]
         return iter(())
 
     def finish(self) -> Iterator[Choice]:
-        by_item = {id(row.item): row for row in self.rows}
         for p in self.select(self.rows, self.params):
-            yield Choice(self.keep(by_item[id(p.item)], p.candidate), p.candidate, p.score, p.rank)
+            yield Choice(self.refs[id(p.item)][p.candidate], p.candidate, p.score, p.rank)
 
 
 def accumulator(select: Strategy, params: SelectParams, keep: Keep = whole_item) -> Accumulator:
