@@ -72,11 +72,15 @@ class Comparison:
 
     def add(self, rows: Sequence[ScoredItem]) -> None:
         self._orders = {id(row): self.items + j for j, row in enumerate(rows)}
-        for j, row in enumerate(rows):
-            self.in_pool.update(c["source"] for c in row.item["candidates"])
-            for i in range(len(row.scores)):
-                order, tokens, chars, source = _pair(self.items + j, row, i)
-                self.pool.count(order, i, tokens, chars, source)
+        pool = self.pool  # every pair: counted, never coded (the pool has no overlaps)
+        for row in rows:
+            cands = row.item["candidates"]
+            self.in_pool.update(c["source"] for c in cands)
+            scored = cands[: len(row.scores)]
+            pool.selected += len(scored)
+            pool.tokens += sum(int(sc["tokens"]) for sc in row.scores)
+            pool.chars += sum(len(c["response"]) for c in scored)
+            pool.sources.update(c["source"] for c in scored)
             self.pool_instructions += 1 if row.scores else 0
         for counts, acc in self.runs:
             for c in acc.add(rows):
