@@ -31,6 +31,8 @@ from service.schemas import DatasetSummary, ScoreHistogram, SourceSummary
 
 BINS = 24
 _CACHE_SIZE = 64
+_CACHE_SCORES = 8_000_000
+"""Scores the kept tallies may hold in all (8 bytes each: 64 MB); the least recently used go first."""
 
 
 @dataclass
@@ -190,6 +192,8 @@ async def dataset_summary(
     if current is None or current.pos <= entry.pos:  # a concurrent request may have read further
         _cache[key] = entry
     _cache.move_to_end(key)
-    while len(_cache) > _CACHE_SIZE:
-        _cache.popitem(last=False)
+    held = sum(len(e.tally.all_scores) + len(e.tally.chosen) for e in _cache.values())
+    while len(_cache) > 1 and (len(_cache) > _CACHE_SIZE or held > _CACHE_SCORES):
+        _, gone = _cache.popitem(last=False)
+        held -= len(gone.tally.all_scores) + len(gone.tally.chosen)
     return entry.summary
