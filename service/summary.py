@@ -26,7 +26,7 @@ from grape.store import datasets as store
 from grape.store.io import arun
 from grape.strategies import STRATEGIES, ScoredItem, SelectParams
 from grape.strategies.grape import candidate_score
-from service.datasets import dataset_status
+from service.datasets import dataset_status, release_memory
 from service.schemas import DatasetSummary, ScoreHistogram, SourceSummary
 
 BINS = 24
@@ -185,7 +185,10 @@ async def dataset_summary(
         _cache.move_to_end(key)
         return hit.summary
     entry = hit or _Entry(counts, _Tally(reduce), 0, [], None)  # type: ignore[arg-type]
+    before = entry.pos
     entry = await _refresh(redis, keys, dataset_id, entry, status.scored_items)
+    if entry.pos - before >= 20 * store.PAGE:
+        release_memory()  # a long read: its freed pages go back to the system
     entry.counts = counts
     entry.summary = await anyio.to_thread.run_sync(entry.tally.summary, dataset_id, max_sources)
     current = _cache.get(key)
