@@ -8,24 +8,111 @@ task's `tokens`) and in characters.
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from grape.strategies import ScoredItem, SelectParams, Strategy
+from grape.strategies.base import accumulator
 
 
-def _summary(name: str, pairs: Sequence[tuple[ScoredItem, int]], sources: list[str]) -> dict[str, Any]:
-    counts = Counter(row.item["candidates"][i]["source"] for row, i in pairs)
-    n = len(pairs)
-    return {
-        "name": name,
-        "selected": n,
-        "instructions": len({row.item["id"] for row, _ in pairs}),
-        "mean_response_tokens": sum(row.scores[i]["tokens"] for row, i in pairs) / n if n else None,
-        "mean_response_chars": sum(len(row.item["candidates"][i]["response"]) for row, i in pairs) / n if n else None,
-        "sources": {s: counts.get(s, 0) / n if n else 0.0 for s in sources},
-    }
+class _Counts:
+    """One strategy's (or the pool's) running counts: pairs, instructions, lengths and sources."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.selected = 0
+        self.tokens = 0
+        self.chars = 0
+        self.sources: Counter[str] = Counter()
+        self.codes = array("q")  # (upload order << 32) | candidate of each pair: overlaps and instructions
+
+    def count(self, order: int, candidate: int, tokens: int, chars: int, source: str) -> None:
+        self.selected += 1
+        self.tokens += tokens
+        self.chars += chars
+        self.sources[source] += 1
+        self.codes.append((order << 32) | candidate)
+
+    def summary(self, sources: list[str], instructions: int) -> dict[str, Any]:
+        n = self.selected
+        return {
+            "name": self.name,
+            "selected": n,
+            "instructions": instructions,
+            "mean_response_tokens": self.tokens / n if n else None,
+            "mean_response_chars": self.chars / n if n else None,
+            "sources": {s: self.sources.get(s, 0) / n if n else 0.0 for s in sources},
+        }
+
+
+def _pair(order: int, row: ScoredItem, i: int) -> tuple[int, int, int, str]:
+    cand = row.item["candidates"][i]
+    return order, int(row.scores[i]["tokens"]), len(cand["response"]), cand["source"]
+
+
+class Comparison:
+    """`compare` over pages of rows fed one at a time (`add`, in upload order): it holds per strategy a few
+    counters and one 8-byte code per selected pair (for the overlaps), and what its strategy holds (a pool-wide
+    one: its budget's pairs), never the rows."""
+
+    def __init__(self, strategies: Mapping[str, Strategy], params: SelectParams, max_sources: int | None = None):
+        self.max_sources = max_sources
+        self.items = 0
+        self.in_pool: Counter[str] = Counter()
+        self.pool = _Counts("pool")
+        self.pool_instructions = 0
+        self._orders: dict[int, int] = {}
+        keep = self._keep
+        self.runs = [(_Counts(name), accumulator(select, params, keep)) for name, select in strategies.items()]
+
+    def _keep(self, row: ScoredItem, i: int) -> tuple[int, int, int, str]:
+        return _pair(self._orders[id(row)], row, i)
+
+    def add(self, rows: Sequence[ScoredItem]) -> None:
+        self._orders = {id(row): self.items + j for j, row in enumerate(rows)}
+        pool = self.pool  # every pair: counted, never coded (the pool has no overlaps)
+        for row in rows:
+            cands = row.item["candidates"]
+            self.in_pool.update(c["source"] for c in cands)
+            scored = cands[: len(row.scores)]
+            pool.selected += len(scored)
+            pool.tokens += sum(int(sc["tokens"]) for sc in row.scores)
+            pool.chars += sum(len(c["response"]) for c in scored)
+            pool.sources.update(c["source"] for c in scored)
+            self.pool_instructions += 1 if row.scores else 0
+        for counts, acc in self.runs:
+            for c in acc.add(rows):
+                counts.count(*c.ref[:1], c.candidate, *c.ref[1:])
+        self.items += len(rows)
+        self._orders = {}
+
+    def result(self) -> dict[str, Any]:
+        import numpy as np
+
+        for counts, acc in self.runs:
+            for c in acc.finish():
+                counts.count(*c.ref[:1], c.candidate, *c.ref[1:])
+        ranked = sorted(self.in_pool, key=lambda s: (-self.in_pool[s], s))
+        sources = sorted(ranked if self.max_sources is None else ranked[: self.max_sources])
+        picked = {counts.name: np.unique(np.frombuffer(counts.codes, dtype=np.int64)) for counts, _ in self.runs}
+        summaries = [counts.summary(sources, len(np.unique(picked[counts.name] >> 32))) for counts, _ in self.runs]
+        overlap = {
+            a: {
+                b: len(picked[a]) if a == b else int(np.intersect1d(picked[a], picked[b], assume_unique=True).size)
+                for b in picked
+            }
+            for a in picked
+        }
+        return {
+            "items": self.items,
+            "sources": sources,
+            "sources_total": len(self.in_pool),
+            "pool": self.pool.summary(sources, self.pool_instructions),
+            "strategies": summaries,
+            "overlap": overlap,
+        }
 
 
 def compare(
@@ -43,27 +130,12 @@ def compare(
     - `sources`: the sources whose shares are shown, by name: all of them, or the `max_sources` with the
       most candidates in the pool (so the answer stays small on a pool with a source per pair);
       `sources_total` counts them all.
+
+    One pass (`Comparison`): fed page by page, it never holds the pool.
     """
-    by_id = {row.item["id"]: row for row in rows}
-    in_pool = Counter(c["source"] for row in rows for c in row.item["candidates"])
-    ranked = sorted(in_pool, key=lambda s: (-in_pool[s], s))
-    sources = sorted(ranked if max_sources is None else ranked[:max_sources])
-    picked: dict[str, set[tuple[str, int]]] = {}
-    summaries = []
-    for name, select in strategies.items():
-        pairs = [(p.item["id"], p.candidate) for p in select(rows, params)]
-        picked[name] = set(pairs)
-        summaries.append(_summary(name, [(by_id[i], c) for i, c in pairs], sources))
-    pool = _summary("pool", [(row, i) for row in rows for i in range(len(row.scores))], sources)
-    overlap = {a: {b: len(picked[a] & picked[b]) for b in picked} for a in picked}
-    return {
-        "items": len(rows),
-        "sources": sources,
-        "sources_total": len(in_pool),
-        "pool": pool,
-        "strategies": summaries,
-        "overlap": overlap,
-    }
+    comparison = Comparison(strategies, params, max_sources)
+    comparison.add(rows)
+    return comparison.result()
 
 
 def format_table(result: Mapping[str, Any]) -> str:

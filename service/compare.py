@@ -6,12 +6,12 @@ from __future__ import annotations
 import anyio
 from redis.asyncio import Redis
 
-from grape.compare import compare as compare_rows
+from grape.compare import Comparison
 from grape.keys import Keys
 from grape.settings import Settings
 from grape.store.datasets import check_selection
-from grape.strategies import STRATEGIES, ScoredItem, SelectParams
-from service.datasets import dataset_meta, dataset_status, scored_items
+from grape.strategies import STRATEGIES, SelectParams
+from service.datasets import dataset_meta, dataset_status, release_memory, scored_items
 from service.errors import Unprocessable
 from service.schemas import ComparisonPublic
 
@@ -19,9 +19,9 @@ from service.schemas import ComparisonPublic
 async def compare(
     *, redis: Redis, keys: Keys, settings: Settings, dataset_id: str, strategies: list[str], params: SelectParams
 ) -> ComparisonPublic:
-    """The strategies side by side (grape.compare). Its work grows with strategies x pool: the number of
-    strategies is capped (GRAPE_MAX_COMPARE_STRATEGIES) and the comparison runs in a worker thread, so the
-    event loop keeps answering other requests meanwhile."""
+    """The strategies side by side (grape.compare), in one pass over the pool. Its work grows with strategies x
+    pool: the number of strategies is capped (GRAPE_MAX_COMPARE_STRATEGIES) and the counting runs in a worker
+    thread, so the event loop keeps answering other requests meanwhile."""
     if not strategies:
         raise Unprocessable("strategies: name at least one, e.g. ?strategies=grape,longest")
     if len(strategies) > settings.max_compare_strategies:
@@ -33,14 +33,18 @@ async def compare(
         raise Unprocessable("strategies: a strategy is named twice")
     meta = await dataset_meta(redis, keys, dataset_id)
     needs = check_selection(meta, strategies, dataset_id)
-    rows: list[ScoredItem] = []
-    async for page in scored_items(redis, keys, dataset_id, needs):
-        rows.extend(page)
     chosen = {name: STRATEGIES.get(name) for name in strategies}
+    # one streaming pass: each page is counted (in a worker thread) and dropped, so the gateway holds
+    # counters and the pool-wide strategies' budgets, never the pool
     try:
-        result = await anyio.to_thread.run_sync(compare_rows, rows, chosen, params, settings.max_report_sources)
+        comparison = Comparison(chosen, params, settings.max_report_sources)
+        async for page in scored_items(redis, keys, dataset_id, needs):
+            await anyio.to_thread.run_sync(comparison.add, page)
+        result = await anyio.to_thread.run_sync(comparison.result)
     except ValueError as exc:
         raise Unprocessable(str(exc)) from None
+    finally:
+        release_memory()
     status = await dataset_status(redis=redis, keys=keys, dataset_id=dataset_id)
     return ComparisonPublic(
         dataset_id=dataset_id,

@@ -3,7 +3,9 @@ Routes validate and call exactly one of these."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import ctypes
+import ctypes.util
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -309,6 +311,23 @@ async def list_failures(*, redis: Redis, keys: Keys, dataset_id: str, limit: int
     return [FailurePublic(id=k, error=v) for k, v in rows]
 
 
+def _libc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_malloc_trim = _libc_trim()
+
+
+def release_memory() -> None:
+    """After a read of a whole pool: hand the freed heap back to the system. glibc keeps the arenas that the
+    worker threads decoding pages used, so without this the gateway stays at its peak after the read ends."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
 async def scored_items(
     redis: Redis, keys: Keys, dataset_id: str, needs: tuple[str, ...] = ()
 ) -> AsyncIterator[list[ScoredItem]]:
@@ -324,9 +343,12 @@ async def selection_lines(
     (grape.store.datasets.check_selection); streams page by page for per-instruction strategies."""
     # decoding, selecting and encoding is CPU work that grows with the pool: in a worker thread (offload),
     # so the event loop (and /healthz, and every other request) keeps answering meanwhile
-    async for chunks in apages(redis, store.selection(keys, dataset_id, strategy, params), offload=True):
-        for chunk in chunks:
-            yield chunk
+    try:
+        async for chunks in apages(redis, store.selection(keys, dataset_id, strategy, params), offload=True):
+            for chunk in chunks:
+                yield chunk
+    finally:
+        release_memory()
 
 
 async def selection(

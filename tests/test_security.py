@@ -43,6 +43,8 @@ from grape.jobs import OPTIMIZERS, SCHEDULERS, Hyperparameters, JobSpec, LoraSpe
 from grape.keys import Keys, model_key
 from grape.settings import Settings
 from grape.store import heartbeats
+from grape.store.io import call
+from grape.store.scoring import ItemResult, results
 from service.app import create_app
 from tests.conftest import MODEL, load_pool, ndjson, start_gateway
 from tests.test_training import HP, LORA, _claim_as, scored_dataset, wait_job
@@ -331,8 +333,9 @@ def test_compare_and_summary_list_a_bounded_number_of_sources(secure, rclient, k
         {"id": f"i{n}", "instruction": "q", "candidates": [{"source": f"src{n}", "response": "r"}]} for n in range(300)
     ]
     assert secure.post(f"/v1/datasets/{ds}/items", json={"items": items}).json()["accepted"] == 300
-    one = orjson.dumps([{"logprob_sum": -1.0, "tokens": 1, "prompt_tokens": 3}])
-    rclient.hset(keys.scores(ds), mapping={it["id"]: one for it in items})
+    one = [{"logprob_sum": -1.0, "tokens": 1, "prompt_tokens": 3}]
+    # through the workers' results script: the kept summary reads what the scored counters announce
+    call(rclient, results(keys, "logprob", MODEL, ds, "", time.time(), [ItemResult(it["id"], 1, one) for it in items]))
     body = secure.get(f"/v1/datasets/{ds}/compare", params={"strategies": "grape,longest"}).json()
     assert len(body["sources"]) == 100 and body["sources_total"] == 300
     assert all(len(s["sources"]) == 100 for s in body["strategies"])

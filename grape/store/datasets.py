@@ -27,6 +27,7 @@ from grape.store.errors import Invalid, NotFound, OverQuota, shown
 from grape.store.io import Lua, Page, Plan, cmd, one, pages, run, script
 from grape.store.tenants import UNLIMITED, owner
 from grape.strategies import STRATEGIES, Pick, ScoredItem, SelectParams, strategy_needs
+from grape.strategies.base import Choice, accumulator
 
 PAGE = 500
 """Items read per round trip (and NDJSON records per chunk of a pool-wide selection)."""
@@ -335,6 +336,36 @@ def check_selection(found: Mapping[str, str], names: Iterable[str], dataset_id: 
     return needs
 
 
+def scored_rows(
+    keys: Keys, dataset_id: str, item_ids: list[str], needs: tuple[str, ...] = ()
+) -> Plan[list[ScoredItem]]:
+    """The scored items among `item_ids`, in that order (one round trip; the one place scored items are
+    decoded): unscored, failed and unknown ids are left out. `needs`: extra task results attached where an
+    item has them."""
+    if not item_ids:
+        return []
+    raw_items, raw_scores, *extra = yield [
+        cmd("hmget", keys.items(dataset_id), item_ids),
+        cmd("hmget", keys.scores(dataset_id), item_ids),
+        *(cmd("hmget", keys.task_results(dataset_id, n), item_ids) for n in needs),
+    ]
+    return [
+        ScoredItem(
+            orjson.loads(it),
+            orjson.loads(sc),
+            {n: orjson.loads(x[j]) for n, x in zip(needs, extra, strict=True) if x[j] is not None},
+        )
+        for j, (it, sc) in enumerate(zip(raw_items, raw_scores, strict=True))
+        if it is not None and sc is not None
+    ]
+
+
+def order_page(keys: Keys, dataset_id: str, start: int) -> Plan[list[str]]:
+    """The ids of up to PAGE items in upload order from position `start`."""
+    raw = yield from one("lrange", keys.order(dataset_id), start, start + PAGE - 1)
+    return [as_str(x) for x in raw]
+
+
 def scored(keys: Keys, dataset_id: str, needs: tuple[str, ...] = ()) -> Callable[[int], Plan[Page[ScoredItem]]]:
     """Pages of scored items in upload order (for `pages`/`apages`); unscored and failed items are left out.
     `needs`: extra task results (grape.score_kinds) attached where an item has them."""
@@ -343,20 +374,7 @@ def scored(keys: Keys, dataset_id: str, needs: tuple[str, ...] = ()) -> Callable
         order = yield from one("lrange", keys.order(dataset_id), start, start + PAGE - 1)
         if not order:
             return [], None
-        raw_items, raw_scores, *extra = yield [
-            cmd("hmget", keys.items(dataset_id), order),
-            cmd("hmget", keys.scores(dataset_id), order),
-            *(cmd("hmget", keys.task_results(dataset_id, n), order) for n in needs),
-        ]
-        rows = [
-            ScoredItem(
-                orjson.loads(it),
-                orjson.loads(sc),
-                {n: orjson.loads(x[j]) for n, x in zip(needs, extra, strict=True) if x[j] is not None},
-            )
-            for j, (it, sc) in enumerate(zip(raw_items, raw_scores, strict=True))
-            if it is not None and sc is not None
-        ]
+        rows = yield from scored_rows(keys, dataset_id, order, needs)
         return rows, start + len(order) if len(order) == PAGE else None
 
     return page
@@ -366,24 +384,42 @@ def _ndjson(picks: Iterable[Pick]) -> bytes:
     return b"".join(orjson.dumps(p.record()) + b"\n" for p in picks)
 
 
+def _item_id(row: ScoredItem, candidate: int) -> str:
+    return row.item["id"]
+
+
 def selection(keys: Keys, dataset_id: str, strategy: str, params: SelectParams) -> Callable[[int], Plan[Page[bytes]]]:
     """The selected SFT records as NDJSON chunks, page after page (for `pages`/`apages`; check the strategy
-    first, `check_selection`). A per-item strategy (`per_item`) gives each page's picks as that page is read;
-    a pool-wide one reads every page, then gives its picks in chunks of PAGE records."""
+    first, `check_selection`). One pass over the pool feeds the strategy's streaming form (grape.strategies.base
+    `accumulator`), which holds only item ids of what it may still pick: the picks a page decides (a per-item
+    strategy: all of them) are given as that page is read; the rest (a pool-wide strategy's top `n`) come after
+    the last page, their items read again by id, PAGE records a chunk. The pool is never held."""
     select = STRATEGIES.get(strategy)
     per_item = getattr(select, "per_item", False)
     read = scored(keys, dataset_id, strategy_needs(strategy))
-    pool: list[ScoredItem] = []
+    acc = accumulator(select, params, _item_id)
+    rest: list[Choice] = []
+
+    def records(choices: Iterable[Choice], items: Mapping[str, dict[str, Any]]) -> bytes:
+        return _ndjson(Pick(items[c.ref], c.candidate, c.score, c.rank) for c in choices if c.ref in items)
 
     def page(start: int) -> Plan[Page[bytes]]:
+        if start < 0:  # after the pool: the held picks, -1 - start of them given so far
+            done = -1 - start
+            chunk = rest[done : done + PAGE]
+            ids = list(dict.fromkeys(c.ref for c in chunk))
+            rows = yield from scored_rows(keys, dataset_id, ids)
+            out = records(chunk, {row.item["id"]: row.item for row in rows})
+            return [out] if out else [], -1 - (done + PAGE) if done + PAGE < len(rest) else None
         rows, nxt = yield from read(start)
-        if per_item:
-            chunks = [_ndjson(select(rows, params))]
-        else:
-            pool.extend(rows)
-            picks = list(select(pool, params)) if nxt is None else []
-            chunks = [_ndjson(picks[i : i + PAGE]) for i in range(0, len(picks), PAGE)]
-        return [c for c in chunks if c], nxt
+        if per_item:  # the picks hold the page's own items: encoded as they come
+            out = _ndjson(select(rows, params))
+            return [out] if out else [], nxt
+        out = records(acc.add(rows), {row.item["id"]: row.item for row in rows})
+        if nxt is None:
+            rest.extend(acc.finish())
+            nxt = -1 if rest else None
+        return [out] if out else [], nxt
 
     return page
 

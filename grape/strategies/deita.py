@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from grape.score_kinds import decode_vector
-from grape.strategies.base import Pick, ScoredItem, SelectParams, budget
+from grape.strategies.base import Choice, Keep, Pick, ScoredItem, SelectParams, budget, picks, whole_item
 
 DEFAULT_N = 6000
 
@@ -34,36 +34,59 @@ def unit(vector: Any) -> Any:
     return v / norm
 
 
-def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
-    import numpy as np
+class Deita:
+    """Collects the rated and embedded pairs (their keys, `keep` refs and embeddings, not the rows); the walk runs
+    at `finish`. Its memory still grows with the pool (one embedding per pair): the walk may need any of them."""
 
-    pairs = []
-    for order, row in enumerate(rows):
-        ratings, embeddings = row.extra.get("rating"), row.extra.get("embedding")
-        if ratings is None or embeddings is None:
-            continue
-        for i, (r, e) in enumerate(zip(ratings, embeddings, strict=True)):
-            pairs.append((-evol_score(r), order, i, row, e["embedding"]))
-    pairs.sort(key=lambda p: p[:3])
-    n = budget(params, DEFAULT_N)
-    kept: list[Pick] = []
-    per_item: dict[str, int] = {}
-    matrix: Any = None  # the kept pairs' unit embeddings, one row each, allocated once
-    for neg, _, i, row, emb in pairs:
-        if n is not None and len(kept) >= n:
-            break
-        item_id = row.item["id"]
-        if per_item.get(item_id, 0) >= params.k:
-            continue
-        v = unit(decode_vector(emb) if isinstance(emb, str) else emb)
-        if matrix is None:
-            matrix = np.empty((len(pairs) if n is None else min(n, len(pairs)), v.shape[0]))
-        elif kept and float(np.max(matrix[: len(kept)] @ v)) > params.tau:
-            continue
-        matrix[len(kept)] = v
-        per_item[item_id] = per_item.get(item_id, 0) + 1
-        kept.append(Pick(row.item, i, -neg, len(kept) + 1))
-    yield from kept
+    def __init__(self, params: SelectParams, keep: Keep) -> None:
+        self.params, self.keep = params, keep
+        self.n = budget(params, DEFAULT_N)
+        self.order = 0
+        self.pairs: list[tuple[float, int, int, Any, Any]] = []
+
+    def add(self, rows: Iterable[ScoredItem]) -> Iterator[Choice]:
+        for row in rows:
+            order = self.order
+            self.order += 1
+            ratings, embeddings = row.extra.get("rating"), row.extra.get("embedding")
+            if ratings is None or embeddings is None:
+                continue
+            for i, (r, e) in enumerate(zip(ratings, embeddings, strict=True)):
+                self.pairs.append((-evol_score(r), order, i, (self.keep(row, i), row.item["id"]), e["embedding"]))
+        return iter(())
+
+    def finish(self) -> Iterator[Choice]:
+        import numpy as np
+
+        pairs, self.pairs = self.pairs, []
+        pairs.sort(key=lambda p: p[:3])
+        n, params = self.n, self.params
+        kept = 0
+        per_item: dict[str, int] = {}
+        matrix: Any = None  # the kept pairs' unit embeddings, one row each, allocated once
+        for neg, _, i, (ref, item_id), emb in pairs:
+            if n is not None and kept >= n:
+                break
+            if per_item.get(item_id, 0) >= params.k:
+                continue
+            v = unit(decode_vector(emb) if isinstance(emb, str) else emb)
+            if matrix is None:
+                matrix = np.empty((len(pairs) if n is None else min(n, len(pairs)), v.shape[0]))
+            elif kept and float(np.max(matrix[:kept] @ v)) > params.tau:
+                continue
+            matrix[kept] = v
+            per_item[item_id] = per_item.get(item_id, 0) + 1
+            kept += 1
+            yield Choice(ref, i, -neg, kept)
+
+
+def accumulate(params: SelectParams, keep: Keep = whole_item) -> Deita:
+    return Deita(params, keep)
+
+
+def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
+    return picks(accumulate(params), rows)
 
 
 select.needs = ("rating", "embedding")  # type: ignore[attr-defined]
+select.accumulate = accumulate  # type: ignore[attr-defined]

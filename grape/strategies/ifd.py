@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from grape.strategies.base import Pick, ScoredItem, SelectParams, budget, take_ranked
+from grape.strategies.base import Keep, Pick, ScoredItem, SelectParams, TopPairs, budget, picks, whole_item
 
 
 def ifd(cond: dict[str, Any], uncond: dict[str, Any]) -> float | None:
@@ -24,18 +24,25 @@ def ifd(cond: dict[str, Any], uncond: dict[str, Any]) -> float | None:
     return math.exp(uncond["logprob_sum"] / uncond["tokens"] - cond["logprob_sum"] / cond["tokens"])
 
 
-def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
-    pairs = []
-    for order, row in enumerate(rows):
+class Ifd(TopPairs):
+    def pairs(self, row: ScoredItem) -> Iterable[tuple[float, int, float]]:
         uncond = row.extra.get("unconditioned")
         if uncond is None:
-            continue
+            return
         for i, (c, u) in enumerate(zip(row.scores, uncond, strict=True)):
             value = ifd(c, u)
             if value is not None and value < 1:
-                pairs.append((-value, order, i, row))
-    pairs.sort(key=lambda p: p[:3])
-    yield from take_ranked(((row, i, -neg) for neg, _, i, row in pairs), params, budget(params, None))
+                yield -value, i, value
+
+
+def accumulate(params: SelectParams, keep: Keep = whole_item) -> Ifd:
+    """Streaming: holds the `n` highest-IFD pairs so far (without `n`: every pair with IFD < 1, as `keep` refs)."""
+    return Ifd(params, keep, budget(params, None))
+
+
+def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
+    return picks(accumulate(params), rows)
 
 
 select.needs = ("unconditioned",)  # type: ignore[attr-defined]
+select.accumulate = accumulate  # type: ignore[attr-defined]

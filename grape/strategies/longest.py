@@ -10,12 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from grape.strategies.base import Pick, ScoredItem, SelectParams, budget, take_ranked
+from grape.strategies.base import Keep, Pick, ScoredItem, SelectParams, TopPairs, budget, picks, whole_item
 
 DEFAULT_N = 1000
 
 
+class Longest(TopPairs):
+    def pairs(self, row: ScoredItem) -> Iterable[tuple[float, int, float]]:
+        return ((-int(sc["tokens"]), i, float(sc["tokens"])) for i, sc in enumerate(row.scores))
+
+
+def accumulate(params: SelectParams, keep: Keep = whole_item) -> Longest:
+    """Streaming: holds the `n` longest pairs so far (default 1000), never the pool."""
+    return Longest(params, keep, budget(params, DEFAULT_N))
+
+
 def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
-    pairs = [(-int(sc["tokens"]), order, i, row) for order, row in enumerate(rows) for i, sc in enumerate(row.scores)]
-    pairs.sort(key=lambda p: p[:3])
-    yield from take_ranked(((row, i, float(-neg)) for neg, _, i, row in pairs), params, budget(params, DEFAULT_N))
+    return picks(accumulate(params), rows)
+
+
+select.accumulate = accumulate  # type: ignore[attr-defined]

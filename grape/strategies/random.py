@@ -7,10 +7,12 @@ in upload order; with `n`, instructions are taken by ascending u until `n` pairs
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections.abc import Iterable, Iterator
+from typing import Any
 
-from grape.strategies.base import Pick, ScoredItem, SelectParams, budget
+from grape.strategies.base import Choice, Keep, Pick, ScoredItem, SelectParams, budget, picks, whole_item
 
 
 def draw(item_id: str, candidates: int, seed: int) -> tuple[list[int], float]:
@@ -20,18 +22,53 @@ def draw(item_id: str, candidates: int, seed: int) -> tuple[list[int], float]:
     return order, rng.random()
 
 
+class Random:
+    """Without `n`: each instruction's picks as its row comes. With `n`: the (at most) `n` instructions of lowest
+    priority so far, in a bounded heap (each gives at least one pair when k >= 1)."""
+
+    def __init__(self, params: SelectParams, keep: Keep) -> None:
+        self.params, self.keep = params, keep
+        self.n = budget(params, None)
+        self.kept = 0
+        self.order = 0
+        self.heap: list[tuple[float, int, list[tuple[Any, int]]]] = []  # (-u, -order, [(ref, candidate)])
+
+    def add(self, rows: Iterable[ScoredItem]) -> Iterator[Choice]:
+        k = self.params.k
+        for row in rows:
+            order = self.order
+            self.order += 1
+            cands, u = draw(row.item["id"], len(row.item["candidates"]), self.params.seed)
+            if self.n is None:
+                for cand in cands[:k]:
+                    self.kept += 1
+                    yield Choice(self.keep(row, cand), cand, u, self.kept)
+                continue
+            if self.n == 0 or k <= 0:
+                continue
+            if len(self.heap) < self.n:
+                heapq.heappush(self.heap, (-u, -order, [(self.keep(row, c), c) for c in cands[:k]]))
+            elif (-u, -order) > self.heap[0][:2]:
+                heapq.heapreplace(self.heap, (-u, -order, [(self.keep(row, c), c) for c in cands[:k]]))
+
+    def finish(self) -> Iterator[Choice]:
+        ranked = sorted(self.heap, key=lambda e: e[:2], reverse=True)
+        self.heap = []
+        for neg_u, _, chosen in ranked:
+            for ref, cand in chosen:
+                if self.n is not None and self.kept >= self.n:
+                    return
+                self.kept += 1
+                yield Choice(ref, cand, -neg_u, self.kept)
+
+
+def accumulate(params: SelectParams, keep: Keep = whole_item) -> Random:
+    return Random(params, keep)
+
+
 def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
-    drawn = [(row, *draw(row.item["id"], len(row.item["candidates"]), params.seed)) for row in rows]
-    n = budget(params, None)
-    if n is not None:
-        drawn.sort(key=lambda d: d[2])
-    kept = 0
-    for row, order, u in drawn:
-        for cand in order[: params.k]:
-            if n is not None and kept >= n:
-                return
-            kept += 1
-            yield Pick(row.item, cand, u, kept)
+    return picks(accumulate(params), rows)
 
 
 select.per_instruction = True  # type: ignore[attr-defined]  # without `n`: k responses for every instruction
+select.accumulate = accumulate  # type: ignore[attr-defined]
