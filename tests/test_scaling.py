@@ -165,7 +165,7 @@ def test_scale_down_mid_chunk_loses_and_doubles_nothing(redis_url, rclient, keys
     """Two real worker processes score a dataset of several chunks (fair share: most wait in the backlog); the
     one holding a chunk it has partly written gets SIGTERM, as a scale-down does. It finishes its batch, hands
     back the rest and exits 0; the other finishes the dataset; every candidate is scored exactly once."""
-    items = load_pool(12, start=400, max_chars=250, candidates=3)
+    items = load_pool(12, start=330, max_chars=250, candidates=3)
     settings = Settings(redis_url=redis_url, key_prefix=keys.prefix, chunk_pairs=6, fair_share_window=2)
     names = ["stays", "goes"]
     # small slices (GRAPE_COMMIT_TOKENS) so the stopped worker has written part of its chunk when told to stop
