@@ -36,7 +36,7 @@ import httpx
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline import MODEL, Service, ndjson, pool, wait_done, worker_seconds  # noqa: E402
+from pipeline import Service, ndjson, pool, wait_done, worker_seconds  # noqa: E402
 
 from grape.keys import Keys  # noqa: E402
 
@@ -143,7 +143,10 @@ def run_size(pairs: int, args: argparse.Namespace, r: redis.Redis, logs: Path) -
             s = score(svc, r, client, a, 1)
             rows["scoring, 1 null worker"] = (s, f"{s:.1f} s ({n_pairs / s:,.0f} pairs/s)")
             per_pair = (int(r.info("memory")["used_memory"]) - before) / n_pairs
-            rows["Redis bytes per pair"] = (per_pair, f"{per_pair:,.0f} B")
+            rows["Redis bytes per pair (used_memory)"] = (per_pair, f"{per_pair:,.0f} B")
+            # the same from this prefix's keys alone: other clients of a shared Redis do not move it
+            keys_bytes = sum(r.memory_usage(k, samples=0) or 0 for k in r.scan_iter(match=f"{prefix}:*", count=10_000))
+            rows["Redis bytes per pair (MEMORY USAGE)"] = (keys_bytes / n_pairs, f"{keys_bytes / n_pairs:,.0f} B")
 
             base = f"{svc.url}/v1/datasets/{a}"
             reads = {
@@ -190,13 +193,14 @@ def main() -> int:
     labels = [f"{p / 1000:g}k" if p < 1_000_000 else f"{p / 1_000_000:g}M" for p in sizes]
     growth = [f"{labels[i]}/{labels[i - 1]}" for i in range(1, len(sizes))]
     print()
-    print("| step | " + " | ".join(f"{lab} pairs" for lab in labels) + " | " + " | ".join(growth) + " |")
+    print("| " + " | ".join(["step", *(f"{lab} pairs" for lab in labels), *growth]) + " |")
     print("|---" * (1 + len(sizes) + len(growth)) + "|")
     for name in results[0]:
         cells = [res[name][1] for res in results]
         ratios = [f"{results[i][name][0] / results[i - 1][name][0]:.2f}x" for i in range(1, len(sizes))]
-        print(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
-    print(f"\nsizes x{[sizes[i] / sizes[i - 1] for i in range(1, len(sizes))]} per step; model {MODEL}", flush=True)
+        print("| " + " | ".join([name, *cells, *ratios]) + " |")
+    steps = ", ".join(f"{sizes[i] / sizes[i - 1]:g}x" for i in range(1, len(sizes)))
+    print(f"\npool growth per step: {steps or '-'}; a row growing faster than the pool costs more per pair", flush=True)
     return 0
 
 

@@ -83,12 +83,14 @@ def test_the_scaled_object_scales_the_workers_on_the_stream_and_group_they_read(
     worker = one("Deployment", target["name"])
     (container,) = worker["spec"]["template"]["spec"]["containers"]
     assert container["args"][:3] == ["worker", "--model", "$(GRAPE_TARGET_MODEL)"]
+    assert "--task" not in container["args"]  # the default task, logprob: the stream below
     assert spec["minReplicaCount"] == 0 < spec["maxReplicaCount"]
     assert isinstance(spec["pollingInterval"], int) and isinstance(spec["cooldownPeriod"], int)
 
     # what the workers read, derived as they derive it: the ConfigMap's prefix and model through grape.keys
     config = one("ConfigMap", "grape-config")["data"]
-    stream = Keys(config["GRAPE_KEY_PREFIX"]).stream(config["GRAPE_TARGET_MODEL"])
+    # (workers.loop.Worker reads `score_queue(task, model).stream`; the deployed workers score the logprob task)
+    stream = Keys(config["GRAPE_KEY_PREFIX"]).score_queue("logprob", config["GRAPE_TARGET_MODEL"]).stream
     redis_url = urlparse(config["REDIS_URL"])
     triggers = spec["triggers"]
     assert {t["type"] for t in triggers} == {"redis-streams"}
