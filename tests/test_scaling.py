@@ -198,6 +198,9 @@ def test_scale_down_mid_chunk_loses_and_doubles_nothing(redis_url, rclient, keys
             assert st["state"] == "done"
             assert_every_candidate_scored_once(api, rclient, keys, ds, items)
             assert rclient.llen(keys.backlog(ds, "logprob")) == 0
+            # what lets KEDA scale to zero: the lag stays exact through the acks' and hand-back's deletions
+            group = _group(rclient, keys.stream(MODEL))
+            assert (group["lag"], group["pending"]) == (0, 0)
             assert int(rclient.get(keys.score_queue("logprob", MODEL).waiting) or 0) == 0
     finally:
         for p in procs.values():
