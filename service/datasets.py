@@ -71,6 +71,8 @@ async def create_dataset(
     }
     limit, used = await check_free(redis, keys, settings, tenant, "datasets") if settings else (UNLIMITED, 0)
     ds = await arun(redis, store.create(keys, fields, tenant, limit, used))
+    for task in tasks_for(dataset_scores(fields)):  # the queues it will use, for an autoscaler (deploy/k8s)
+        await scoring.aensure_group(redis, keys.task_stream(task.value, task_model(fields, task)))
     return await dataset_status(redis=redis, keys=keys, dataset_id=ds)
 
 

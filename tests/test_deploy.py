@@ -152,9 +152,10 @@ def test_kubernetes_manifests_parse_with_the_expected_kinds() -> None:
         "Secret": 1,
         "Service": 2,  # redis (headless), gateway
         "StatefulSet": 1,
-        "Deployment": 2,  # gateway, worker
+        "Deployment": 3,  # gateway, worker, evaluator
         "PersistentVolumeClaim": 1,
         "Job": 1,
+        "ScaledObject": 1,  # KEDA: the workers on their queue (tests/test_scaling.py)
     }
     for d in docs:
         assert d["apiVersion"] and d["metadata"]["name"].startswith("grape-"), d["_file"]

@@ -346,6 +346,16 @@ def ensure_group(client: Any, stream: str) -> None:
             raise
 
 
+async def aensure_group(client: Any, stream: str) -> None:
+    """`ensure_group` with the gateway's async client: the gateway makes the group when a dataset is created, so
+    an autoscaler watching the group's lag (KEDA) finds it before any worker ever ran (deploy/k8s)."""
+    try:
+        await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
 def _deliveries(reply: Any) -> list[tuple[str, Any]]:
     """(id, fields) of an XREADGROUP reply: redis-py's ([[stream, [(id, {fields})]]]) or a script's (fields as a
     flat list), or nothing."""
