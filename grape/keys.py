@@ -2,9 +2,9 @@
 
 {p}:datasets                      zset   dataset id -> creation time
 {p}:ds:{id}                       hash   dataset metadata (name, target_model, template, created)
-{p}:ds:{id}:items                 hash   item id -> item JSON (instruction/messages + candidates)
+{p}:ds:{id}:items                 hash   item id -> item record (JSON, zlib-compressed: grape.store.codec)
 {p}:ds:{id}:order                 list   item ids in upload order
-{p}:ds:{id}:scores                hash   item id -> per-candidate scores JSON
+{p}:ds:{id}:scores                hash   item id -> per-candidate scores (field names once: grape.store.codec)
 {p}:ds:{id}:failed                hash   item id -> reason
 {p}:ds:{id}:stats                 hash   counters (items, candidates, scored, failed, tokens, t_start, t_last)
 {p}:q:{model}                     stream work queue of one target model (model_key); entry = one chunk of item ids

@@ -320,6 +320,16 @@ class Settings(BaseSettings):
         "behind at most this many chunks of the others, plus what the workers hold and one turn of the datasets.",
     )
 
+    # ---- storage: bytes per pair in Redis (issue 20) ----
+    item_compression: int = Field(
+        1,
+        ge=0,
+        le=9,
+        description="Gateway: zlib level the uploaded items are stored with in Redis (0: plain JSON; 1: fastest, "
+        "about 0.6 KB per pair of the dev pool instead of 1.6 KB; 6: ~10% smaller at half the ingest speed). "
+        "Records of any level, and plain ones stored before, read back the same.",
+    )
+
     def training_dir(self) -> Path:
         return self.train_dir if self.train_dir is not None else self.cache_dir / "train"
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from starlette.concurrency import run_in_threadpool
 
 from grape.keys import Keys, model_key
 from grape.local_steps import LocalParams
@@ -218,7 +219,18 @@ async def ingest(
     over: set[str] = set()
     used = 0
     for chunk in scoring.chunked(items, settings.chunk_pairs):
-        res = await acall(redis, scoring.ingest(keys, dataset_id, meta, chunk, limit, settings.fair_share_window))
+        # compressing the items is most of an upload's CPU: in a thread (zlib lets the others run meanwhile)
+        call = await run_in_threadpool(
+            scoring.ingest,
+            keys,
+            dataset_id,
+            meta,
+            chunk,
+            limit,
+            settings.fair_share_window,
+            settings.item_compression,
+        )
+        res = await acall(redis, call)
         if res is None:  # deleted while the upload ran
             raise store.missing(dataset_id)
         new, refused, used = res

@@ -20,6 +20,7 @@ from grape.keys import GROUP, Keys
 from grape.redis_client import connect
 from grape.redis_server import EmbeddedRedis
 from grape.settings import Settings
+from grape.store.codec import decode_scores
 from service.app import create_app
 from tests.conftest import MODEL, ROOT, create, load_pool, wait_done
 from workers.loop import Worker
@@ -76,11 +77,11 @@ def assert_every_candidate_scored_once(api, rclient, keys, ds, items) -> None:
     stored = rclient.hgetall(keys.scores(ds))
     assert sorted(k.decode() for k in stored) == sorted(i["id"] for i in items)
     for item in items:
-        scores = orjson.loads(stored[item["id"].encode()])
+        scores = decode_scores(stored[item["id"].encode()])
         assert len(scores) == len(item["candidates"])
         assert all(s["tokens"] > 0 and s["logprob_sum"] < 0 for s in scores)
     # the token counter matches what the stored scores add up to: nothing was counted twice
-    total = sum(s["tokens"] + s["prompt_tokens"] for v in stored.values() for s in orjson.loads(v))
+    total = sum(s["tokens"] + s["prompt_tokens"] for v in stored.values() for s in decode_scores(v))
     assert st["tokens_scored"] == total
     assert rclient.xpending(keys.stream(MODEL), GROUP)["pending"] == 0
 

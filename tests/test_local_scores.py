@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grape.local_steps import LocalParams, split_steps
+from grape.store.codec import decode_scores
 from tests.conftest import MODEL, wait_done
 from workers.runners.local import prepare as local_prepare
 from workers.runners.local import runner as local_runner
@@ -136,7 +137,7 @@ def test_scores_through_the_service_match_a_forward_by_hand_and_lalp_everywhere(
     st = wait_done(api, ds, timeout=900)
     assert (st["tasks"]["local"]["scored_items"], st["tasks"]["local"]["failed_items"]) == (3, 0)
 
-    stored = {it["id"]: orjson.loads(rclient.hget(keys.task_results(ds, "local"), it["id"])) for it in items}
+    stored = {it["id"]: decode_scores(rclient.hget(keys.task_results(ds, "local"), it["id"])) for it in items}
     assert sum(check_exact(stored[it["id"]], it, plain_model, window=1) for it in items) == 8
     # the cost is recorded: every window's forward tokens, more than the pair's own tokens for multi-step ones
     multi = stored[items[0]["id"]][0]
@@ -231,7 +232,7 @@ def test_lalp_arm_in_an_experiment(api, worker_factory, settings, rclient, keys)
     ids = [sorted(orjson.loads(x)["id"] for x in arm) for arm in selections]
     assert ids[0] == ids[1] == ids[2] and len(ids[0]) == 2
     for pick in map(orjson.loads, selections[0]):  # the lalp arm trains on each instruction's best local score
-        local = [c["local"] for c in orjson.loads(rclient.hget(keys.task_results(ds, "local"), pick["id"]))]
+        local = [c["local"] for c in decode_scores(rclient.hget(keys.task_results(ds, "local"), pick["id"]))]
         assert pick["candidate"] == local.index(max(local)) and pick["score"] == max(local)
 
 
@@ -300,5 +301,5 @@ def test_a_vllm_worker_scores_a_local_dataset(api, worker_factory, vllm_backend,
     st = wait_done(api, ds, timeout=900)
     assert (st["tasks"]["local"]["scored_items"], st["tasks"]["local"]["failed_items"]) == (2, 0)
     for it in items:
-        stored = orjson.loads(rclient.hget(keys.task_results(ds, "local"), it["id"]))
+        stored = decode_scores(rclient.hget(keys.task_results(ds, "local"), it["id"]))
         check_exact(stored, it, plain_model, window=1)

@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import httpx
-import orjson
 from fastapi.testclient import TestClient
 
 from grape.keys import GROUP
 from grape.redis_server import free_port
 from grape.settings import Settings
+from grape.store.codec import decode_scores
 from service.app import create_app
 from tests.conftest import MODEL, create, load_pool, wait_done
 from tests.test_metrics import samples, value
@@ -98,7 +98,7 @@ def test_three_workers_score_one_dataset_each_candidate_once(redis_url, keys, rc
         stored = rclient.hgetall(keys.scores(ds))
         assert sorted(k.decode() for k in stored) == sorted(it["id"] for it in items)
         for it in items:
-            scores = orjson.loads(stored[it["id"].encode()])
+            scores = decode_scores(stored[it["id"].encode()])
             assert len(scores) == 4 and all(s["tokens"] > 0 for s in scores)
         assert rclient.xlen(keys.stream(MODEL)) == 0
         assert rclient.xpending(keys.stream(MODEL), GROUP)["pending"] == 0

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from grape.models import resolve_model
 from grape.score_kinds import decode_vector
+from grape.store.codec import decode_scores
 from tests.conftest import MODEL, load_pool, wait_done
 from workers.runners.embedding import Embedder, conversation_text
 from workers.runners.rating import COMPLEXITY_PROMPT, QUALITY_PROMPT, digit_token_ids
@@ -53,7 +54,7 @@ def selection(api, ds: str, **params) -> list[tuple[str, int, float]]:
 
 
 def stored(rclient, key: str, item_id: str) -> list[dict]:
-    return orjson.loads(rclient.hget(key, item_id))
+    return decode_scores(rclient.hget(key, item_id))
 
 
 def test_every_task_and_strategy_on_real_models(api, worker_factory, embedder, plain_model, rclient, keys) -> None:

@@ -23,6 +23,7 @@ from grape.redis_client import as_str
 from grape.score_kinds import ScoreTask, dataset_scores, extra_tasks, normalize_scores, task_model, tasks_for
 from grape.settings import DEFAULT_TENANT
 from grape.store import scoring
+from grape.store.codec import decode_item, decode_scores
 from grape.store.errors import Invalid, NotFound, OverQuota, shown
 from grape.store.io import Lua, Page, Plan, cmd, one, pages, run, script
 from grape.store.tenants import UNLIMITED, owner
@@ -180,10 +181,10 @@ def item(keys: Keys, dataset_id: str, item_id: str) -> Plan[StoredItem]:
     if raw is None:
         raise NotFound(f"item {shown(item_id)} not found in dataset {dataset_id!r}")
     return StoredItem(
-        orjson.loads(raw),
-        orjson.loads(scores) if scores else None,
+        decode_item(raw),
+        decode_scores(scores) if scores else None,
         as_str(error) if error is not None else None,
-        {n: orjson.loads(x) for n, x in zip(ITEM_EXTRAS, extra, strict=True) if x is not None},
+        {n: decode_scores(x) for n, x in zip(ITEM_EXTRAS, extra, strict=True) if x is not None},
     )
 
 
@@ -208,7 +209,7 @@ def items_page(keys: Keys, dataset_id: str, start: int) -> Plan[Page[dict[str, A
     if not order:
         return [], None
     raws = yield from one("hmget", keys.items(dataset_id), order)
-    return [orjson.loads(x) for x in raws if x is not None], start + len(order) if len(order) == PAGE else None
+    return [decode_item(x) for x in raws if x is not None], start + len(order) if len(order) == PAGE else None
 
 
 def load_chunks(
@@ -223,7 +224,7 @@ def load_chunks(
     ]
     metas = {ds: _text(raw) for ds, raw in zip(unknown, got, strict=False) if raw}
     items = [
-        [orjson.loads(x) for x in raws if x is not None] if item_ids else []
+        [decode_item(x) for x in raws if x is not None] if item_ids else []
         for (_, item_ids), raws in zip(chunks, got[len(unknown) :], strict=True)
     ]
     return metas, items
@@ -351,9 +352,9 @@ def scored_rows(
     ]
     return [
         ScoredItem(
-            orjson.loads(it),
-            orjson.loads(sc),
-            {n: orjson.loads(x[j]) for n, x in zip(needs, extra, strict=True) if x[j] is not None},
+            decode_item(it),
+            decode_scores(sc),
+            {n: decode_scores(x[j]) for n, x in zip(needs, extra, strict=True) if x[j] is not None},
         )
         for j, (it, sc) in enumerate(zip(raw_items, raw_scores, strict=True))
         if it is not None and sc is not None

@@ -37,6 +37,7 @@ from grape.keys import GROUP, Keys, ScoreQueue
 from grape.redis_client import as_str
 from grape.score_kinds import ScoreTask, extra_tasks, task_model
 from grape.settings import DEFAULT_TENANT
+from grape.store import codec
 from grape.store.io import Call, Cmd, Lua, Plan, cmd, one, script
 
 FAIR = """
@@ -233,15 +234,18 @@ def ingest(
     items: list[dict[str, Any]],
     limit: int = 2**62,
     window: int = DEFAULT_WINDOW,
+    level: int = codec.DEFAULT_LEVEL,
 ) -> Call:
     """Store one chunk of new items and queue it for the target model and each extra task: into the dataset's
     backlogs, in turn with the other datasets (`window`: how many undelivered chunks a stream is topped up to).
-    The dataset's owner may hold `limit` stored pairs: a new item that does not fit is refused, the rest stored."""
+    The dataset's owner may hold `limit` stored pairs: a new item that does not fit is refused, the rest stored.
+    Items are stored compressed at zlib `level` (grape.store.codec); building the call is CPU work (zlib lets
+    other threads run meanwhile): the gateway builds it off its event loop."""
     queues = queues_of(keys, meta)
     tenant = meta.get("tenant") or DEFAULT_TENANT
     args: list[Any] = [dataset_id, len(items), limit, GROUP, queues[0].backlog_head, window]
     for it in items:
-        args += [it["id"], orjson.dumps(it), len(it["candidates"])]
+        args += [it["id"], codec.encode_item(it, level), len(it["candidates"])]
     args += [q.backlog_tail for q in queues]
     return INGEST.call(
         [
@@ -274,7 +278,7 @@ def results(
     args: list[Any] = [GROUP, entry_id, f"{now:.3f}", len(rows)]
     for r in rows:
         if r.scores is not None:
-            args += [r.item_id, "ok", orjson.dumps(r.scores), r.candidates, r.pair_tokens]
+            args += [r.item_id, "ok", codec.encode_scores(r.scores), r.candidates, r.pair_tokens]
         else:
             args += [r.item_id, "fail", r.error or "unknown error", r.candidates, 0]
     stream = keys.task_stream(task, model)
