@@ -25,17 +25,6 @@ from service.errors import send_error
 PROTECTED_PREFIX = "/v1"
 
 
-def key_ok(header: str | None, keys: list[str]) -> bool:
-    if not header or not header.lower().startswith("bearer "):
-        return False
-    given = header[7:].strip().encode()
-    # compare against every key (no early exit), each in constant time
-    ok = False
-    for k in keys:
-        ok |= hmac.compare_digest(given, k.encode())
-    return ok
-
-
 class KeyTable:
     """The configured keys (grape.settings.Settings.key_entries) and the identity each one gives."""
 

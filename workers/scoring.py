@@ -26,6 +26,19 @@ class Prepared:
     requests: list[ScoreRequest]
 
 
+def item_prompt(tok: Any, item: dict[str, Any], template: str) -> tuple[Any, list[int]] | ItemResult:
+    """The item's resolved template and prompt token ids, or the item's failure (a template that cannot render
+    it, or a prompt of zero tokens): the first step of every runner that scores responses after a prompt."""
+    try:
+        resolved = resolve_template(tok, template)
+        prompt = prompt_ids(tok, item, resolved)
+    except FormatError as exc:
+        return ItemResult(item["id"], len(item["candidates"]), error=str(exc))
+    if not prompt:
+        return ItemResult(item["id"], len(item["candidates"]), error="the prompt renders to zero tokens")
+    return resolved, prompt
+
+
 def prepare(
     backend: ScoringBackend, item: dict[str, Any], template: str, responses: list[list[int]] | None = None
 ) -> Prepared | ItemResult:
@@ -33,13 +46,10 @@ def prepare(
     tokenized them already (`prepare_items` does, for many items in one tokenizer call)."""
     tok = backend.tokenizer
     n = len(item["candidates"])
-    try:
-        resolved = resolve_template(tok, template)
-        prompt = prompt_ids(tok, item, resolved)
-    except FormatError as exc:
-        return ItemResult(item["id"], n, error=str(exc))
-    if not prompt:
-        return ItemResult(item["id"], n, error="the prompt renders to zero tokens")
+    rendered = item_prompt(tok, item, template)
+    if isinstance(rendered, ItemResult):
+        return rendered
+    resolved, prompt = rendered
     requests = []
     for i, cand in enumerate(item["candidates"]):
         resp = responses[i] if responses is not None else response_ids(tok, cand["response"], resolved)

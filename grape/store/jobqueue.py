@@ -206,7 +206,23 @@ log(KEYS[4], ARGV[2], 'info', 'queued again to resume from its last checkpoint')
 return 'queued'
 """
 
-_DELETE = """
+_REMOVE = """
+-- KEYS (DELETE and EXPIRE alike): record, ids zset, queue, log, cancel flag, deleted zset, finished zset,
+-- owner's ids zset, owner's active set   ARGV[1]: id, ARGV[2]: now
+local function remove_record()
+  redis.call('LREM', KEYS[3], 0, ARGV[1])
+  redis.call('DEL', KEYS[1], KEYS[4], KEYS[5])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[7], ARGV[1])
+  redis.call('ZREM', KEYS[8], ARGV[1])
+  redis.call('SREM', KEYS[9], ARGV[1])
+  $delete_note
+end
+"""
+
+_DELETE = (
+    _REMOVE
+    + """
 -- KEYS: record, ids zset, queue, log, cancel flag, deleted zset, finished zset, owner's ids zset, owner's active set
 -- ARGV: id, now
 -- a record in a state the kind refuses ($delete_refused: cancel it first) stays; anything else goes, even a
@@ -222,17 +238,14 @@ for _, refused in ipairs({$delete_refused}) do
     return st
   end
 end
-redis.call('LREM', KEYS[3], 0, ARGV[1])
-redis.call('DEL', KEYS[1], KEYS[4], KEYS[5])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[7], ARGV[1])
-redis.call('ZREM', KEYS[8], ARGV[1])
-redis.call('SREM', KEYS[9], ARGV[1])
-$delete_note
+remove_record()
 return 'deleted'
 """
+)
 
-_EXPIRE = """
+_EXPIRE = (
+    _REMOVE
+    + """
 -- KEYS: record, ids zset, queue, log, cancel flag, deleted zset, finished zset, owner's ids zset, owner's active set
 -- ARGV: id, now, cutoff
 -- GRAPE_RETENTION_DAYS: removed as a delete does, only if it really ended before the cutoff; anything else
@@ -240,13 +253,7 @@ _EXPIRE = """
 local st, fin = unpack(redis.call('HMGET', KEYS[1], 'state', 'finished'))
 local ended = st == 'succeeded' or st == 'failed' or st == 'cancelled'
 if ended and tonumber(fin or '') and tonumber(fin) < tonumber(ARGV[3]) then
-  redis.call('LREM', KEYS[3], 0, ARGV[1])
-  redis.call('DEL', KEYS[1], KEYS[4], KEYS[5])
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  redis.call('ZREM', KEYS[7], ARGV[1])
-  redis.call('ZREM', KEYS[8], ARGV[1])
-  redis.call('SREM', KEYS[9], ARGV[1])
-  $delete_note
+  remove_record()
   return 'deleted'
 end
 if ended and tonumber(fin or '') then
@@ -257,6 +264,7 @@ redis.call('ZREM', KEYS[7], ARGV[1])
 if not st and redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]) end
 return st or 'missing'
 """
+)
 
 _INDEX_ENDED = """
 -- KEYS: finished zset, then the record of each id   ARGV: the ids

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from grape.formatting import FormatError, prompt_ids, resolve_template
 from grape.local_steps import MAX_STEPS, LocalParams, aggregate, step_ids, window_requests
 from grape.store.scoring import ItemResult
 from workers.backends.base import ScoreRequest
 from workers.runners.common import Prepared, run_batched
+from workers.scoring import item_prompt
 
 
 def context(meta: dict[str, str]) -> tuple[str, LocalParams]:
@@ -30,13 +30,10 @@ def prepare(backend: Any, item: dict[str, Any], ctx: tuple[str, LocalParams] | s
     template, params = ctx if isinstance(ctx, tuple) else (ctx, LocalParams())
     tok = backend.tokenizer
     n = len(item["candidates"])
-    try:
-        resolved = resolve_template(tok, template)
-        prompt = prompt_ids(tok, item, resolved)
-    except FormatError as exc:
-        return ItemResult(item["id"], n, error=str(exc))
-    if not prompt:
-        return ItemResult(item["id"], n, error="the prompt renders to zero tokens")
+    rendered = item_prompt(tok, item, template)
+    if isinstance(rendered, ItemResult):
+        return rendered
+    resolved, prompt = rendered
     requests: list[ScoreRequest] = []
     counts: list[int] = []
     for i, cand in enumerate(item["candidates"]):
