@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ _PARSERS = {  # the deployables' own parsers: `grape serve|worker|trainer|evalua
     "evaluator": "evaluator.main:build_parser",
 }
 _CLI_COLUMNS = "100"
+_CLI_HOME = "/~"  # a home directory that prints as `~/` (only read, never created)
 
 
 def _attr(target: str) -> Any:
@@ -222,11 +222,10 @@ def strategies_page() -> str:
     if with_params:
         head.append("parameters (defaults)")
     return (
-        _header("the strategy registry (grape/strategies/)")
-        + "# Selection strategies\n\n"
+        _header("the strategy registry (grape/strategies/)") + "# Selection strategies\n\n"
         "Every strategy registered in `grape/strategies/`, one row each. Every strategy selects among the items the "
         "target model scored (the `logprob` task); a dataset must have asked for the score kinds in the third "
-        "column (`\"scores\"` at creation, or `POST /v1/datasets/{id}/scores`), else the selection is a 422 "
+        'column (`"scores"` at creation, or `POST /v1/datasets/{id}/scores`), else the selection is a 422 '
         "that says which to request.\n\n"
         "- *per instruction*: without a budget `n` it picks responses for every instruction it can serve; an "
         "experiment gives such arms the same instructions. *pool-wide*: it ranks pairs across the pool and takes "
@@ -246,15 +245,14 @@ def hyperparameters_page() -> str:
 
     refused = [[_code(name), why] for name, why in OPERATOR_ONLY.items()]
     return (
-        _header("grape/jobs.py (Hyperparameters, LoraSpec, OPERATOR_ONLY)")
-        + "# Training hyperparameters\n\n"
+        _header("grape/jobs.py (Hyperparameters, LoraSpec, OPERATOR_ONLY)") + "# Training hyperparameters\n\n"
         "`hyperparameters` of a training job (`POST /v1/training-jobs`) or an experiment takes only these TRL "
         "`SFTConfig` fields, each typed and bounded. Any other name is a 422 naming it; floats must be finite "
         "(`NaN`, `Infinity`, `1e999` are a 422). Unset optional fields keep TRL's default. The rules that span "
         "fields, the budget per job and the operator's settings are in "
         "[Fine-tuning](../guide/fine-tuning.md#what-a-request-may-set).\n\n"
         "## `hyperparameters`\n\n" + _model_table(Hyperparameters) + "\n## `lora`\n\n"
-        "A LoRA adapter instead of full fine-tuning; `\"lora\": null` trains the full model.\n\n"
+        'A LoRA adapter instead of full fine-tuning; `"lora": null` trains the full model.\n\n'
         + _model_table(LoraSpec)
         + "\n## Never from a request\n\n"
         "`SFTConfig` fields a request may not set (a 422 naming the field, and where it comes from instead):\n\n"
@@ -302,8 +300,7 @@ def settings_page() -> str:
         anchor = f'<a id="{env.lower()}"></a>`{env}`'
         rows.append([anchor, kind, schema_range(prop), _setting_default(default), f.description or ""])
     return (
-        _header("grape/settings.py (Settings)")
-        + "# Settings\n\n"
+        _header("grape/settings.py (Settings)") + "# Settings\n\n"
         "Every process (gateway, worker, trainer, evaluator, the CLI) reads one typed settings object, "
         "`grape.settings.Settings`, from the environment. A value out of range stops the process at start with a "
         "message naming the variable. Which process reads what, and the settings that go together, are in "
@@ -514,21 +511,20 @@ def cli_help_texts() -> dict[str, str]:
 def cli_page() -> str:
     """In a child process with a fixed environment: defaults read from settings, the terminal's width and the
     home directory would otherwise change the text."""
-    with tempfile.TemporaryDirectory(prefix="grape-docs-home-") as home:
-        env = {"PATH": os.environ.get("PATH", ""), "HOME": home, "COLUMNS": _CLI_COLUMNS, "PYTHONPATH": str(ROOT)}
-        env |= {"LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
-        proc = subprocess.run(
-            [sys.executable, "-m", "grape.docs_reference", "--cli-help-json"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        if proc.returncode:
-            raise RuntimeError(f"--cli-help-json failed: {proc.stderr[-2000:]}")
-        texts: dict[str, str] = json.loads(proc.stdout.replace(home, "~"))
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": _CLI_HOME, "COLUMNS": _CLI_COLUMNS, "PYTHONPATH": str(ROOT)}
+    env |= {"LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "grape.docs_reference", "--cli-help-json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if proc.returncode:
+        raise RuntimeError(f"--cli-help-json failed: {proc.stderr[-2000:]}")
+    texts: dict[str, str] = json.loads(proc.stdout.replace(f"{_CLI_HOME}/", "~/"))
     out = [
         _header("the argparse parsers (grape/cli.py and the deployables' main modules)"),
         "# Command line\n\n",

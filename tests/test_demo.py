@@ -14,7 +14,7 @@ from grape.demo import EXAMPLE_POOL
 def test_demo_runs_the_whole_path_and_reports_wins(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "GRAPE_REDIS_URL")}
     out = tmp_path / "demo"
-    proc = subprocess.run(  # a relative --out, as in the README's command run from the repository
+    proc = subprocess.run(  # a relative --out, as in the README's demo command run from the repository
         [sys.executable, "-m", "grape.cli", "demo", "--limit", "4", "--out", "demo"],
         cwd=tmp_path,
         env=env,

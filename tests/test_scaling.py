@@ -108,7 +108,7 @@ def test_the_scaled_object_scales_the_workers_on_the_stream_and_group_they_read(
     # pending: a worker per GRAPE_READ_COUNT chunks held, so the workers holding the last chunks stay
     assert int(pending["pendingEntriesCount"]) == int(config["GRAPE_READ_COUNT"])
 
-    # scale-down: the pod's grace covers the batch in hand (README: two minutes for a 7B batch of
+    # scale-down: the pod's grace covers the batch in hand (docs/operator/scaling.md: two minutes for a 7B batch of
     # GRAPE_BATCH_TOKENS); a worker is handed its stop no faster than one per policy period
     assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 120
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
@@ -132,9 +132,9 @@ def test_the_evaluator_runs_beside_the_trainer_on_its_volume() -> None:
     env = {e["name"]: e["value"] for e in c["env"]}
     assert env["GRAPE_EVAL_TASK_DIR"].startswith("/data/")
     fields = {f"GRAPE_{n.upper()}" for n in Settings.model_fields}
-    readme = (ROOT / "README.md").read_text()
+    docs = "\n".join(p.read_text() for p in sorted((ROOT / "docs").rglob("*.md")))
     for name in env:
-        assert name in fields and name in readme, name
+        assert name in fields and name in docs, name
     assert {r["configMapRef"]["name"] for r in c["envFrom"] if "configMapRef" in r} == {"grape-config"}
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert {"evaluator.yaml", "worker-scaler.yaml"} <= set(kustomization["resources"])

@@ -1,4 +1,4 @@
-"""The gateway edge of the security model (README "Security model"), tried as an outside reviewer would:
+"""The gateway edge of the security model (docs/operator/security.md), tried as an outside reviewer would:
 a gateway with GRAPE_API_KEYS set and every request carrying a valid key, so each refusal below is the
 gateway's own rule and not the 401 of a missing key. Real Redis; the real gateway process (uvicorn)
 where the limit lives in the server, the in-process app elsewhere; the real model where items are scored.
