@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,13 +175,13 @@ class StrategyRow:
     needs: tuple[str, ...] = ()
     per_instruction: bool = False
     streams: bool = False
-    params: Mapping[str, Any] = field(default_factory=dict)
+    params: tuple[str, ...] = ()
 
 
 def _strategy_rows() -> list[StrategyRow]:
     """The one adapter between the registry and the page. Today strategies carry their facts as function
-    attributes; once `grape.strategies.strategy_specs()` exists this is `return list(strategy_specs())`
-    (its records have these fields)."""
+    attributes; once `grape.strategies.strategy_specs()` exists (records with these fields, in registry
+    order) this whole body is `return strategies.strategy_specs()` after the import."""
     from grape import strategies
 
     registry = strategies.STRATEGIES
@@ -196,7 +196,7 @@ def _strategy_rows() -> list[StrategyRow]:
                 needs=tuple(getattr(fn, "needs", ())),
                 per_instruction=bool(getattr(fn, "per_instruction", False)),
                 streams=bool(getattr(fn, "per_item", False)),
-                params=dict(getattr(fn, "params", {})),
+                params=tuple(getattr(fn, "params", ())),
             )
         )
     return rows
@@ -205,7 +205,7 @@ def _strategy_rows() -> list[StrategyRow]:
 def _params(params: Any) -> str:
     if isinstance(params, Mapping):
         return ", ".join(f"{k}={v}" for k, v in params.items())
-    return ", ".join(str(getattr(p, "name", p)) for p in params)
+    return ", ".join(f"`{getattr(p, 'name', p)}`" for p in params)
 
 
 def strategies_page() -> str:
@@ -220,7 +220,7 @@ def strategies_page() -> str:
             row.append(_params(r.params) or "-")
         body.append(row)
     if with_params:
-        head.append("parameters (defaults)")
+        head.append("parameters it reads")
     return (
         _header("the strategy registry (grape/strategies/)") + "# Selection strategies\n\n"
         "Every strategy registered in `grape/strategies/`, one row each. Every strategy selects among the items the "
