@@ -83,7 +83,7 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Gateway: how long a request waits for a free Redis connection before a 503."
     )
     max_header_bytes: int = Field(
-        65_536, ge=4096, description="Gateway: largest request head (request line and headers); 400 past it."
+        65_536, ge=4096, description="Gateway: largest request head (request line and headers); 431 past it."
     )
     header_timeout_s: float = Field(
         10.0, gt=0, description="Gateway: a connection that has not sent a complete request head by then is closed."
