@@ -15,9 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from grape.chat_templates import NAME_PATTERN
-
-SEED_MAX = 2**32 - 1
-"""Largest seed a request may give (what numpy and torch seeding take)."""
+from grape.strategies.base import SEED_MAX, SelectParams
 
 
 class JobState(StrEnum):
@@ -178,18 +176,14 @@ class Hyperparameters(BaseModel):
         return self
 
 
-class JobRequest(BaseModel):
-    """What a client asks: which selection, which model, how to train it."""
+class JobRequest(SelectParams):
+    """What a client asks: which selection (a strategy and the selection parameters), which model, how to train
+    it."""
 
     model_config = _BOUNDED
 
     dataset_id: str = Field(min_length=1, max_length=200, description="A dataset whose scoring is done.")
     strategy: str = Field("grape", min_length=1, max_length=200, description="Selection strategy (see /selection).")
-    k: int = Field(1, ge=1, le=1000, description="Responses kept per instruction.")
-    reduce: Literal["mean", "sum"] = Field("mean", description="grape: rank by mean or summed log-probability.")
-    n: int | None = Field(None, ge=0, le=100_000_000, description="Budget (pairs) of pool-wide strategies.")
-    tau: float = Field(0.9, ge=-1, le=1, description="deita: cosine similarity threshold.")
-    seed: int = Field(0, ge=0, le=SEED_MAX, description="random: the seed of the selection.")
     base_model: str | None = Field(
         None,
         min_length=1,

@@ -49,6 +49,6 @@ async def compare(
     return ComparisonPublic(
         dataset_id=dataset_id,
         state=status.state,
-        params={"k": params.k, "reduce": params.reduce, "n": params.n, "tau": params.tau, "seed": params.seed},
+        params=params.model_dump(),
         **result,
     )

@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from grape.local_steps import DEFAULT_WINDOW, MAX_WINDOW
 from grape.records import DatasetState, ItemIn, Template
+from grape.strategies import SelectParams, strategy_specs
 
 
 def model_name(v: str | None) -> str | None:
@@ -285,6 +286,22 @@ class ScoresRequest(BaseModel):
 class ScoresQueued(BaseModel):
     queued_tasks: list[str] = Field(description="Tasks newly requested; the stored items were queued for them.")
     dataset: DatasetPublic
+
+
+def _strategy_names() -> str:
+    return ", ".join(s.name for s in strategy_specs())
+
+
+class SelectionQuery(SelectParams):
+    """The query of `GET /v1/datasets/{id}/selection`: a strategy and the selection parameters."""
+
+    strategy: str = Field("grape", description=f"The selection strategy: {_strategy_names()}.")
+
+
+class CompareQuery(SelectParams):
+    """The query of `GET /v1/datasets/{id}/compare`: strategies and the selection parameters they all run with."""
+
+    strategies: str = Field(description=f"Comma-separated strategy names, of: {_strategy_names()}.")
 
 
 class StrategySummary(BaseModel):

@@ -15,7 +15,17 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from grape.score_kinds import decode_vector
-from grape.strategies.base import Choice, Keep, Pick, ScoredItem, SelectParams, budget, picks, whole_item
+from grape.strategies.base import (
+    Choice,
+    Keep,
+    Pick,
+    ScoredItem,
+    SelectParams,
+    StrategySpec,
+    budget,
+    picks,
+    whole_item,
+)
 
 DEFAULT_N = 6000
 
@@ -88,5 +98,13 @@ def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
     return picks(accumulate(params), rows)
 
 
-select.needs = ("rating", "embedding")  # type: ignore[attr-defined]
-select.accumulate = accumulate  # type: ignore[attr-defined]
+SPEC = StrategySpec(
+    name="deita",
+    summary=f"Deita: pairs by descending complexity x quality, each kept only if its embedding's cosine similarity "
+    f"to every kept pair is at most tau (n default {DEFAULT_N}).",
+    needs=("rating", "embedding"),
+    per_instruction=False,
+    streams=False,
+    params=("k", "n", "tau"),
+    accumulate=accumulate,
+)
