@@ -27,7 +27,7 @@ from grape.jobs import Hyperparameters, LoraSpec
 from grape.keys import Keys
 from grape.store.experiments import SELECTION_PAGE, selection_page, selection_size
 from grape.store.io import run
-from grape.strategies import SEED_MAX, SelectParams, get_strategy
+from grape.strategies import SEED_MAX, SelectParams, StrategyName, get_strategy
 
 EXP_ID = re.compile(r"exp-[0-9a-f]{12}")
 
@@ -80,7 +80,7 @@ class ArmSpec(SelectParams):
 
     model_config = ConfigDict(extra="forbid")
 
-    strategy: str = Field(min_length=1, max_length=200, description="A selection strategy by name, as /selection.")
+    strategy: StrategyName
 
     @field_validator("k")
     @classmethod

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from grape.chat_templates import NAME_PATTERN
-from grape.strategies.base import SEED_MAX, SelectParams
+from grape.strategies import DEFAULT_STRATEGY, SEED_MAX, SelectParams, StrategyName
 
 
 class JobState(StrEnum):
@@ -183,7 +183,7 @@ class JobRequest(SelectParams):
     model_config = _BOUNDED
 
     dataset_id: str = Field(min_length=1, max_length=200, description="A dataset whose scoring is done.")
-    strategy: str = Field("grape", min_length=1, max_length=200, description="Selection strategy (see /selection).")
+    strategy: StrategyName = DEFAULT_STRATEGY
     base_model: str | None = Field(
         None,
         min_length=1,

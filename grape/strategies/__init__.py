@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from pydantic import Field
+
 from grape.registry import Registry
 from grape.strategies import deita, grape, ifd, lalp, longest, random, source
 from grape.strategies.base import SEED_MAX, Pick, ScoredItem, SelectParams, Strategy, StrategySpec
@@ -22,6 +26,13 @@ register(ifd.SPEC)
 register(random.SPEC)
 register(lalp.SPEC)
 STRATEGIES.register_family("source", source.named)  # source:<name>
+
+
+DEFAULT_STRATEGY = grape.SPEC.name
+"""The strategy a selection, a job or an export runs when none is named."""
+
+StrategyName = Annotated[str, Field(min_length=1, max_length=200, description="A selection strategy by name.")]
+"""A request's strategy field (checked against the registry where it is used, naming the known ones)."""
 
 
 def get_strategy(name: str) -> StrategySpec:
@@ -44,12 +55,14 @@ def reading(param: str) -> list[str]:
 
 
 __all__ = [
+    "DEFAULT_STRATEGY",
     "SEED_MAX",
     "STRATEGIES",
     "Pick",
     "ScoredItem",
     "SelectParams",
     "Strategy",
+    "StrategyName",
     "StrategySpec",
     "get_strategy",
     "reading",

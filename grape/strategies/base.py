@@ -44,7 +44,7 @@ class SelectParams(BaseModel):
         None,
         ge=0,
         le=100_000_000,
-        description="Budget: pairs kept across the pool; unset: the strategy's own default (its summary says it).",
+        description="Budget: pairs kept across the pool; unset, the strategy's own default.",
     )
     tau: float = Field(
         0.9,
