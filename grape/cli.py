@@ -290,6 +290,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """A parser's subcommands by name, in the order they were added."""
+    found: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found.update(action.choices)
+    return found
+
+
+def help_text(command: str | None = None, *, width: int = 100) -> str:
+    """The `--help` of `grape COMMAND`, or of `grape` and every command (None), at a fixed width: what the
+    documentation shows. `serve`, `worker`, `trainer` and `evaluator` give their deployable's own help (imported
+    then, by name, as `main` hands over to them)."""
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(width)  # argparse wraps at the terminal's width, read from COLUMNS
+    try:
+        parser = build_parser()
+        commands = subcommands(parser)
+        names = list(commands) if command is None else [command]
+        texts = [parser.format_help()] if command is None else []
+        for name in names:
+            if name in ENTRY_POINTS:
+                module = importlib.import_module(ENTRY_POINTS[name].partition(":")[0])
+                texts.append(module.build_parser(get_settings()).format_help())
+            else:
+                texts.append(commands[name].format_help())
+        return "\n".join(texts)
+    finally:
+        if old is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = old
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ENTRY_POINTS:
