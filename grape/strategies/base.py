@@ -235,7 +235,10 @@ class StrategySpec:
             raise ValueError(f"{where}: needs {list(self.needs)}, score tasks are {', '.join(sorted(tasks))}")
 
     def __call__(self, rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
-        return picks(self.accumulate(params, whole_item), rows)
+        acc = self.accumulate(params, whole_item)
+        if isinstance(acc, _PerItem):  # the whole items kept: its picks are the function's own, as they come
+            return acc.select(rows, params)
+        return picks(acc, rows)
 
 
 def picks(acc: Accumulator, rows: Iterable[ScoredItem]) -> Iterator[Pick]:
