@@ -37,7 +37,7 @@ from grape.strategies import (
     reading,
     strategy_specs,
 )
-from grape.strategies.base import collected, per_item
+from grape.strategies.base import collected, streamed
 from grape.train_cli import job_body
 from service.errors import Unprocessable
 from service.experiment_schemas import ExperimentCreate
@@ -90,7 +90,7 @@ FIRST_EACH = StrategySpec(
     per_instruction=True,
     streams=True,
     params=("k",),
-    accumulate=per_item(first_each),
+    accumulate=streamed(first_each),
 )
 
 

@@ -180,7 +180,7 @@ Accumulate = Callable[[SelectParams, Keep], Accumulator]
 """A strategy's streaming form: `accumulate(params, keep)`."""
 
 
-def per_item(select: Strategy) -> Accumulate:
+def streamed(select: Strategy) -> Accumulate:
     """The streaming form of a strategy that decides each instruction alone (`StrategySpec.streams`)."""
     return functools.partial(_PerItem, select)
 
@@ -219,7 +219,7 @@ class StrategySpec:
     params: tuple[str, ...]
     """The selection parameters it reads (fields of `SelectParams`)."""
     accumulate: Accumulate
-    """Its streaming form (`per_item(select)` for one that streams)."""
+    """Its streaming form (`streamed(select)` for one that streams)."""
 
     def __post_init__(self) -> None:
         where = f"strategy {self.name!r}"

@@ -72,12 +72,12 @@ class Deita:
         pairs.sort(key=lambda p: p[:3])
         n, params = self.n, self.params
         kept = 0
-        per_item: dict[str, int] = {}
+        taken: dict[str, int] = {}
         matrix: Any = None  # the kept pairs' unit embeddings, one row each, allocated once
         for neg, _, i, (ref, item_id), emb in pairs:
             if n is not None and kept >= n:
                 break
-            if per_item.get(item_id, 0) >= params.k:
+            if taken.get(item_id, 0) >= params.k:
                 continue
             v = unit(decode_vector(emb) if isinstance(emb, str) else emb)
             if matrix is None:
@@ -85,7 +85,7 @@ class Deita:
             elif kept and float(np.max(matrix[:kept] @ v)) > params.tau:
                 continue
             matrix[kept] = v
-            per_item[item_id] = per_item.get(item_id, 0) + 1
+            taken[item_id] = taken.get(item_id, 0) + 1
             kept += 1
             yield Choice(ref, i, -neg, kept)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from grape.strategies.base import Pick, ScoredItem, SelectParams, StrategySpec, per_item
+from grape.strategies.base import Pick, ScoredItem, SelectParams, StrategySpec, streamed
 
 
 def candidate_score(score: dict[str, float], reduce: str) -> float:
@@ -35,5 +35,5 @@ SPEC = StrategySpec(
     per_instruction=True,
     streams=True,
     params=("k", "reduce"),
-    accumulate=per_item(select),
+    accumulate=streamed(select),
 )

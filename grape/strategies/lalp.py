@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from grape.strategies.base import Pick, ScoredItem, SelectParams, StrategySpec, per_item
+from grape.strategies.base import Pick, ScoredItem, SelectParams, StrategySpec, streamed
 
 
 def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
@@ -31,5 +31,5 @@ SPEC = StrategySpec(
     per_instruction=True,
     streams=True,
     params=("k",),
-    accumulate=per_item(select),
+    accumulate=streamed(select),
 )

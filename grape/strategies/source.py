@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Iterator
 
-from grape.strategies.base import Pick, ScoredItem, SelectParams, StrategySpec, per_item
+from grape.strategies.base import Pick, ScoredItem, SelectParams, StrategySpec, streamed
 from grape.strategies.grape import candidate_score
 
 
@@ -33,5 +33,5 @@ def named(name: str) -> StrategySpec:
         per_instruction=True,
         streams=True,
         params=("k", "reduce"),
-        accumulate=per_item(functools.partial(select_source, name)),
+        accumulate=streamed(functools.partial(select_source, name)),
     )
