@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, field_validator
 from grape.local_steps import DEFAULT_WINDOW, MAX_WINDOW
 from grape.records import DatasetState, ItemIn, Template
 from grape.score_kinds import DEFAULT_EMBEDDING_MODEL, SCORE_KINDS
-from grape.strategies import DEFAULT_STRATEGY, SelectParams, StrategyName, strategy_specs
+from grape.strategies import DEFAULT_STRATEGY, Reduce, SelectParams, StrategyName, strategy_specs
 
 
 def model_name(v: str | None) -> str | None:
@@ -232,7 +232,7 @@ class ScoreHistogram(BaseModel):
 
 class DatasetSummary(BaseModel):
     id: str
-    reduce: Literal["mean", "sum"] = Field(description="Score: mean log-prob per response token, or the sum.")
+    reduce: Reduce = Field(description="Score: mean log-prob per response token, or the sum.")
     scored_items: int = Field(description="Items the summary covers (scored when it was computed).")
     sources: list[SourceSummary] = Field(
         description="Per source, most wins first (the first GRAPE_MAX_REPORT_SOURCES)."

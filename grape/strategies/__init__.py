@@ -9,7 +9,7 @@ from pydantic import Field
 
 from grape.registry import Registry
 from grape.strategies import deita, grape, ifd, lalp, longest, random, source
-from grape.strategies.base import SEED_MAX, Pick, ScoredItem, SelectParams, Strategy, StrategySpec
+from grape.strategies.base import SEED_MAX, Pick, Reduce, ScoredItem, SelectParams, Strategy, StrategySpec
 
 STRATEGIES: Registry[StrategySpec] = Registry("strategy")
 """Registration order is the order of the documentation and the CLI's help."""
@@ -59,6 +59,7 @@ __all__ = [
     "SEED_MAX",
     "STRATEGIES",
     "Pick",
+    "Reduce",
     "ScoredItem",
     "SelectParams",
     "Strategy",

@@ -25,6 +25,9 @@ class ScoredItem:
     "rating", "embedding" -> per candidate, in candidate order. An item lacking one is not given."""
 
 
+Reduce = Literal["mean", "sum"]
+"""How a candidate's log-probability is reduced over its tokens: the mean per token, or the sum."""
+
 SEED_MAX = 2**32 - 1
 """Largest seed a request may give (what numpy and torch seeding take)."""
 
@@ -37,7 +40,7 @@ class SelectParams(BaseModel):
     model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     k: int = Field(1, ge=1, le=1000, description="Responses kept per instruction.")
-    reduce: Literal["mean", "sum"] = Field(
+    reduce: Reduce = Field(
         "mean", description="Rank by the mean log-probability per token (the paper's) or by the sum."
     )
     n: int | None = Field(
