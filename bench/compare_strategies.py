@@ -27,7 +27,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STRATEGIES = "grape,longest,deita,ifd,random,source:{source}"
+SCORES = ["logprob", "length", "unconditioned", "rating", "embedding"]
+"""Every score kind but local (LALP: minutes per item on a CPU)."""
+
+
+def strategies(source: str) -> list[str]:
+    """Every registered strategy these scores serve, the family `source:<name>` as `source:<source>`."""
+    from grape.score_kinds import tasks_for
+    from grape.strategies import strategy_specs
+
+    have = {t.value for t in tasks_for(SCORES)}
+    return [s.name.replace("<name>", source) for s in strategy_specs() if set(s.needs) <= have]
 
 
 def main() -> int:
@@ -78,7 +88,7 @@ def main() -> int:
         ds = client.create_dataset(
             f"compare:{Path(args.pool).stem}",
             args.model,
-            scores=["logprob", "length", "unconditioned", "rating", "embedding"],
+            scores=SCORES,
         )
         client.upload_all(ds["id"], items)
         print(
@@ -109,7 +119,7 @@ def main() -> int:
             for name, t in st["tasks"].items()
         )
         print(f"scored in {elapsed:.0f} s: {tasks}\n", file=sys.stderr)
-        result = client.compare(ds["id"], STRATEGIES.format(source=args.source).split(","), n=args.n)
+        result = client.compare(ds["id"], strategies(args.source), n=args.n)
         print(format_table(result))
         return 0
     finally:

@@ -7,8 +7,9 @@ Starts everything in its own processes on Redis (REDIS_URL, else a private serve
 (`python -m service`), a scoring worker (`python -m workers`), a `grape trainer` and a `grape evaluator`
 (GRAPE_EVAL_TASK_DIR=bench/eval_tasks). Uploads the first `--items` instructions of
 ../shared/data/alpaca_eval_pool_dev.jsonl (responses cut to `--max-chars` so CPU scoring stays short), scores
-them with the target model, stops the worker, then runs `POST /v1/experiments` with the arms grape, longest,
-random and source:gpt4_1106_preview, and prints the table `grape experiment --wait` prints.
+them with the target model, stops the worker, then runs `POST /v1/experiments` with one arm per strategy that
+needs no extra score kind and one of source:gpt4_1106_preview, and prints the table `grape experiment --wait`
+prints.
 
 On a 2-core CPU this is a check of the machinery, not a result: see the README's "Experiments" section for
 what a 135M model on a CPU can and cannot show, and for the same run on GPUs with real lm-eval tasks.
@@ -29,7 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 POOL = ROOT.parent / "shared" / "data" / "alpaca_eval_pool_dev.jsonl"
-ARMS = "grape,longest,random,source:gpt4_1106_preview"
+SOURCE = "gpt4_1106_preview"
+"""The teacher of the source:<name> arm."""
+
+
+def default_arms() -> str:
+    """The strategies any dataset can run (no extra score kinds), and source:SOURCE."""
+    from grape.cli_options import plain_strategies
+
+    return ",".join([*plain_strategies(), f"source:{SOURCE}"])
 
 
 def main() -> int:
@@ -38,7 +47,7 @@ def main() -> int:
     p.add_argument("--items", type=int, default=40, help="instructions of the pool to score (CPU: keep it small)")
     p.add_argument("--max-chars", type=int, default=600, help="responses cut to this many characters")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--arms", default=ARMS)
+    p.add_argument("--arms", default=default_arms())
     p.add_argument("--pairs", type=int, default=32, help="pairs every arm trains on")
     p.add_argument("--max-steps", type=int, default=8, help="LoRA optimizer steps per arm")
     p.add_argument("--batch-size", type=int, default=4)

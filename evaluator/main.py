@@ -24,7 +24,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--backend",
-        choices=["hf", "vllm"],
+        choices=Settings.choices("eval_backend"),
         default=None,
         help=f"lm-eval model backend (GRAPE_EVAL_BACKEND; {settings.eval_backend}): hf on CPU or one GPU, vllm on GPUs",
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 import orjson
 
 from grape import lifeline
+from grape.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m evaluator.run")
     p.add_argument("spec", type=Path)
     p.add_argument("out", type=Path)
-    p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
+    p.add_argument("--backend", default="hf", choices=Settings.choices("eval_backend"))
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--task-dir", type=Path, default=None)

@@ -93,6 +93,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from grape.cli_options import selection_args
+
     with _client(args) as client:
         st = client.status(args.dataset_id)
         if st["state"] != "done":
@@ -101,16 +103,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 "exporting what is scored so far",
                 file=sys.stderr,
             )
-        n = client.export(
-            args.dataset_id,
-            args.output,
-            strategy=args.strategy,
-            k=args.k,
-            reduce=args.reduce,
-            n=args.n,
-            tau=args.tau,
-            seed=args.seed,
-        )
+        n = client.export(args.dataset_id, args.output, strategy=args.strategy, **selection_args(args))
     print(f"wrote {n} records to {args.output}", file=sys.stderr)
     return 0
 
@@ -118,17 +111,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     import orjson
 
+    from grape.cli_options import selection_args
     from grape.compare import format_table
 
     with _client(args) as client:
         result = client.compare(
-            args.dataset_id,
-            [s.strip() for s in args.strategies.split(",") if s.strip()],
-            k=args.k,
-            reduce=args.reduce,
-            n=args.n,
-            tau=args.tau,
-            seed=args.seed,
+            args.dataset_id, [s.strip() for s in args.strategies.split(",") if s.strip()], **selection_args(args)
         )
     if args.json:
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
@@ -216,6 +204,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from grape.cli_options import add_selection_flags, plain_strategies, strategy_names
+    from grape.score_kinds import KINDS, SCORE_KINDS, ScoreTask
+
     p = argparse.ArgumentParser(prog="grape", description="Select the SFT data that fits your model.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -254,25 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write the selected set as NDJSON (TRL SFT format)")
     e.add_argument("dataset_id")
     e.add_argument("-o", "--output", required=True)
-    e.add_argument("--strategy", default="grape")
-    e.add_argument("--k", type=int, default=1)
-    e.add_argument("--reduce", default="mean", choices=["mean", "sum"])
+    add_selection_flags(e)
     c = sub.add_parser("compare", help="selection strategies side by side on a scored dataset")
     c.add_argument("dataset_id")
-    c.add_argument("--strategies", default="grape,longest,random", help="comma-separated, e.g. grape,deita,ifd")
-    c.add_argument("--k", type=int, default=1)
-    c.add_argument("--reduce", default="mean", choices=["mean", "sum"])
+    plain = ",".join(plain_strategies())
+    c.add_argument(
+        "--strategies", default=plain, help=f"comma-separated, of: {strategy_names()}; default {plain} (any dataset)"
+    )
+    add_selection_flags(c, strategy=None)
     c.add_argument("--json", action="store_true", help="print the JSON answer instead of the table")
     c.set_defaults(func=cmd_compare)
-    for sp in (e, c):
-        sp.add_argument("--n", type=int, default=None, help="budget of pool-wide strategies (longest, deita, ifd)")
-        sp.add_argument("--tau", type=float, default=None, help="deita: cosine similarity threshold (0.9)")
-        sp.add_argument("--seed", type=int, default=None, help="random: seed (0)")
-    sc = sub.add_parser(
-        "scores", help="ask for more score kinds on a dataset (rating, embedding, unconditioned, local)"
-    )
+    extra = [k.name for k in KINDS if k.task is not ScoreTask.logprob]
+    sc = sub.add_parser("scores", help=f"ask for more score kinds on a dataset ({', '.join(extra)})")
     sc.add_argument("dataset_id")
-    sc.add_argument("scores", nargs="+", choices=["logprob", "length", "unconditioned", "rating", "embedding", "local"])
+    sc.add_argument("scores", nargs="+", choices=list(SCORE_KINDS))
     sc.set_defaults(func=cmd_scores)
     for sp in (s, sc):
         sp.add_argument("--scorer-model", default=None, help="model of the Deita rating task (default: target)")
@@ -283,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("dataset_id")
     tc.add_argument("--json", action="store_true", help="print the JSON answer instead of the table")
     tc.set_defaults(func=cmd_teachers)
-    s.add_argument("--scores", default=None, help="score kinds, comma-separated: logprob,unconditioned,rating,...")
+    s.add_argument("--scores", default=None, help=f"score kinds, comma-separated, of: {','.join(SCORE_KINDS)}")
     e.set_defaults(func=cmd_export)
     u = sub.add_parser("usage", help="your tenant's usage and quotas (an admin key: every tenant's)")
     u.add_argument("--json", action="store_true", help="print the JSON answer instead of the table")
@@ -302,6 +288,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_experiment_parser(sub, default_url=_default_url())
     return p
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """A parser's subcommands by name, in the order they were added."""
+    found: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found.update(action.choices)
+    return found
+
+
+def help_text(command: str | None = None, *, width: int = 100) -> str:
+    """The `--help` of `grape COMMAND`, or of `grape` and every command (None), at a fixed width: what the
+    documentation shows. `serve`, `worker`, `trainer` and `evaluator` give their deployable's own help (imported
+    then, by name, as `main` hands over to them)."""
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(width)  # argparse wraps at the terminal's width, read from COLUMNS
+    try:
+        parser = build_parser()
+        commands = subcommands(parser)
+        names = list(commands) if command is None else [command]
+        texts = [parser.format_help()] if command is None else []
+        for name in names:
+            if name in ENTRY_POINTS:
+                module = importlib.import_module(ENTRY_POINTS[name].partition(":")[0])
+                texts.append(module.build_parser(get_settings()).format_help())
+            else:
+                texts.append(commands[name].format_help())
+        return "\n".join(texts)
+    finally:
+        if old is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = old
 
 
 def main(argv: list[str] | None = None) -> int:

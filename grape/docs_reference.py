@@ -21,12 +21,14 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
+
+if TYPE_CHECKING:
+    from grape.strategies.base import StrategySpec
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "reference"
@@ -166,40 +168,11 @@ def _model_table(model: type[BaseModel]) -> str:
 # ---- strategies --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class StrategyRow:
-    """What the strategy page shows of one strategy: the fields of `grape.strategies.StrategySpec`."""
-
-    name: str
-    summary: str
-    needs: tuple[str, ...] = ()
-    per_instruction: bool = False
-    streams: bool = False
-    params: tuple[str, ...] = ()
-
-
-def _strategy_rows() -> list[StrategyRow]:
-    """The one adapter between the registry and the page. Today strategies carry their facts as function
-    attributes; once `grape.strategies.strategy_specs()` exists (records with these fields, in registry
-    order) this whole body is `return strategies.strategy_specs()` after the import."""
+def _strategy_rows() -> list[StrategySpec]:
+    """The registry's records (`grape.strategies.StrategySpec`), in registry order."""
     from grape import strategies
 
-    registry = strategies.STRATEGIES
-    rows = []
-    for name in registry.names():
-        fn = registry.get(name.replace("<name>", "NAME")) if name.endswith(":<name>") else registry.get(name)
-        doc = inspect.getdoc(fn) or inspect.getdoc(inspect.getmodule(fn)) or ""
-        rows.append(
-            StrategyRow(
-                name=name,
-                summary=" ".join(doc.strip().split("\n\n")[0].split()),
-                needs=tuple(getattr(fn, "needs", ())),
-                per_instruction=bool(getattr(fn, "per_instruction", False)),
-                streams=bool(getattr(fn, "per_item", False)),
-                params=tuple(getattr(fn, "params", ())),
-            )
-        )
-    return rows
+    return strategies.strategy_specs()
 
 
 def _params(params: Any) -> str:

@@ -1,4 +1,4 @@
-"""`grape experiment DATASET_ID --arms grape,longest,random --pairs 200 --tasks T1,T2 --wait`: create an
+"""`grape experiment DATASET_ID --arms S1,S2,S3 --pairs 200 --tasks T1,T2 --wait`: create an
 experiment over HTTP, follow it with a bar, print the table (base model first, best value per task marked *)."""
 
 from __future__ import annotations
@@ -9,33 +9,28 @@ import sys
 import time
 from typing import Any
 
+from grape.cli_options import add_hp_flags, hp_args, json_or_text, plain_strategies, strategy_names
 from grape.experiments import TERMINAL, format_table
-from grape.train_cli import _value
+
+HP_FLAGS = {
+    "--max-steps": "max_steps",
+    "--lr": "learning_rate",
+    "--batch-size": "per_device_train_batch_size",
+    "--max-length": "max_length",
+}
+"""Flags of common hyperparameters -> their field (type, bounds and help are the field's)."""
 
 
 def experiment_body(args: argparse.Namespace) -> dict[str, Any]:
     """The POST /v1/experiments body of the command's arguments (unset options keep the API defaults)."""
     arms = [{"strategy": a.strip()} for a in args.arms.split(",") if a.strip()]
-    hp: dict[str, Any] = {}
-    for name, value in (
-        ("max_steps", args.max_steps),
-        ("learning_rate", args.lr),
-        ("per_device_train_batch_size", args.batch_size),
-        ("max_length", args.max_length),
-    ):
-        if value is not None:
-            hp[name] = value
-    for pair in args.hp or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--hp {pair!r}: give KEY=VALUE (a training hyperparameter)")
-        hp[key] = _value(value)
+    hp = hp_args(args, HP_FLAGS.values())
     evaluation: dict[str, Any] = {"tasks": [t.strip() for t in args.tasks.split(",") if t.strip()]}
     for name, value in (("limit", args.limit), ("num_fewshot", args.num_fewshot)):
         if value is not None:
             evaluation[name] = value
     if args.eval_batch_size is not None:
-        evaluation["batch_size"] = _value(args.eval_batch_size)
+        evaluation["batch_size"] = json_or_text(args.eval_batch_size)
     body: dict[str, Any] = {
         "dataset_id": args.dataset_id,
         "arms": arms,
@@ -117,7 +112,11 @@ def add_experiment_parser(sub: Any, *, default_url: str) -> argparse.ArgumentPar
         description="Create an experiment (POST /v1/experiments); `grape trainer` and `grape evaluator` run it.",
     )
     x.add_argument("dataset_id")
-    x.add_argument("--arms", required=True, help="strategies, comma-separated: grape,longest,random,source:NAME")
+    x.add_argument(
+        "--arms",
+        required=True,
+        help=f"strategies, comma-separated, of: {strategy_names()} (e.g. {','.join(plain_strategies())})",
+    )
     x.add_argument("--pairs", type=int, required=True, help="pairs every arm trains on")
     x.add_argument("--tasks", required=True, help="lm-eval tasks, comma-separated")
     x.add_argument("--limit", type=int, default=None, help="examples per task (lm-eval limit)")
@@ -126,12 +125,8 @@ def add_experiment_parser(sub: Any, *, default_url: str) -> argparse.ArgumentPar
     x.add_argument("--base-model", default=None, help="model to fine-tune (default: the dataset's target model)")
     x.add_argument("--no-base", action="store_true", help="do not evaluate the base model")
     x.add_argument("--seed", type=int, default=0, help="seed of the instructions drawn for per-instruction arms")
-    x.add_argument("--max-steps", type=int, default=None, help="optimizer steps per arm (default: one epoch)")
-    x.add_argument("--lr", type=float, default=None, help="learning rate")
-    x.add_argument("--batch-size", type=int, default=None, help="per-device training batch size")
-    x.add_argument("--max-length", type=int, default=None, help="tokens per training sequence")
+    add_hp_flags(x, HP_FLAGS)
     x.add_argument("--lora-r", type=int, default=16, help="LoRA rank (0: full fine-tuning); alpha is 2 x r")
-    x.add_argument("--hp", action="append", metavar="KEY=VALUE", help="any other hyperparameter (repeatable)")
     x.add_argument("--wait", action="store_true", help="follow it with a progress bar and print the table")
     x.add_argument("--interval", type=float, default=2.0, help="seconds between status polls")
     x.add_argument("--url", default=default_url, help="gateway URL (env GRAPE_URL)")

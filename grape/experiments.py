@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from grape.evaluations import EvaluationSettings
-from grape.jobs import SEED_MAX, Hyperparameters, LoraSpec
+from grape.jobs import Hyperparameters, LoraSpec
 from grape.keys import Keys
 from grape.store.experiments import SELECTION_PAGE, selection_page, selection_size
 from grape.store.io import run
+from grape.strategies import SEED_MAX, SelectParams, StrategyName, get_strategy
 
 EXP_ID = re.compile(r"exp-[0-9a-f]{12}")
 
@@ -71,22 +72,45 @@ PRIMARY_METRICS = (
 # ---- the request --------------------------------------------------------------------------------------
 
 
-class ArmSpec(BaseModel):
-    """One arm: a selection strategy with its parameters, as the selection API takes them."""
+class ArmSpec(SelectParams):
+    """One arm: a selection strategy with its parameters, as the selection API takes them. An experiment trains
+    one response per instruction (k=1) and gives every arm the same budget: a pool-wide strategy's n is
+    budget.pairs (give it or leave it out), a per-instruction one has none (the experiment draws its
+    instructions)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    strategy: str = Field(min_length=1, max_length=200, description="grape, longest, deita, ifd, random, source:X")
-    k: int = Field(1, ge=1, le=1, description="Responses per instruction: an experiment trains one (k=1).")
-    reduce: Literal["mean", "sum"] = Field("mean", description="grape: rank by mean or summed log-probability.")
-    n: int | None = Field(None, ge=1, description="Pool-wide strategies: the budget sets it; give it or leave it.")
-    tau: float = Field(0.9, ge=-1, le=1, description="deita: cosine similarity threshold.")
-    seed: int = Field(0, ge=0, le=SEED_MAX, description="random: the seed of the selection.")
+    strategy: StrategyName
+
+    @field_validator("k")
+    @classmethod
+    def _one_response(cls, k: int) -> int:
+        if k != 1:
+            raise ValueError(f"an experiment trains one response per instruction: k must be 1 (got {k})")
+        return k
+
+    @field_validator("n")
+    @classmethod
+    def _some_pairs(cls, n: int | None) -> int | None:
+        if n == 0:
+            raise ValueError("an arm of 0 pairs trains nothing: leave n out (budget.pairs sets it)")
+        return n
 
     def label(self) -> str:
         """A short name for tables: the strategy and its non-default parameters."""
         extra = [f"{k}={v}" for k, v in self.model_dump(exclude={"strategy", "k", "n"}, exclude_defaults=True).items()]
         return f"{self.strategy}({', '.join(extra)})" if extra else self.strategy
+
+
+def shares_draw(arm: ArmSpec) -> bool:
+    """Whether the arm's strategy picks per instruction (its record's `per_instruction`): the experiment then
+    draws its instructions, the same for every such arm, instead of letting it take its own top n."""
+    return get_strategy(arm.strategy).per_instruction
+
+
+def arm_params(arm: ArmSpec, pairs: int) -> SelectParams:
+    """The selection parameters an arm runs with: k=1; a pool-wide strategy takes `pairs` as its n."""
+    return SelectParams(**arm.select_params().model_dump() | {"k": 1, "n": None if shares_draw(arm) else pairs})
 
 
 class Budget(BaseModel):

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from grape.chat_templates import NAME_PATTERN
-
-SEED_MAX = 2**32 - 1
-"""Largest seed a request may give (what numpy and torch seeding take)."""
+from grape.strategies import DEFAULT_STRATEGY, SEED_MAX, SelectParams, StrategyName
 
 
 class JobState(StrEnum):
@@ -79,75 +78,203 @@ class LoraSpec(BaseModel):
     ) = Field("all-linear", description='Module names to adapt (e.g. ["q_proj", "v_proj"]), or "all-linear".')
 
 
+# ---- how each hyperparameter reaches TRL, declared on its field -------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """What the trainer knows besides the job when it builds TRL's arguments: some hyperparameters resolve with it."""
+
+    lora: bool
+    """A LoRA adapter is trained (the learning rate's default)."""
+    accelerator: bool
+    """The trainer has a GPU or another accelerator (bf16's default)."""
+    save_total_limit: int
+    """The operator's cap of checkpoints kept (GRAPE_TRAIN_SAVE_TOTAL_LIMIT)."""
+    sft_fields: frozenset[str]
+    """SFTConfig's fields in the installed TRL: a setting renamed between releases goes by the name it has there."""
+    chat: bool
+    """The data is conversational (a chat template); False: plain prompt and completion."""
+    model: str
+    context: int | None = None
+    """The base model's context length once its config is read (max_length is checked against it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ToTrl:
+    """How one hyperparameter reaches TRL, declared on its field (`Annotated[type, ToTrl(...)]`).
+
+    `to`: the `SFTConfig` arguments it may set (empty: the field's own name; `a.b`: key b of the dict argument a),
+    or, with `trainer=True`, the trainer's own setup (not an SFTConfig argument). `how(value, setup)`: the
+    arguments it sets, `{target: value}` (default: the value as given, at `to[0]`). `unset_keeps_default`: None is
+    not passed, so TRL's default applies. `note`: how the value is resolved, in one line, for the documentation."""
+
+    to: tuple[str, ...] = ()
+    how: Callable[[Any, TrainSetup], dict[str, Any]] | None = None
+    unset_keeps_default: bool = False
+    trainer: bool = False
+    note: str = ""
+
+    def targets(self, name: str) -> tuple[str, ...]:
+        return self.to or (name,)
+
+    def arguments(self, name: str, value: Any, setup: TrainSetup) -> dict[str, Any]:
+        if value is None and self.unset_keeps_default:
+            return {}
+        if self.how is None:
+            return {self.targets(name)[0]: value}
+        return self.how(value, setup)
+
+
+AS_GIVEN = ToTrl()
+"""The SFTConfig argument of the same name, the value as given."""
+UNSET_KEEPS_DEFAULT = ToTrl(unset_keeps_default=True, note="unset: TRL's default")
+"""The SFTConfig argument of the same name when given; unset, TRL's default."""
+
+
+def _learning_rate(value: float | None, setup: TrainSetup) -> dict[str, Any]:
+    return {"learning_rate": value if value is not None else (1e-4 if setup.lora else 2e-5)}
+
+
+def _max_length(value: int | None, setup: TrainSetup) -> dict[str, Any]:
+    return {"max_length": checked_max_length(value, setup.context, setup.model)}
+
+
+def _loss_on(value: bool, setup: TrainSetup) -> dict[str, Any]:
+    if setup.chat:
+        return {"assistant_only_loss": value}
+    return {"assistant_only_loss": False, "completion_only_loss": value}
+
+
+def _save_total_limit(value: int | None, setup: TrainSetup) -> dict[str, Any]:
+    return {"save_total_limit": kept_checkpoints(value, setup.save_total_limit)}
+
+
+def _bf16(value: bool | None, setup: TrainSetup) -> dict[str, Any]:
+    # without a GPU: CPU training, fp32 unless bf16 is asked
+    return {"bf16": value if value is not None else (None if setup.accelerator else False)}
+
+
+def _checkpointing(value: bool, setup: TrainSetup) -> dict[str, Any]:
+    # transformers 5.2x renamed it in some releases; the old name still works, with a warning
+    new = "activation_checkpointing"
+    return {new if new in setup.sft_fields else "gradient_checkpointing": value}
+
+
 class Hyperparameters(BaseModel):
-    """The TRL `SFTConfig` fields a request may set: an allow-list, each typed and bounded. Any other name is
-    refused (422 naming it); what touches code, files, the network or the machine is the operator's
-    (`OPERATOR_ONLY`). Unset optional fields keep TRL's default."""
+    """The TRL `SFTConfig` fields a request may set: an allow-list, each typed and bounded, each declaring how it
+    reaches TRL (`ToTrl`). Any other name is refused (422 naming it); what touches code, files, the network or the
+    machine is the operator's (`OPERATOR_ONLY`). Unset optional fields keep TRL's default."""
 
     model_config = _BOUNDED
 
-    learning_rate: float | None = Field(
+    learning_rate: Annotated[
+        float | None, ToTrl(how=_learning_rate, note="unset: 2e-5 for full fine-tuning, 1e-4 with LoRA")
+    ] = Field(
         None, gt=0, le=1, description="Peak learning rate; default 2e-5 (TRL's) for full fine-tuning, 1e-4 with LoRA."
     )
-    num_train_epochs: float = Field(
+    num_train_epochs: Annotated[float, AS_GIVEN] = Field(
         1.0, gt=0, le=1000, description="Passes over the selected set (when max_steps is -1)."
     )
-    max_steps: int = Field(-1, ge=-1, le=1_000_000, description="Optimizer steps; -1: num_train_epochs decides.")
-    per_device_train_batch_size: int = Field(8, ge=1, le=1024, description="Sequences per device per micro-batch.")
-    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
-    max_length: int | None = Field(
+    max_steps: Annotated[int, AS_GIVEN] = Field(
+        -1, ge=-1, le=1_000_000, description="Optimizer steps; -1: num_train_epochs decides."
+    )
+    per_device_train_batch_size: Annotated[int, AS_GIVEN] = Field(
+        8, ge=1, le=1024, description="Sequences per device per micro-batch."
+    )
+    gradient_accumulation_steps: Annotated[int, AS_GIVEN] = Field(
+        1, ge=1, le=1024, description="Micro-batches per optimizer step."
+    )
+    max_length: Annotated[
+        int | None, ToTrl(how=_max_length, note="checked against the base model's context; unset: that context")
+    ] = Field(
         1024,
         ge=8,
         le=MAX_LENGTH_CAP,
         description="Tokens per sequence (longer ones are truncated); with packing, the block length. At most the "
         "base model's context (checked by the trainer); null: the model's context.",
     )
-    packing: bool = Field(False, description="Pack several sequences into each max_length block.")
-    packing_strategy: Literal["bfd", "bfd_split", "wrapped"] = Field("bfd", description="TRL's packing strategy.")
-    assistant_only_loss: bool = Field(
+    packing: Annotated[bool, AS_GIVEN] = Field(False, description="Pack several sequences into each max_length block.")
+    packing_strategy: Annotated[Literal["bfd", "bfd_split", "wrapped"], AS_GIVEN] = Field(
+        "bfd", description="TRL's packing strategy."
+    )
+    assistant_only_loss: Annotated[
+        bool,
+        ToTrl(
+            to=("assistant_only_loss", "completion_only_loss"),
+            how=_loss_on,
+            note="chat data: assistant_only_loss; plain data: completion_only_loss (assistant_only_loss off)",
+        ),
+    ] = Field(
         True,
         description="Loss on the assistant turn only (the selected response); for a plain-template dataset, on the "
         "completion only (TRL completion_only_loss). False trains on prompt tokens too.",
     )
-    loss_type: Literal["nll", "dft"] = Field("nll", description="TRL's loss: nll, or dft (dynamic fine-tuning).")
-    lr_scheduler_type: Literal[SCHEDULERS] = Field("linear", description="Learning-rate schedule.")  # type: ignore[valid-type]
-    warmup_steps: float = Field(
+    loss_type: Annotated[Literal["nll", "dft"], AS_GIVEN] = Field(
+        "nll", description="TRL's loss: nll, or dft (dynamic fine-tuning)."
+    )
+    lr_scheduler_type: Annotated[Literal[SCHEDULERS], AS_GIVEN] = Field(  # type: ignore[valid-type]
+        "linear", description="Learning-rate schedule."
+    )
+    warmup_steps: Annotated[float, AS_GIVEN] = Field(
         0, ge=0, le=1_000_000, description="Warm-up steps; a value below 1 is a fraction of the run (a ratio)."
     )
-    weight_decay: float = Field(0.0, ge=0, le=1)
-    max_grad_norm: float = Field(1.0, ge=0, le=10_000, description="Gradient clipping norm; 0: no clipping.")
-    optim: Literal[OPTIMIZERS] | None = Field(  # type: ignore[valid-type]
+    weight_decay: Annotated[float, AS_GIVEN] = Field(0.0, ge=0, le=1)
+    max_grad_norm: Annotated[float, AS_GIVEN] = Field(
+        1.0, ge=0, le=10_000, description="Gradient clipping norm; 0: no clipping."
+    )
+    optim: Annotated[Literal[OPTIMIZERS] | None, UNSET_KEEPS_DEFAULT] = Field(  # type: ignore[valid-type]
         None, description="Optimizer (transformers `optim`); default TRL's. The 8-bit ones need bitsandbytes."
     )
-    adam_beta1: float | None = Field(None, ge=0, lt=1)
-    adam_beta2: float | None = Field(None, ge=0, lt=1)
-    adam_epsilon: float | None = Field(None, gt=0, le=1)
-    neftune_noise_alpha: float | None = Field(None, gt=0, le=100, description="NEFTune embedding noise.")
-    seed: int = Field(42, ge=0, le=SEED_MAX)
-    logging_steps: float = Field(
+    adam_beta1: Annotated[float | None, UNSET_KEEPS_DEFAULT] = Field(None, ge=0, lt=1)
+    adam_beta2: Annotated[float | None, UNSET_KEEPS_DEFAULT] = Field(None, ge=0, lt=1)
+    adam_epsilon: Annotated[float | None, UNSET_KEEPS_DEFAULT] = Field(None, gt=0, le=1)
+    neftune_noise_alpha: Annotated[float | None, UNSET_KEEPS_DEFAULT] = Field(
+        None, gt=0, le=100, description="NEFTune embedding noise."
+    )
+    seed: Annotated[int, AS_GIVEN] = Field(42, ge=0, le=SEED_MAX)
+    logging_steps: Annotated[float, AS_GIVEN] = Field(
         1, gt=0, le=1_000_000, description="Loss / learning rate reported every N steps (below 1: a fraction)."
     )
-    save_steps: float = Field(
+    save_steps: Annotated[float, AS_GIVEN] = Field(
         500,
         gt=0,
         le=1_000_000,
         description="Checkpoint every N steps (a value below 1: a fraction of the run); at most the operator's "
         "GRAPE_MAX_TRAIN_SAVES checkpoints over the run.",
     )
-    save_total_limit: int | None = Field(
+    save_total_limit: Annotated[
+        int | None, ToTrl(how=_save_total_limit, note="at most GRAPE_TRAIN_SAVE_TOTAL_LIMIT; unset: that cap")
+    ] = Field(
         None,
         ge=1,
         le=1000,
         description="Checkpoints kept, older ones deleted; at most (and by default) the operator's "
         "GRAPE_TRAIN_SAVE_TOTAL_LIMIT.",
     )
-    bf16: bool | None = Field(None, description="bf16 mixed precision; default TRL's (on unless fp16), off on CPU.")
-    fp16: bool | None = Field(None, description="fp16 mixed precision (GPUs).")
-    gradient_checkpointing: bool | None = Field(None, description="Recompute activations; default TRL's (on).")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+    bf16: Annotated[bool | None, ToTrl(how=_bf16, note="unset: TRL's default with an accelerator, off on CPU")] = Field(
+        None, description="bf16 mixed precision; default TRL's (on unless fp16), off on CPU."
+    )
+    fp16: Annotated[bool | None, UNSET_KEEPS_DEFAULT] = Field(None, description="fp16 mixed precision (GPUs).")
+    gradient_checkpointing: Annotated[
+        bool | None,
+        ToTrl(
+            to=("activation_checkpointing", "gradient_checkpointing"),
+            how=_checkpointing,
+            unset_keeps_default=True,
+            note="the name the installed TRL has; unset: TRL's default",
+        ),
+    ] = Field(None, description="Recompute activations; default TRL's (on).")
+    dtype: Annotated[
+        Literal["auto", "bfloat16", "float16", "float32"],
+        ToTrl(to=("model_init_kwargs.dtype",), note="the dtype the base model is loaded in"),
+    ] = Field(
         "float32", description="dtype the weights are loaded in (TRL's default; bf16 comes from mixed precision)."
     )
-    chat_template: str | None = Field(
+    chat_template: Annotated[
+        str | None,
+        ToTrl(trainer=True, note="the tokenizer's chat template, loaded by name before the data is rendered"),
+    ] = Field(
         None,
         pattern=NAME_PATTERN,
         description="A training chat template by name (with {% generation %} markers), for models whose template "
@@ -178,18 +305,43 @@ class Hyperparameters(BaseModel):
         return self
 
 
-class JobRequest(BaseModel):
-    """What a client asks: which selection, which model, how to train it."""
+def hp_route(name: str) -> ToTrl:
+    """How the hyperparameter `name` reaches TRL (its field's `ToTrl`)."""
+    routes = [m for m in Hyperparameters.model_fields[name].metadata if isinstance(m, ToTrl)]
+    if len(routes) != 1:
+        raise TypeError(f"Hyperparameters.{name}: declare how it reaches TRL, one ToTrl in its annotation")
+    return routes[0]
+
+
+def trl_arguments(hp: Hyperparameters, setup: TrainSetup, *, trainer: bool = False) -> dict[str, Any]:
+    """The job's hyperparameters as TRL takes them: `SFTConfig` arguments (a `a.b` target nested into the dict
+    argument a), or with `trainer=True` the trainer's own settings (the chat template)."""
+    out: dict[str, Any] = {}
+    for name in Hyperparameters.model_fields:
+        route = hp_route(name)
+        if route.trainer is not trainer:
+            continue
+        for target, value in route.arguments(name, getattr(hp, name), setup).items():
+            head, dot, key = target.partition(".")
+            if dot:
+                out.setdefault(head, {})[key] = value
+            else:
+                out[target] = value
+    return out
+
+
+for _name in Hyperparameters.model_fields:  # every field of the allow-list says how it reaches TRL
+    hp_route(_name)
+
+
+class JobRequest(SelectParams):
+    """What a client asks: which selection (a strategy and the selection parameters), which model, how to train
+    it."""
 
     model_config = _BOUNDED
 
     dataset_id: str = Field(min_length=1, max_length=200, description="A dataset whose scoring is done.")
-    strategy: str = Field("grape", min_length=1, max_length=200, description="Selection strategy (see /selection).")
-    k: int = Field(1, ge=1, le=1000, description="Responses kept per instruction.")
-    reduce: Literal["mean", "sum"] = Field("mean", description="grape: rank by mean or summed log-probability.")
-    n: int | None = Field(None, ge=0, le=100_000_000, description="Budget (pairs) of pool-wide strategies.")
-    tau: float = Field(0.9, ge=-1, le=1, description="deita: cosine similarity threshold.")
-    seed: int = Field(0, ge=0, le=SEED_MAX, description="random: the seed of the selection.")
+    strategy: StrategyName = DEFAULT_STRATEGY
     base_model: str | None = Field(
         None,
         min_length=1,
@@ -327,3 +479,15 @@ def check_budget(
 def kept_checkpoints(asked: int | None, cap: int) -> int:
     """save_total_limit as run: the job's, never more than the operator's GRAPE_TRAIN_SAVE_TOTAL_LIMIT."""
     return min(asked, cap) if asked is not None else cap
+
+
+def checked_max_length(asked: int | None, context: int | None, model: str) -> int:
+    """The job's max_length: at most the model's context (an error naming both otherwise); unset: the context."""
+    if asked is None:
+        return min(context or MAX_LENGTH_CAP, MAX_LENGTH_CAP)
+    if context is not None and asked > context:
+        raise ValueError(
+            f"hyperparameters.max_length {asked} is longer than the context of {model} ({context} tokens, "
+            "max_position_embeddings): give at most that"
+        )
+    return asked

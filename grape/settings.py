@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import re
+import typing
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from grape.scoring_backends import AUTO, BACKEND_NAMES, SCORING_BACKENDS
+
+BACKEND_CHOICES = (AUTO, *BACKEND_NAMES)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_TENANT = "default"
@@ -94,10 +99,10 @@ class Settings(BaseSettings):
     )
 
     # worker
-    backend: Literal["auto", "hf", "vllm", "null"] = Field(
-        "auto",
-        description="Scoring backend of a worker: auto = vllm when importable (GPU or CPU build), else hf; "
-        "null scores nothing (benchmarks of the queue only).",
+    backend: Literal[BACKEND_CHOICES] = Field(  # type: ignore[valid-type]
+        AUTO,
+        description="Scoring backend of a worker: auto = vllm when importable (GPU or CPU build), else hf. "
+        + " ".join(f"{b.name}: {b.summary}" for b in SCORING_BACKENDS),
     )
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("float32", description="Model dtype in workers.")
     device: str = Field("auto", description="torch device for the hf backend: auto, cpu, cuda, cuda:1...")
@@ -329,6 +334,11 @@ class Settings(BaseSettings):
         "about 0.6 KB per pair of the dev pool instead of 1.6 KB; 6: ~10% smaller at half the ingest speed). "
         "Records of any level, and plain ones stored before, read back the same.",
     )
+
+    @classmethod
+    def choices(cls, name: str) -> list[str]:
+        """The values a setting of fixed choices (a Literal) takes, for a command line's `choices=`."""
+        return [str(v) for v in typing.get_args(cls.model_fields[name].annotation)]
 
     def training_dir(self) -> Path:
         return self.train_dir if self.train_dir is not None else self.cache_dir / "train"

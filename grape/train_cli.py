@@ -7,47 +7,31 @@ import os
 import sys
 from typing import Any
 
-import orjson
+from grape.cli_options import add_hp_flags, add_selection_flags, hp_args, selection_args
 
-
-def _value(text: str) -> Any:
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return text
+HP_FLAGS = {
+    "--max-steps": "max_steps",
+    "--epochs": "num_train_epochs",
+    "--lr": "learning_rate",
+    "--batch-size": "per_device_train_batch_size",
+    "--grad-accum": "gradient_accumulation_steps",
+    "--max-length": "max_length",
+    "--save-steps": "save_steps",
+}
+"""Flags of common hyperparameters -> their field (type, bounds and help are the field's)."""
 
 
 def job_body(args: argparse.Namespace) -> dict[str, Any]:
     """The POST /v1/training-jobs body of the command's arguments (unset options keep the API defaults)."""
-    hp: dict[str, Any] = {}
-    for name, value in (
-        ("max_steps", args.max_steps),
-        ("num_train_epochs", args.epochs),
-        ("learning_rate", args.lr),
-        ("per_device_train_batch_size", args.batch_size),
-        ("gradient_accumulation_steps", args.grad_accum),
-        ("max_length", args.max_length),
-        ("save_steps", args.save_steps),
-    ):
-        if value is not None:
-            hp[name] = value
-    if args.packing:
-        hp["packing"] = True
-    for pair in args.hp or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--hp {pair!r}: give KEY=VALUE (an allowed training setting, grape.jobs.Hyperparameters)")
-        hp[key] = _value(value)
+    hp: dict[str, Any] = {"packing": True} if args.packing else {}
+    hp.update(hp_args(args, HP_FLAGS.values()))  # an --hp given names the value
     body: dict[str, Any] = {
         "dataset_id": args.dataset_id,
-        "strategy": args.strategy,
-        "k": args.k,
-        "reduce": args.reduce,
+        **({"strategy": args.strategy} if args.strategy else {}),
+        **selection_args(args),
         "hyperparameters": hp,
         "auto_resume": args.auto_resume,
     }
-    if args.n is not None:
-        body["n"] = args.n
     if args.base_model:
         body["base_model"] = args.base_model
     if args.lora_r is not None:
@@ -100,28 +84,13 @@ def add_train_parser(sub: Any, *, default_url: str) -> argparse.ArgumentParser:
     )
     t.add_argument("dataset_id")
     t.add_argument("--base-model", default=None, help="model to fine-tune (default: the dataset's target model)")
-    t.add_argument("--strategy", default="grape", help="selection strategy")
-    t.add_argument("--k", type=int, default=1, help="responses kept per instruction")
-    t.add_argument("--reduce", default="mean", choices=["mean", "sum"])
-    t.add_argument("--n", type=int, default=None, help="budget of pool-wide strategies")
-    t.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: epochs decide)")
-    t.add_argument("--epochs", type=float, default=None, help="passes over the selected set (default 1)")
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-5, LoRA 1e-4)")
-    t.add_argument("--batch-size", type=int, default=None, help="per-device batch size (default 8)")
-    t.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps")
-    t.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default 1024)")
+    add_selection_flags(t)
+    add_hp_flags(t, HP_FLAGS)
     t.add_argument("--packing", action="store_true", help="pack sequences into max-length blocks")
-    t.add_argument("--save-steps", type=float, default=None, help="checkpoint every N steps (default 500)")
     t.add_argument("--lora-r", type=int, default=None, help="train a LoRA adapter of this rank (default: full)")
     t.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (default 2 x r)")
     t.add_argument("--lora-dropout", type=float, default=None)
     t.add_argument("--lora-target-modules", default=None, help="comma-separated module names, or all-linear")
-    t.add_argument(
-        "--hp",
-        action="append",
-        metavar="KEY=VALUE",
-        help="another allowed training setting (repeatable), e.g. optim=sgd, chat_template=chatml; see the README",
-    )
     t.add_argument("--auto-resume", action="store_true", help="resume from the last checkpoint if a trainer dies")
     t.add_argument("--detach", action="store_true", help="print the job id and return at once")
     t.add_argument("--interval", type=float, default=1.0, help="seconds between status polls")

@@ -10,7 +10,7 @@ from grape.compare import Comparison
 from grape.keys import Keys
 from grape.settings import Settings
 from grape.store.datasets import check_selection
-from grape.strategies import STRATEGIES, SelectParams
+from grape.strategies import STRATEGIES, SelectParams, strategy_specs
 from service.datasets import dataset_meta, dataset_status, release_memory, scored_items
 from service.errors import Unprocessable
 from service.schemas import ComparisonPublic
@@ -23,7 +23,8 @@ async def compare(
     pool: the number of strategies is capped (GRAPE_MAX_COMPARE_STRATEGIES) and the counting runs in a worker
     thread, so the event loop keeps answering other requests meanwhile."""
     if not strategies:
-        raise Unprocessable("strategies: name at least one, e.g. ?strategies=grape,longest")
+        known = ", ".join(s.name for s in strategy_specs())
+        raise Unprocessable(f"strategies: name at least one, comma-separated, of: {known}")
     if len(strategies) > settings.max_compare_strategies:
         raise Unprocessable(
             f"strategies: {len(strategies)} named, at most {settings.max_compare_strategies} per comparison "
@@ -49,6 +50,6 @@ async def compare(
     return ComparisonPublic(
         dataset_id=dataset_id,
         state=status.state,
-        params={"k": params.k, "reduce": params.reduce, "n": params.n, "tau": params.tau, "seed": params.seed},
+        params=params.model_dump(),
         **result,
     )

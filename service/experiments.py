@@ -40,7 +40,6 @@ from grape.store.errors import Invalid, OverQuota
 from grape.store.io import acall, arun
 from grape.store.jobqueue import EVALUATIONS, TERMINAL, TRAINING
 from grape.store.tenants import owner
-from grape.strategies import STRATEGIES, SelectParams
 from grape.tenancy import LOCAL, Identity, quotas_of
 from service import evaluations as eval_svc
 from service.datasets import dataset_status, selection_lines
@@ -58,16 +57,6 @@ ARM_ACTIVE = ("queued", "training", "evaluating")
 # ---- creation ------------------------------------------------------------------------------------------
 
 
-def _per_instruction(strategy: str) -> bool:
-    return bool(getattr(STRATEGIES.get(strategy), "per_instruction", False))
-
-
-def _arm_params(arm: ArmSpec, pairs: int) -> SelectParams:
-    """The selection parameters an arm runs with: k=1; pool-wide strategies take `pairs` as their n."""
-    n = None if _per_instruction(arm.strategy) else pairs
-    return SelectParams(k=1, reduce=arm.reduce, n=n, tau=arm.tau, seed=arm.seed)
-
-
 def check_arms(body: ExperimentCreate, meta: dict[str, str]) -> None:
     """Known strategies with their scores requested, parameters that fit the budget, no arm twice."""
     seen: dict[str, int] = {}
@@ -76,16 +65,16 @@ def check_arms(body: ExperimentCreate, meta: dict[str, str]) -> None:
             check_selection(meta, [arm.strategy], body.dataset_id)
         except Invalid as exc:
             raise Unprocessable(f"arms[{i}].{exc}") from None
-        if _per_instruction(arm.strategy) and arm.n is not None:
+        if ex.shares_draw(arm) and arm.n is not None:
             raise Unprocessable(
                 f"arms[{i}].n: {arm.strategy} picks a response per instruction; the experiment draws "
                 f"budget.pairs={body.budget.pairs} instructions for it (leave n out)"
             )
-        if not _per_instruction(arm.strategy) and arm.n not in (None, body.budget.pairs):
+        if not ex.shares_draw(arm) and arm.n not in (None, body.budget.pairs):
             raise Unprocessable(
                 f"arms[{i}].n: every arm trains on budget.pairs={body.budget.pairs} pairs; leave n out (got {arm.n})"
             )
-        key = orjson.dumps(_arm_params(arm, body.budget.pairs).__dict__ | {"strategy": arm.strategy}).decode()
+        key = orjson.dumps(ex.arm_params(arm, body.budget.pairs).model_dump() | {"strategy": arm.strategy}).decode()
         if key in seen:
             raise Unprocessable(f"arms[{i}]: the same arm as arms[{seen[key]}] ({arm.label()}); arms must differ")
         seen[key] = i
@@ -93,7 +82,7 @@ def check_arms(body: ExperimentCreate, meta: dict[str, str]) -> None:
 
 async def _lines(redis: Redis, keys: Keys, dataset_id: str, arm: ArmSpec, pairs: int) -> AsyncIterator[bytes]:
     """The arm's selection, one NDJSON line per pair, streamed (the gateway's own selection code)."""
-    params = _arm_params(arm, pairs)
+    params = ex.arm_params(arm, pairs)
     try:
         async for chunk in selection_lines(
             redis=redis, keys=keys, dataset_id=dataset_id, strategy=arm.strategy, params=params
@@ -121,7 +110,7 @@ async def materialize(redis: Redis, keys: Keys, body: ExperimentCreate) -> tuple
     the budget's records, never a whole pool's. Returns the selections and the number of instructions
     the per-instruction arms had in common."""
     pairs, ds = body.budget.pairs, body.dataset_id
-    per = [i for i, arm in enumerate(body.arms) if _per_instruction(arm.strategy)]
+    per = [i for i, arm in enumerate(body.arms) if ex.shares_draw(arm)]
     out: list[list[bytes]] = [[] for _ in body.arms]
     ids: dict[int, list[str]] = {}
     for i, arm in enumerate(body.arms):
@@ -193,14 +182,14 @@ async def create_experiment(
     now = time.time()
     arms = []
     for i, arm in enumerate(body.arms):
-        params = _arm_params(arm, body.budget.pairs)
+        params = ex.arm_params(arm, body.budget.pairs)
         arms.append(
             {
                 "index": i,
                 "label": arm.label(),
                 "strategy": arm.strategy,
-                "params": dict(params.__dict__),
-                "per_instruction": _per_instruction(arm.strategy),
+                "params": params.model_dump(),
+                "per_instruction": ex.shares_draw(arm),
                 "selected_pairs": len(selections[i]),
                 "state": "queued",
                 "job_id": f"job-{uuid.uuid4().hex[:12]}",

@@ -17,13 +17,18 @@ from grape.tenancy import quotas_of
 from service.app import create_app
 
 
-def main(argv: list[str] | None = None) -> int:
-    settings = get_settings()
+def build_parser(settings: Settings) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="grape serve", description="Run the HTTP gateway.")
     p.add_argument("--host", default=settings.host)
     p.add_argument("--port", type=int, default=settings.port)
     p.add_argument("--log-level", default="info")
     p.add_argument("--workers", type=int, default=1, help="gateway processes (uvicorn workers) on this port")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = get_settings()
+    p = build_parser(settings)
     args = p.parse_args(argv)
     settings = settings.model_copy(update={"host": args.host, "port": args.port})
     try:

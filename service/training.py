@@ -30,7 +30,7 @@ from grape.store.errors import OverQuota
 from grape.store.io import Call, acall, arun
 from grape.store.jobqueue import TRAINING
 from grape.store.tenants import UNLIMITED
-from grape.strategies import STRATEGIES, SelectParams
+from grape.strategies import SelectParams, get_strategy
 from grape.tenancy import LOCAL, Identity, quotas_of
 from service.datasets import dataset_status, selection_lines
 from service.errors import Busy, Conflict, NotFound, Unprocessable
@@ -66,7 +66,7 @@ async def create_job(
             scored_items=ds.scored_items,
         )
     check_job_budget(settings, body.hyperparameters, selection_bound(body, ds.items, ds.candidates))
-    params = SelectParams(k=body.k, reduce=body.reduce, n=body.n, tau=body.tau, seed=body.seed)
+    params = body.select_params()
     if not await _selection_nonempty(redis, keys, body.dataset_id, body.strategy, params):
         raise Unprocessable(
             f"the selection of dataset {body.dataset_id} with strategy {body.strategy!r} is empty "
@@ -96,7 +96,7 @@ def selection_bound(body: JobRequest, items: int, candidates: int) -> int:
     """At most how many records the job's selection holds, from the dataset's counts: a per-instruction
     strategy keeps at most k of each instruction's candidates, a pool-wide one at most n. An upper bound
     (counting the selection exactly would run it whole at every submit), so epochs are never undercounted."""
-    if getattr(STRATEGIES.get(body.strategy), "per_instruction", False):
+    if get_strategy(body.strategy).per_instruction:
         return min(items * body.k, candidates)
     return min(body.n, candidates) if body.n is not None else candidates
 

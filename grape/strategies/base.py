@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from grape.records import prompt_messages
+from grape.score_kinds import ScoreTask
 
 
 @dataclass(frozen=True)
@@ -21,20 +25,44 @@ class ScoredItem:
     "rating", "embedding" -> per candidate, in candidate order. An item lacking one is not given."""
 
 
-@dataclass(frozen=True)
-class SelectParams:
-    k: int = 1
-    """Candidates kept per instruction (per-instruction strategies)."""
-    reduce: Literal["mean", "sum"] = "mean"
-    """GRAPE: rank by mean log-prob per token (the paper) or by the sum."""
-    n: int | None = None
-    """Budget: pairs kept across the pool by the pool-wide strategies (longest, deita, ifd, random);
-    None is the strategy's default (longest 1000 and deita 6000 as in their papers; ifd and random: no
-    budget). Per-instruction strategies (grape, source) keep k per instruction and ignore it."""
-    tau: float = 0.9
-    """Deita: a pair is kept only if its cosine similarity to every kept pair is <= tau."""
-    seed: int = 0
-    """random: the seed; the same seed gives the same selection."""
+Reduce = Literal["mean", "sum"]
+"""How a candidate's log-probability is reduced over its tokens: the mean per token, or the sum."""
+
+SEED_MAX = 2**32 - 1
+"""Largest seed a request may give (what numpy and torch seeding take)."""
+
+
+class SelectParams(BaseModel):
+    """The selection parameters, declared once with their bounds: the query of `/selection` and `/compare`, the
+    base of a training job's request and of an experiment arm, the CLI's flags. A strategy reads the ones its
+    record names (`StrategySpec.params`) and ignores the others."""
+
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
+
+    k: int = Field(1, ge=1, le=1000, description="Responses kept per instruction.")
+    reduce: Reduce = Field(
+        "mean", description="Rank by the mean log-probability per token (the paper's) or by the sum."
+    )
+    n: int | None = Field(
+        None,
+        ge=0,
+        le=100_000_000,
+        description="Budget: pairs kept across the pool; unset, the strategy's own default.",
+    )
+    tau: float = Field(
+        0.9,
+        ge=-1,
+        le=1,
+        description="Cosine similarity threshold: a pair is kept only if its similarity to every kept pair is at "
+        "most tau.",
+    )
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of a random selection: the same seed, the same pairs.")
+
+    def select_params(self) -> SelectParams:
+        """Only the selection parameters, of a request that carries more (a job, an arm, a route's query)."""
+        if type(self) is SelectParams:
+            return self
+        return SelectParams(**{name: getattr(self, name) for name in SelectParams.model_fields})
 
 
 @dataclass(frozen=True)
@@ -58,12 +86,8 @@ class Pick:
 
 
 class Strategy(Protocol):
-    """`rows` in upload order; picks in the strategy's order. Optional attributes: `per_item = True` when
-    each instruction is decided alone (the service then streams page by page), `needs` = the extra
-    tasks whose results the strategy reads (grape.score_kinds; they arrive in `ScoredItem.extra`),
-    `per_instruction = True` when, without a budget `n`, it picks responses for every instruction it can
-    serve (grape, source:, random): experiments then give such arms the same instructions (pool-wide
-    strategies, longest, deita, ifd, rank pairs across the pool and take their own top `n`)."""
+    """`rows` in upload order; picks in the strategy's order. What else a strategy is (the scores it reads, whether
+    it streams, decides per instruction, which parameters it reads) is its record, `StrategySpec`."""
 
     def __call__(self, rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]: ...
 
@@ -78,14 +102,14 @@ def budget(params: SelectParams, default: int | None) -> int | None:
 def take_ranked(ranked: Iterable[tuple[ScoredItem, int, float]], params: SelectParams, n: int | None) -> list[Pick]:
     """Walk (row, candidate, score) best first; keep at most `params.k` per instruction, `n` in all."""
     kept: list[Pick] = []
-    per_item: dict[str, int] = {}
+    taken: dict[str, int] = {}  # pairs kept so far per instruction
     for row, cand, score in ranked:
         if n is not None and len(kept) >= n:
             break
         item_id = row.item["id"]
-        if per_item.get(item_id, 0) >= params.k:
+        if taken.get(item_id, 0) >= params.k:
             continue
-        per_item[item_id] = per_item.get(item_id, 0) + 1
+        taken[item_id] = taken.get(item_id, 0) + 1
         kept.append(Pick(row.item, cand, score, len(kept) + 1))
     return kept
 
@@ -120,7 +144,7 @@ class Accumulator(Protocol):
 
 
 class _PerItem:
-    """A per-item strategy (`per_item`): each page decided alone, as it comes."""
+    """A strategy that decides each instruction alone: each page decided as it comes."""
 
     def __init__(self, select: Strategy, params: SelectParams, keep: Keep) -> None:
         self.select, self.params, self.keep = select, params, keep
@@ -155,15 +179,69 @@ class _Collect:
             yield Choice(self.refs[id(p.item)][p.candidate], p.candidate, p.score, p.rank)
 
 
+Accumulate = Callable[[SelectParams, Keep], Accumulator]
+"""A strategy's streaming form: `accumulate(params, keep)`."""
+
+
+def streamed(select: Strategy) -> Accumulate:
+    """The streaming form of a strategy that decides each instruction alone (`StrategySpec.streams`)."""
+    return functools.partial(_PerItem, select)
+
+
+def collected(select: Strategy) -> Accumulate:
+    """The streaming form of a pool-wide strategy written as a plain function: it holds the whole pool."""
+    return functools.partial(_Collect, select)
+
+
 def accumulator(select: Strategy, params: SelectParams, keep: Keep = whole_item) -> Accumulator:
-    """The streaming form of a strategy: its own (`select.accumulate(params, keep)`), page by page for a per-item
-    one, else one that collects the pool (a strategy added without a streaming form still works, in more memory)."""
-    make = getattr(select, "accumulate", None)
-    if make is not None:
-        return make(params, keep)
-    if getattr(select, "per_item", False):
-        return _PerItem(select, params, keep)
+    """The streaming form of a strategy: its record's (`StrategySpec.accumulate`); a plain function without a
+    record is taken as pool-wide and given the whole pool (it still works, in more memory)."""
+    if isinstance(select, StrategySpec):
+        return select.accumulate(params, keep)
     return _Collect(select, params, keep)
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """What a strategy is, declared once beside its code (every field required): the registry, `/selection`,
+    `/compare`, the experiment driver, the CLI's help and the documentation read it. Called, it runs the
+    strategy: `spec(rows, params)` gives its picks."""
+
+    name: str
+    """What a request names it by (`strategy=`); a family's template: `source:<name>`."""
+    summary: str
+    """One line: what it keeps, and its default budget if it has one."""
+    needs: tuple[str, ...]
+    """The extra score tasks it reads (grape.score_kinds `ScoreTask` names), beyond the logprob scores; their
+    results arrive in `ScoredItem.extra`."""
+    per_instruction: bool
+    """Without a budget it picks up to `k` responses for every instruction it can serve: an experiment draws the
+    same instructions for all such arms. False: pool-wide, it ranks pairs across the pool and keeps its top `n`."""
+    streams: bool
+    """Decided one instruction at a time: `/selection` sends each page's picks as the page is read."""
+    params: tuple[str, ...]
+    """The selection parameters it reads (fields of `SelectParams`)."""
+    accumulate: Accumulate
+    """Its streaming form (`streamed(select)` for one that streams)."""
+
+    def __post_init__(self) -> None:
+        where = f"strategy {self.name!r}"
+        if not self.name or not self.summary.strip() or "\n" in self.summary:
+            raise ValueError(f"{where}: a name and a one-line summary")
+        unknown = [p for p in self.params if p not in SelectParams.model_fields]
+        if unknown:
+            raise ValueError(
+                f"{where}: params {unknown} are not selection parameters ({', '.join(SelectParams.model_fields)})"
+            )
+        tasks = {t.value for t in ScoreTask}
+        if any(n not in tasks for n in self.needs):
+            raise ValueError(f"{where}: needs {list(self.needs)}, score tasks are {', '.join(sorted(tasks))}")
+
+    def __call__(self, rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
+        acc = self.accumulate(params, whole_item)
+        if isinstance(acc, _PerItem):  # the whole items kept: its picks are the function's own, as they come
+            return acc.select(rows, params)
+        return picks(acc, rows)
 
 
 def picks(acc: Accumulator, rows: Iterable[ScoredItem]) -> Iterator[Pick]:

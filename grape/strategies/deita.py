@@ -15,7 +15,17 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from grape.score_kinds import decode_vector
-from grape.strategies.base import Choice, Keep, Pick, ScoredItem, SelectParams, budget, picks, whole_item
+from grape.strategies.base import (
+    Choice,
+    Keep,
+    Pick,
+    ScoredItem,
+    SelectParams,
+    StrategySpec,
+    budget,
+    picks,
+    whole_item,
+)
 
 DEFAULT_N = 6000
 
@@ -62,12 +72,12 @@ class Deita:
         pairs.sort(key=lambda p: p[:3])
         n, params = self.n, self.params
         kept = 0
-        per_item: dict[str, int] = {}
+        taken: dict[str, int] = {}
         matrix: Any = None  # the kept pairs' unit embeddings, one row each, allocated once
         for neg, _, i, (ref, item_id), emb in pairs:
             if n is not None and kept >= n:
                 break
-            if per_item.get(item_id, 0) >= params.k:
+            if taken.get(item_id, 0) >= params.k:
                 continue
             v = unit(decode_vector(emb) if isinstance(emb, str) else emb)
             if matrix is None:
@@ -75,7 +85,7 @@ class Deita:
             elif kept and float(np.max(matrix[:kept] @ v)) > params.tau:
                 continue
             matrix[kept] = v
-            per_item[item_id] = per_item.get(item_id, 0) + 1
+            taken[item_id] = taken.get(item_id, 0) + 1
             kept += 1
             yield Choice(ref, i, -neg, kept)
 
@@ -88,5 +98,13 @@ def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
     return picks(accumulate(params), rows)
 
 
-select.needs = ("rating", "embedding")  # type: ignore[attr-defined]
-select.accumulate = accumulate  # type: ignore[attr-defined]
+SPEC = StrategySpec(
+    name="deita",
+    summary=f"Deita: pairs by descending complexity x quality, each kept only if its embedding's cosine similarity "
+    f"to every kept pair is at most tau (n default {DEFAULT_N}).",
+    needs=("rating", "embedding"),
+    per_instruction=False,
+    streams=False,
+    params=("k", "n", "tau"),
+    accumulate=accumulate,
+)

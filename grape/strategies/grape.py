@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from grape.strategies.base import Pick, ScoredItem, SelectParams
+from grape.strategies.base import Pick, ScoredItem, SelectParams, StrategySpec, streamed
 
 
 def candidate_score(score: dict[str, float], reduce: str) -> float:
@@ -27,5 +27,13 @@ def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
             yield Pick(row.item, i, candidate_score(row.scores[i], params.reduce), rank)
 
 
-select.per_item = True  # type: ignore[attr-defined]  # streams: one instruction at a time
-select.per_instruction = True  # type: ignore[attr-defined]  # picks a response for each instruction (experiments)
+SPEC = StrategySpec(
+    name="grape",
+    summary="Per instruction, the k candidates the target model finds most probable (mean log-prob per token, "
+    "or the sum).",
+    needs=(),
+    per_instruction=True,
+    streams=True,
+    params=("k", "reduce"),
+    accumulate=streamed(select),
+)

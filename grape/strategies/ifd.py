@@ -14,7 +14,17 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from grape.strategies.base import Keep, Pick, ScoredItem, SelectParams, TopPairs, budget, picks, whole_item
+from grape.strategies.base import (
+    Keep,
+    Pick,
+    ScoredItem,
+    SelectParams,
+    StrategySpec,
+    TopPairs,
+    budget,
+    picks,
+    whole_item,
+)
 
 
 def ifd(cond: dict[str, Any], uncond: dict[str, Any]) -> float | None:
@@ -44,5 +54,13 @@ def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
     return picks(accumulate(params), rows)
 
 
-select.needs = ("unconditioned",)  # type: ignore[attr-defined]
-select.accumulate = accumulate  # type: ignore[attr-defined]
+SPEC = StrategySpec(
+    name="ifd",
+    summary="The pairs of highest instruction-following difficulty PPL(y|x)/PPL(y) below 1, at most k per "
+    "instruction, the first n (default: no budget).",
+    needs=("unconditioned",),
+    per_instruction=False,
+    streams=False,
+    params=("k", "n"),
+    accumulate=accumulate,
+)

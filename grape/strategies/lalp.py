@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from grape.strategies.base import Pick, ScoredItem, SelectParams
+from grape.strategies.base import Pick, ScoredItem, SelectParams, StrategySpec, streamed
 
 
 def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
@@ -23,6 +23,13 @@ def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
             yield Pick(row.item, i, float(local[i]["local"]), rank)
 
 
-select.needs = ("local",)  # type: ignore[attr-defined]
-select.per_item = True  # type: ignore[attr-defined]  # streams: one instruction at a time
-select.per_instruction = True  # type: ignore[attr-defined]  # picks a response for each instruction it can serve
+SPEC = StrategySpec(
+    name="lalp",
+    summary="Per instruction, the k candidates with the highest local score (LALP: mean step log-prob given a "
+    "window of steps).",
+    needs=("local",),
+    per_instruction=True,
+    streams=True,
+    params=("k",),
+    accumulate=streamed(select),
+)

@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from grape.strategies.base import Keep, Pick, ScoredItem, SelectParams, TopPairs, budget, picks, whole_item
+from grape.strategies.base import (
+    Keep,
+    Pick,
+    ScoredItem,
+    SelectParams,
+    StrategySpec,
+    TopPairs,
+    budget,
+    picks,
+    whole_item,
+)
 
 DEFAULT_N = 1000
 
@@ -29,4 +39,13 @@ def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
     return picks(accumulate(params), rows)
 
 
-select.accumulate = accumulate  # type: ignore[attr-defined]
+SPEC = StrategySpec(
+    name="longest",
+    summary=f"The n pairs with the longest responses in target-model tokens, at most k per instruction "
+    f"(n default {DEFAULT_N}).",
+    needs=(),
+    per_instruction=False,
+    streams=False,
+    params=("k", "n"),
+    accumulate=accumulate,
+)

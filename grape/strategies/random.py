@@ -12,7 +12,17 @@ import random
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from grape.strategies.base import Choice, Keep, Pick, ScoredItem, SelectParams, budget, picks, whole_item
+from grape.strategies.base import (
+    Choice,
+    Keep,
+    Pick,
+    ScoredItem,
+    SelectParams,
+    StrategySpec,
+    budget,
+    picks,
+    whole_item,
+)
 
 
 def draw(item_id: str, candidates: int, seed: int) -> tuple[list[int], float]:
@@ -70,5 +80,13 @@ def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
     return picks(accumulate(params), rows)
 
 
-select.per_instruction = True  # type: ignore[attr-defined]  # without `n`: k responses for every instruction
-select.accumulate = accumulate  # type: ignore[attr-defined]
+SPEC = StrategySpec(
+    name="random",
+    summary="A reproducible random baseline: k random candidates per instruction, every instruction (with n: the "
+    "n pairs of lowest seeded priority).",
+    needs=(),
+    per_instruction=True,
+    streams=False,
+    params=("k", "n", "seed"),
+    accumulate=accumulate,
+)

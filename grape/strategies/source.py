@@ -7,9 +7,10 @@ under the target model (mean per token, or the sum with reduce=sum), for informa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 
-from grape.strategies.base import Pick, ScoredItem, SelectParams, Strategy
+from grape.strategies.base import Pick, ScoredItem, SelectParams, StrategySpec, streamed
 from grape.strategies.grape import candidate_score
 
 
@@ -20,15 +21,17 @@ def select_source(name: str, rows: Iterable[ScoredItem], params: SelectParams) -
             yield Pick(row.item, i, candidate_score(row.scores[i], params.reduce), rank)
 
 
-def named(name: str) -> Strategy:
+def named(name: str) -> StrategySpec:
     """The strategy `source:<name>`."""
     if not name:
         raise ValueError("source: give a source name, as in source:gpt4_1106_preview")
-
-    def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
-        return select_source(name, rows, params)
-
-    select.per_item = True  # type: ignore[attr-defined]
-    select.per_instruction = True  # type: ignore[attr-defined]
-    select.source = name  # type: ignore[attr-defined]
-    return select
+    return StrategySpec(
+        name=f"source:{name}",
+        summary="Per instruction, the response of that source (the distill-from-one-teacher baseline); instructions "
+        "without it are left out.",
+        needs=(),
+        per_instruction=True,
+        streams=True,
+        params=("k", "reduce"),
+        accumulate=streamed(functools.partial(select_source, name)),
+    )

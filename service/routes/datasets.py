@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from grape.strategies import SelectParams
 from service import compare as compare_svc
 from service import datasets as svc
 from service.deps import KeysDep, RedisDep, SettingsDep, upload_slot
@@ -14,6 +13,7 @@ from service.errors import TooLarge
 from service.ingest import parse_upload, upload_type
 from service.model_access import check_model
 from service.schemas import (
+    CompareQuery,
     ComparisonPublic,
     DatasetCreate,
     DatasetList,
@@ -24,6 +24,7 @@ from service.schemas import (
     ItemsIn,
     ScoresQueued,
     ScoresRequest,
+    SelectionQuery,
 )
 from service.tenancy import IdentityDep, OwnedDatasetId, scope_of
 
@@ -144,22 +145,14 @@ async def list_failures(
     responses={200: {"content": {"application/x-ndjson": {}}, "description": "One SFT record per line."}},
 )
 async def selection(
-    dataset_id: OwnedDatasetId,
-    redis: RedisDep,
-    keys: KeysDep,
-    strategy: str = "grape",
-    k: Annotated[int, Query(ge=1, le=1000)] = 1,
-    reduce: Literal["mean", "sum"] = "mean",
-    n: Annotated[int | None, Query(ge=0, description="Budget of pool-wide strategies (pairs).")] = None,
-    tau: Annotated[float, Query(ge=-1, le=1, description="deita: cosine similarity threshold.")] = 0.9,
-    seed: int = 0,
+    dataset_id: OwnedDatasetId, redis: RedisDep, keys: KeysDep, query: Annotated[SelectionQuery, Query()]
 ) -> StreamingResponse:
     ds, lines = await svc.selection(
         redis=redis,
         keys=keys,
         dataset_id=dataset_id,
-        strategy=strategy,
-        params=SelectParams(k=k, reduce=reduce, n=n, tau=tau, seed=seed),
+        strategy=query.strategy,
+        params=query.select_params(),
     )
     headers = {"X-Grape-Dataset-State": ds.state.value, "X-Grape-Scored-Items": str(ds.scored_items)}
     return StreamingResponse(lines, media_type="application/x-ndjson", headers=headers)
@@ -181,12 +174,7 @@ async def compare(
     redis: RedisDep,
     keys: KeysDep,
     settings: SettingsDep,
-    strategies: Annotated[str, Query(description="Comma-separated, e.g. grape,longest,deita,ifd,random")],
-    k: Annotated[int, Query(ge=1, le=1000)] = 1,
-    reduce: Literal["mean", "sum"] = "mean",
-    n: Annotated[int | None, Query(ge=0, description="Budget of pool-wide strategies (pairs).")] = None,
-    tau: Annotated[float, Query(ge=-1, le=1, description="deita: cosine similarity threshold.")] = 0.9,
-    seed: int = 0,
+    query: Annotated[CompareQuery, Query()],
 ) -> ComparisonPublic:
     """Per strategy on the scored pool: pairs selected, mean response length, share of each source, and
     the pairwise overlap (pairs selected by both). At most GRAPE_MAX_COMPARE_STRATEGIES strategies."""
@@ -195,6 +183,6 @@ async def compare(
         keys=keys,
         settings=settings,
         dataset_id=dataset_id,
-        strategies=[s.strip() for s in strategies.split(",") if s.strip()],
-        params=SelectParams(k=k, reduce=reduce, n=n, tau=tau, seed=seed),
+        strategies=[s.strip() for s in query.strategies.split(",") if s.strip()],
+        params=query.select_params(),
     )

@@ -3,10 +3,9 @@ and GRAPE scores), for the status page."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 from fastapi import APIRouter
 
+from grape.strategies import Reduce, SelectParams
 from service import summary as svc
 from service import teachers as teachers_svc
 from service.deps import KeysDep, RedisDep, SettingsDep
@@ -22,7 +21,7 @@ async def dataset_summary(
     redis: RedisDep,
     keys: KeysDep,
     settings: SettingsDep,
-    reduce: Literal["mean", "sum"] = "mean",
+    reduce: Reduce = SelectParams.model_fields["reduce"].default,
 ) -> DatasetSummary:
     """How often GRAPE (k=1) selects each source, and histograms of all and of the selected scores."""
     return await svc.dataset_summary(

@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 
 from grape.registry import Registry
+from grape.scoring_backends import AUTO, SCORING_BACKENDS
 from workers.backends.base import BackendConfig, ScoreRequest, ScoringBackend
 
 BACKENDS: Registry[type] = Registry("scoring backend")
-BACKENDS.register("hf", "workers.backends.hf:HFBackend")
-BACKENDS.register("vllm", "workers.backends.vllm:VLLMBackend")
-# scores every token 0.0 at once: measures the queue and the worker's own overheads, never real data
-BACKENDS.register("null", "workers.backends.null:NullBackend")
+for _spec in SCORING_BACKENDS:  # the records of grape.scoring_backends, where settings read the names too
+    BACKENDS.register(_spec.name, _spec.target)
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ def default_backend() -> str:
 
 
 def load_backend(name: str, config: BackendConfig) -> ScoringBackend:
-    if name == "auto":
+    if name == AUTO:
         name = default_backend()
     return BACKENDS.get(name)(config)
 
