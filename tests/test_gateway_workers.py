@@ -1,0 +1,70 @@
+"""`grape serve --workers N`: N gateway processes on one port. Nothing an answer depends on is kept in one
+process alone (quotas, counters and queues are in Redis, caches are checked against Redis counters), so
+uploads spread over the processes store exactly what one process would."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import psutil
+
+from tests.conftest import MODEL, start_gateway
+from tests.test_tenancy import API_KEYS, auth, items
+
+
+def serving(proc: psutil.Process) -> list[psutil.Process]:
+    """The gateway's worker processes (uvicorn spawns them; multiprocessing's resource tracker aside)."""
+    return [p for p in proc.children() if "spawn_main" in " ".join(p.cmdline())]
+
+
+def cpu(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    return t.user + t.system
+
+
+def test_two_processes_serve_and_the_quota_stays_exact_across_them(redis_url, keys) -> None:
+    proc, url = start_gateway(
+        redis_url,
+        keys,
+        "--workers",
+        "2",
+        GRAPE_API_KEYS=API_KEYS,
+        GRAPE_QUOTA_STORED_PAIRS="1000",
+        GRAPE_MAX_CONCURRENT_UPLOADS="8",
+        GRAPE_CHUNK_PAIRS="8",
+    )
+    try:
+        workers = serving(psutil.Process(proc.pid))
+        assert len(workers) == 2, [p.cmdline() for p in psutil.Process(proc.pid).children()]
+        with httpx.Client(base_url=url, headers=auth("alpha"), timeout=120) as c:
+            dss = [c.post("/v1/datasets", json={"name": "d", "target_model": MODEL}).json()["id"] for _ in range(2)]
+        before = [cpu(p) for p in workers]
+        lock = threading.Lock()
+        answers: list[dict[str, Any]] = []
+
+        def upload(i: int) -> None:
+            # a connection per upload: the kernel hands each new connection to one of the processes
+            body = {"items": items(150, 3, f"u{i}-")}  # 450 pairs an upload, 16 uploads: 7,200 offered
+            with httpx.Client(base_url=url, headers=auth("alpha"), timeout=120) as c:
+                r = c.post(f"/v1/datasets/{dss[i % 2]}/items", json=body)
+                with lock:
+                    answers.append({"status": r.status_code, **r.json()})
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(upload, range(16)))
+        used = [cpu(p) - b for p, b in zip(workers, before, strict=True)]
+        assert all(a["status"] in (202, 403) for a in answers), answers
+        accepted = sum(3 * a.get("accepted", 0) for a in answers)
+        assert accepted == 1000 - 1000 % 3, answers  # whole items only: 333 items of 3 pairs
+        with httpx.Client(base_url=url, headers=auth("alpha"), timeout=60) as c:
+            stored = sum(c.get(f"/v1/datasets/{d}").json()["candidates"] for d in dss)
+            usage = c.get("/v1/usage").json()["usage"]["stored_pairs"]
+        assert stored == usage == accepted
+        # both processes did a real share of the work (each parses and stores the uploads it was handed)
+        assert min(used) > 0.2 * sum(used), used
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
