@@ -45,18 +45,27 @@ def test_two_processes_serve_and_the_quota_stays_exact_across_them(redis_url, ke
         lock = threading.Lock()
         answers: list[dict[str, Any]] = []
 
+        local = threading.local()
+        opened: list[httpx.Client] = []
+
         def upload(i: int) -> None:
-            # a connection per upload: the kernel hands each new connection to one of the processes
+            # one client per thread, as a user's uploader keeps one: the gateway closes the connection after each
+            # upload, so the next one goes to whichever process the kernel hands the new connection to
+            if not hasattr(local, "c"):
+                local.c = httpx.Client(base_url=url, headers=auth("alpha"), timeout=120)
+                opened.append(local.c)
             body = {"items": items(150, 3, f"u{i}-")}  # 450 pairs an upload, 16 uploads: 7,200 offered
-            with httpx.Client(base_url=url, headers=auth("alpha"), timeout=120) as c:
-                r = c.post(f"/v1/datasets/{dss[i % 2]}/items", json=body)
-                with lock:
-                    answers.append({"status": r.status_code, **r.json()})
+            r = local.c.post(f"/v1/datasets/{dss[i % 2]}/items", json=body)
+            with lock:
+                answers.append({"status": r.status_code, "connection": r.headers.get("connection"), **r.json()})
 
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(upload, range(16)))
+        for client in opened:
+            client.close()
         used = [cpu(p) - b for p, b in zip(workers, before, strict=True)]
         assert all(a["status"] in (202, 403) for a in answers), answers
+        assert all(a["connection"] == "close" for a in answers if a["status"] == 202), answers
         accepted = sum(3 * a.get("accepted", 0) for a in answers)
         assert accepted == 1000 - 1000 % 3, answers  # whole items only: 333 items of 3 pairs
         with httpx.Client(base_url=url, headers=auth("alpha"), timeout=60) as c:
