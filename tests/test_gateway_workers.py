@@ -4,7 +4,9 @@ uploads spread over the processes store exactly what one process would."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -15,9 +17,26 @@ from tests.conftest import MODEL, start_gateway
 from tests.test_tenancy import API_KEYS, auth, items
 
 
-def serving(proc: psutil.Process) -> list[psutil.Process]:
-    """The gateway's worker processes (uvicorn spawns them; multiprocessing's resource tracker aside)."""
-    return [p for p in proc.children() if "spawn_main" in " ".join(p.cmdline())]
+def serving(proc: psutil.Process, n: int, timeout: float = 60) -> list[psutil.Process]:
+    """The gateway's `n` worker processes (uvicorn spawns them; multiprocessing's resource tracker aside), once
+    all are up: /healthz answered as soon as the first was."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = []
+        for p in proc.children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if "spawn_main" in " ".join(p.cmdline()):
+                    found.append(p)
+        if len(found) >= n or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    # started: a process still importing the app is busy; once every one is idle, all of them accept
+    while time.monotonic() < deadline:
+        before = [cpu(p) for p in found]
+        time.sleep(0.5)
+        if all(cpu(p) - b < 0.05 for p, b in zip(found, before, strict=True)):
+            break
+    return found
 
 
 def cpu(p: psutil.Process) -> float:
@@ -37,8 +56,8 @@ def test_two_processes_serve_and_the_quota_stays_exact_across_them(redis_url, ke
         GRAPE_CHUNK_PAIRS="8",
     )
     try:
-        workers = serving(psutil.Process(proc.pid))
-        assert len(workers) == 2, [p.cmdline() for p in psutil.Process(proc.pid).children()]
+        workers = serving(psutil.Process(proc.pid), 2)
+        assert len(workers) == 2, workers
         with httpx.Client(base_url=url, headers=auth("alpha"), timeout=120) as c:
             dss = [c.post("/v1/datasets", json={"name": "d", "target_model": MODEL}).json()["id"] for _ in range(2)]
         before = [cpu(p) for p in workers]
