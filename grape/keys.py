@@ -2,7 +2,7 @@
 
 {p}:datasets                      zset   dataset id -> creation time
 {p}:ds:{id}                       hash   dataset metadata (name, target_model, template, created)
-{p}:ds:{id}:items                 hash   item id -> item record (JSON, zlib-compressed: grape.store.codec)
+{p}:ds:{id}:items                 hash   item id -> item record (JSON, zstd-compressed: grape.store.codec)
 {p}:ds:{id}:order                 list   item ids in upload order
 {p}:ds:{id}:scores                hash   item id -> per-candidate scores (field names once: grape.store.codec)
 {p}:ds:{id}:failed                hash   item id -> reason

@@ -28,7 +28,7 @@ from grape.settings import DEFAULT_TENANT, Settings
 from grape.store import datasets as store
 from grape.store import heartbeats, scoring, tenants
 from grape.store.errors import NotFound, OverQuota
-from grape.store.io import acall, apages, arun
+from grape.store.io import Call, apages, arun, scripts
 from grape.store.tenants import UNLIMITED, owner
 from grape.strategies import STRATEGIES, ScoredItem, SelectParams
 from grape.strategies.grape import candidate_score
@@ -218,19 +218,25 @@ async def ingest(
     accepted: set[str] = set()
     over: set[str] = set()
     used = 0
-    for chunk in scoring.chunked(items, settings.chunk_pairs):
-        # compressing the items is most of an upload's CPU: in a thread (zlib lets the others run meanwhile)
-        call = await run_in_threadpool(
-            scoring.ingest,
-            keys,
-            dataset_id,
-            meta,
-            chunk,
-            limit,
-            settings.fair_share_window,
-            settings.item_compression,
-        )
-        res = await acall(redis, call)
+    chunks = scoring.chunked(items, settings.chunk_pairs)
+
+    def build() -> list[Call]:
+        return [
+            scoring.ingest(
+                keys,
+                dataset_id,
+                meta,
+                chunk,
+                limit,
+                settings.fair_share_window,
+                settings.item_compression,
+            )
+            for chunk in chunks
+        ]
+
+    # compressing the items is most of an upload's CPU: in a thread (zstd lets the others run meanwhile); the
+    # chunks' scripts then go in one round trip, in order, each seeing the quota the ones before it left
+    for res in await arun(redis, scripts(await run_in_threadpool(build))):
         if res is None:  # deleted while the upload ran
             raise store.missing(dataset_id)
         new, refused, used = res

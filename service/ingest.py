@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from grape.records import ItemIn
+from grape.records import ItemIn, stored_if_plain
 from grape.settings import Settings
 from service.errors import BadRequest, TooLarge, Unprocessable, UnsupportedType
 from service.schemas import Rejected
@@ -31,23 +31,25 @@ def check_item(obj: Any, settings: Settings) -> dict[str, Any]:
     """The stored form of one valid item; raises ValueError naming the field otherwise."""
     if not isinstance(obj, dict):
         raise ValueError(f"item: expected a JSON object, got {type(obj).__name__}")
-    try:
-        item = ItemIn.model_validate(obj)
-    except ValidationError as exc:
-        raise ValueError(_describe(exc)) from None
-    if len(item.candidates) > settings.max_candidates_per_item:
+    item = stored_if_plain(obj)
+    if item is None:  # not plainly valid: pydantic finds the fault and words it (or accepts what it coerces)
+        try:
+            item = ItemIn.model_validate(obj).stored()
+        except ValidationError as exc:
+            raise ValueError(_describe(exc)) from None
+    candidates = item["candidates"]
+    if len(candidates) > settings.max_candidates_per_item:
         raise ValueError(
-            f"candidates: {len(item.candidates)} candidates, more than the limit "
+            f"candidates: {len(candidates)} candidates, more than the limit "
             f"{settings.max_candidates_per_item} (GRAPE_MAX_CANDIDATES_PER_ITEM)"
         )
     limit = settings.max_response_chars
-    for i, c in enumerate(item.candidates):
-        if len(c.response) > limit:
-            raise ValueError(f"candidates.{i}.response: {len(c.response)} characters, limit {limit}")
-    texts = [item.instruction or ""] + [t.content for t in item.messages or []]
-    if any(len(t) > limit for t in texts):
+    for i, c in enumerate(candidates):
+        if len(c["response"]) > limit:
+            raise ValueError(f"candidates.{i}.response: {len(c['response'])} characters, limit {limit}")
+    if len(item.get("instruction") or "") > limit or any(len(t["content"]) > limit for t in item.get("messages", ())):
         raise ValueError(f"instruction/messages: a turn is longer than {limit} characters")
-    return item.stored()
+    return item
 
 
 UPLOAD_TYPES = ("application/json", *NDJSON_TYPES)

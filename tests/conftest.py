@@ -173,14 +173,14 @@ def ndjson(items: list[dict]) -> bytes:
     return b"".join(orjson.dumps(i) + b"\n" for i in items)
 
 
-def start_gateway(redis_url: str, keys: Keys, **env: str) -> tuple[subprocess.Popen, str]:
-    """The real gateway under uvicorn in its own process, on a free port."""
+def start_gateway(redis_url: str, keys: Keys, *args: str, **env: str) -> tuple[subprocess.Popen, str]:
+    """The real gateway under uvicorn in its own process, on a free port (`args`: more `grape serve` flags)."""
     from grape.redis_server import free_port
 
     port = free_port()
     full = {**os.environ, "REDIS_URL": redis_url, "GRAPE_KEY_PREFIX": keys.prefix, **env}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
+        [sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning", *args],
         env=full,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

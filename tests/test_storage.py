@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+import zlib
 
 import orjson
 import pytest
@@ -57,7 +58,8 @@ def test_items_and_scores_read_back_exactly(rclient, keys) -> None:
     items = real_items(40) + ODD_ITEMS
     call(rclient, scoring.ingest(keys, ds, meta, items))
     raw = rclient.hgetall(keys.items(ds))
-    assert all(v[:1] == codec.DEFLATE for v in raw.values())
+    assert all(raw[it["id"].encode()][:1] == codec.ZSTD for it in items[:40])
+    assert raw[b"t"][:1] == b"{"  # too small to gain from a zstd frame's header: kept as JSON
     rng = random.Random(1)
     scores = {it["id"]: worker_scores(it, rng) for it in items}
     # edge values: exact floats, a negative zero, huge and tiny magnitudes, and a result whose dicts differ
@@ -87,29 +89,61 @@ def test_items_and_scores_read_back_exactly(rclient, keys) -> None:
     assert chunks == [[items[3], ODD_ITEMS[0]]]
 
 
+def deflate_record(item: dict) -> bytes:
+    """An item record as the code before zstd wrote it (GRAPE_ITEM_COMPRESSION=1 then): 0x01 and raw deflate."""
+    return codec.DEFLATE + zlib.compress(orjson.dumps(item), 1, wbits=-15)
+
+
 def test_records_stored_before_the_encoding_still_read(rclient, keys) -> None:
     ds, _ = new_dataset(rclient, keys)
-    items = real_items(3, start=100)
+    items = real_items(4, start=100)
     scores = [[{"logprob_sum": -12.5, "tokens": 4, "prompt_tokens": 9}] * len(it["candidates"]) for it in items]
-    for it, sc in zip(items, scores, strict=True):  # the plain JSON records of the code before issue 20
-        rclient.hset(keys.items(ds), it["id"], orjson.dumps(it))
+    # the plain JSON records of the code before issue 20, a deflate one of the code before zstd, and one of now
+    records = [orjson.dumps(items[0]), orjson.dumps(items[1]), deflate_record(items[2]), codec.encode_item(items[3])]
+    assert [r[:1] for r in records] == [b"{", b"{", codec.DEFLATE, codec.ZSTD]
+    for it, rec, sc in zip(items, records, scores, strict=True):
+        rclient.hset(keys.items(ds), it["id"], rec)
         rclient.hset(keys.scores(ds), it["id"], orjson.dumps(sc))
         rclient.rpush(keys.order(ds), it["id"])
     rclient.hset(keys.task_results(ds, "rating"), items[0]["id"], orjson.dumps([{"rating": 7.5}]))
     one = run(rclient, store.item(keys, ds, items[0]["id"]))
     assert (one.item, one.scores, one.extra) == (items[0], scores[0], {"rating": [{"rating": 7.5}]})
+    assert run(rclient, store.item(keys, ds, items[2]["id"])).item == items[2]
     scored = [row for page in pages(rclient, store.scored(keys, ds)) for row in page]
     assert [(r.item, r.scores) for r in scored] == list(zip(items, scores, strict=True))
-    _, chunks = run(rclient, store.load_chunks(keys, [(ds, [items[1]["id"]])], set()))
-    assert chunks == [[items[1]]]
+    _, chunks = run(rclient, store.load_chunks(keys, [(ds, [items[1]["id"], items[2]["id"]])], set()))
+    assert chunks == [[items[1], items[2]]]
+
+
+def test_every_stored_form_of_the_dev_pool_reads_back_exactly() -> None:
+    """Each item of the pool, as plain JSON, deflate (before zstd) and zstd at the levels one may set."""
+    for it in real_items(403) + ODD_ITEMS:
+        want = orjson.dumps(it)
+        forms = [want, deflate_record(it), *(codec.encode_item(it, level) for level in (1, 3, 9))]
+        for rec in forms:
+            assert orjson.dumps(codec.decode_item(rec)) == want
+            assert orjson.dumps(codec.decode_item(bytes(rec).decode("latin-1").encode("latin-1"))) == want
+        assert orjson.dumps(codec.decode_item(want.decode())) == want  # a str from a decoding client
+
+
+def test_zstd_is_smaller_than_the_deflate_it_replaced() -> None:
+    items = real_items(403)
+    zstd = sum(len(codec.encode_item(it)) for it in items)
+    deflate = sum(len(deflate_record(it)) for it in items)
+    plain = sum(len(orjson.dumps(it)) for it in items)
+    assert zstd < deflate < plain / 2, (zstd, deflate, plain)
 
 
 @pytest.mark.parametrize("level", [0, 1, 6])
 def test_codec_round_trips_at_every_level(level: int) -> None:
-    for it in real_items(5, start=200) + ODD_ITEMS:
+    for it in real_items(5, start=200):
         rec = codec.encode_item(it, level)
         assert orjson.dumps(codec.decode_item(rec)) == orjson.dumps(it)
         assert (rec[:1] == b"{") == (level == 0) and len(rec) <= len(orjson.dumps(it))
+        assert rec[:1] in (b"{", codec.ZSTD)
+    for it in ODD_ITEMS:  # small: compressed only when the frame is shorter than the JSON
+        rec = codec.encode_item(it, level)
+        assert orjson.dumps(codec.decode_item(rec)) == orjson.dumps(it) and len(rec) <= len(orjson.dumps(it))
     assert codec.decode_scores(codec.encode_scores([])) == []
 
 
@@ -144,7 +178,7 @@ def test_upload_through_the_gateway_stores_compressed_and_answers_the_same(api, 
     items = real_items(6, start=300)
     r = api.post(f"/v1/datasets/{ds}/items", content=ndjson(items), headers={"Content-Type": "application/x-ndjson"})
     assert r.status_code == 202 and r.json()["accepted"] == 6, r.text
-    assert all(v[:1] == codec.DEFLATE for v in rclient.hvals(keys.items(ds)))
+    assert all(v[:1] == codec.ZSTD for v in rclient.hvals(keys.items(ds)))
     got = api.get(f"/v1/datasets/{ds}/items/{items[2]['id']}").json()
     assert [(c["source"], c["response"]) for c in got["candidates"]] == [
         (c["source"], c["response"]) for c in items[2]["candidates"]

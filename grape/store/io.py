@@ -137,6 +137,12 @@ def script(c: Call) -> Cmd:
     return cmd("eval", c.script.source, len(c.keys), *c.keys, *c.args)
 
 
+def scripts(calls: list[Call]) -> Plan[list[Any]]:
+    """Several script calls in one round trip, run in their order (each one atomic, not all of them together)."""
+    replies = yield [script(c) for c in calls]
+    return replies
+
+
 def call(client: Any, c: Call) -> Any:
     """Run a script call with a sync client."""
     try:

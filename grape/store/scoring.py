@@ -239,7 +239,7 @@ def ingest(
     """Store one chunk of new items and queue it for the target model and each extra task: into the dataset's
     backlogs, in turn with the other datasets (`window`: how many undelivered chunks a stream is topped up to).
     The dataset's owner may hold `limit` stored pairs: a new item that does not fit is refused, the rest stored.
-    Items are stored compressed at zlib `level` (grape.store.codec); building the call is CPU work (zlib lets
+    Items are stored compressed at zstd `level` (grape.store.codec); building the call is CPU work (zstd lets
     other threads run meanwhile): the gateway builds it off its event loop."""
     queues = queues_of(keys, meta)
     tenant = meta.get("tenant") or DEFAULT_TENANT

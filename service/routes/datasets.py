@@ -98,8 +98,17 @@ async def delete_dataset(dataset_id: OwnedDatasetId, redis: RedisDep, keys: Keys
     summary="Upload items (JSON {items: [...]} or NDJSON)",
 )
 async def upload_items(
-    dataset_id: OwnedDatasetId, request: Request, redis: RedisDep, keys: KeysDep, settings: SettingsDep
+    dataset_id: OwnedDatasetId,
+    request: Request,
+    response: Response,
+    redis: RedisDep,
+    keys: KeysDep,
+    settings: SettingsDep,
 ) -> IngestResult:
+    # the client's next upload comes on a new connection, which the kernel hands to a gateway process that is
+    # waiting for one (`grape serve --workers N`): kept connections would pin each client to the process that
+    # accepted it first, however busy (a handshake is nothing beside an upload's megabytes)
+    response.headers["Connection"] = "close"
     ctype = upload_type(request.headers.get("content-type", ""))  # 415 before anything is read
     with upload_slot(request, settings):  # 429 past GRAPE_MAX_CONCURRENT_UPLOADS: bounds the memory of parsing
         body = await read_body(request, settings.max_body_bytes)
