@@ -9,9 +9,11 @@ from redis.asyncio import Redis
 from grape.compare import Comparison
 from grape.keys import Keys
 from grape.settings import Settings
+from grape.store import datasets as store
 from grape.store.datasets import check_selection
+from grape.store.io import apages
 from grape.strategies import STRATEGIES, SelectParams
-from service.datasets import dataset_meta, dataset_status, release_memory, scored_items
+from service.datasets import dataset_meta, dataset_status, release_memory
 from service.errors import Unprocessable
 from service.schemas import ComparisonPublic
 
@@ -34,12 +36,14 @@ async def compare(
     meta = await dataset_meta(redis, keys, dataset_id)
     needs = check_selection(meta, strategies, dataset_id)
     chosen = {name: STRATEGIES.get(name) for name in strategies}
-    # one streaming pass: each page is counted (in a worker thread) and dropped, so the gateway holds
-    # counters and the pool-wide strategies' budgets, never the pool
+    # one streaming pass over the items' facts and scores (never their texts): each page is counted in a worker
+    # thread and dropped, so the gateway holds counters and the pool-wide strategies' budgets, never the pool
     try:
         comparison = Comparison(chosen, params, settings.max_report_sources)
-        async for page in scored_items(redis, keys, dataset_id, needs):
-            await anyio.to_thread.run_sync(comparison.add, page)
+        read = store.pair_pages(keys, dataset_id, needs, whole=comparison.whole, table=comparison.table)
+        async for got in apages(redis, read, offload=True):
+            for page, _ in got:
+                await anyio.to_thread.run_sync(comparison.add_page, page)
         result = await anyio.to_thread.run_sync(comparison.result)
     except ValueError as exc:
         raise Unprocessable(str(exc)) from None
