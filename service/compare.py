@@ -13,6 +13,7 @@ from grape.store import datasets as store
 from grape.store.datasets import check_selection
 from grape.store.io import apages
 from grape.strategies import STRATEGIES, SelectParams
+from grape.strategies.columns import PairPage
 from service.datasets import dataset_meta, dataset_status, release_memory
 from service.errors import Unprocessable
 from service.schemas import ComparisonPublic
@@ -41,9 +42,13 @@ async def compare(
     try:
         comparison = Comparison(chosen, params, settings.max_report_sources)
         read = store.pair_pages(keys, dataset_id, needs, whole=comparison.whole, table=comparison.table)
-        async for got in apages(redis, read, offload=True):
-            for page, _ in got:
-                await anyio.to_thread.run_sync(comparison.add_page, page)
+        async with anyio.create_task_group() as tg:
+            counted = anyio.Event()
+            counted.set()
+            async for got in apages(redis, read, offload=True):  # the next page is read while this one is counted
+                await counted.wait()
+                counted = anyio.Event()
+                tg.start_soon(_count, comparison, [page for page, _ in got], counted)
         result = await anyio.to_thread.run_sync(comparison.result)
     except ValueError as exc:
         raise Unprocessable(str(exc)) from None
@@ -56,3 +61,11 @@ async def compare(
         params={"k": params.k, "reduce": params.reduce, "n": params.n, "tau": params.tau, "seed": params.seed},
         **result,
     )
+
+
+async def _count(comparison: Comparison, pages: list[PairPage], done: anyio.Event) -> None:
+    try:
+        for page in pages:
+            await anyio.to_thread.run_sync(comparison.add_page, page)
+    finally:
+        done.set()

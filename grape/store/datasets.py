@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -530,24 +529,10 @@ def _chosen(picks: Picked) -> list[Chosen]:
     return list(zip(picks.ids, picks.candidate.tolist(), picks.score.tolist(), picks.rank.tolist(), strict=True))
 
 
-_DECODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grape-decode")
-"""Decodes half of a page's items while the reading thread decodes the other half: decompressing releases the
-GIL, so an export uses a second core for it."""
-
-
-def _decode_items(raws: list[bytes]) -> list[dict[str, Any]]:
-    if len(raws) < 64:
-        return [decode_item(raw) for raw in raws]
-    half = len(raws) // 2
-    first = _DECODER.submit(lambda: [decode_item(raw) for raw in raws[:half]])
-    rest = [decode_item(raw) for raw in raws[half:]]
-    return first.result() + rest
-
-
 def _records(chosen: list[Chosen], raws: Mapping[str, Any]) -> bytes:
     """The NDJSON of the chosen pairs whose items are in `raws` (stored records by id), each item decoded once."""
     ids = [i for i in dict.fromkeys(c[0] for c in chosen) if raws.get(i) is not None]
-    items = dict(zip(ids, _decode_items([raws[i] for i in ids]), strict=True))
+    items = {i: decode_item(raws[i]) for i in ids}
     out = [
         orjson.dumps(Pick(items[item_id], cand, score, rank).record())
         for item_id, cand, score, rank in chosen
