@@ -6,7 +6,8 @@ Per size: a pool of that many pairs (the dev pool repeated with new ids, 8 respo
 through a real gateway (a subprocess, tests/conftest.py `start_gateway`) and scored with synthetic values written
 through the workers' own results script (what `--backend null` workers would write, without their time),
 while `/summary` is polled the way the status page does. Then, one at a time: `/summary` right after the last
-scores (kept), `/summary` of a fresh gateway (computed from scratch once), `/compare` of
+scores (kept), `/summary` of a fresh gateway (the tally kept in Redis), its `?reduce=sum` (never asked before:
+counted from the pool), `/compare` of
 grape,longest,random,source:X, `GET /selection?strategy=grape` (MB/s) and `?strategy=longest&n=100000`. The
 gateway's peak RSS (VmHWM) is reset before each read (/proc/PID/clear_refs) and read after it; its RSS after
 the read shows what it keeps. The last column divides each figure by the previous size's.
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from grape.keys import Keys  # noqa: E402
+from grape.store import summaries  # noqa: E402
 from grape.store.io import call  # noqa: E402
 from grape.store.scoring import ItemResult, results  # noqa: E402
 from tests.conftest import MODEL, POOL, start_gateway  # noqa: E402
@@ -131,13 +133,20 @@ def run_size(redis_url: str, pairs: int) -> dict[str, Any]:
             lambda: export(strategy="longest", n=100_000), pid
         )
         row["used_memory_mb"] = r.info("memory")["used_memory"] / 1e6
-        # a fresh gateway: the summary computed from scratch once, then kept
+        held = [keys.items(ds), keys.facts(ds), keys.scores(ds), keys.order(ds), keys.stats(ds), keys.dataset(ds)]
+        held += summaries.all_keys(keys, ds)
+        row["redis_bytes_per_pair"] = sum(r.memory_usage(k, samples=0) or 0 for k in held) / pairs
+        # a fresh gateway: the summary from the tally the first one kept in Redis
         proc.terminate()
         proc.wait(timeout=30)
         proc, url = start_gateway(redis_url, keys, **env)
         c = httpx.Client(base_url=url, timeout=600)
         row["summary_cold_s"], row["summary_cold_peak_mb"], _, _ = timed(
             lambda: c.get(f"/v1/datasets/{ds}/summary").raise_for_status(), proc.pid
+        )
+        # reduce=sum was never asked: no tally kept anywhere, counted from the pool once
+        row["summary_scratch_s"], row["summary_scratch_peak_mb"], _, _ = timed(
+            lambda: c.get(f"/v1/datasets/{ds}/summary", params={"reduce": "sum"}).raise_for_status(), proc.pid
         )
     finally:
         proc.terminate()
@@ -154,8 +163,10 @@ ROWS = [
     ("gateway RSS before the reads", "rss_idle_mb", "MB"),
     ("GET /summary after the last scores (kept)", "summary_kept_s", "s"),
     ("  peak RSS", "summary_kept_peak_mb", "MB"),
-    ("GET /summary, fresh gateway (from scratch)", "summary_cold_s", "s"),
+    ("GET /summary, fresh gateway (the tally kept in Redis)", "summary_cold_s", "s"),
     ("  peak RSS", "summary_cold_peak_mb", "MB"),
+    ("GET /summary?reduce=sum, fresh gateway (none kept: the pool read once)", "summary_scratch_s", "s"),
+    ("  peak RSS", "summary_scratch_peak_mb", "MB"),
     ("GET /compare grape,longest,random,source:X", "compare_s", "s"),
     ("  peak RSS", "compare_peak_mb", "MB"),
     ("  RSS after", "compare_after_mb", "MB"),
@@ -166,6 +177,7 @@ ROWS = [
     ("GET /selection?strategy=longest&n=100000", "longest_s", "s"),
     ("  peak RSS", "longest_peak_mb", "MB"),
     ("  RSS after", "longest_after_mb", "MB"),
+    ("Redis bytes per pair (the dataset's keys)", "redis_bytes_per_pair", "B"),
 ]
 
 
@@ -182,7 +194,7 @@ def main() -> int:
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for label, key, unit in ROWS:
-        cells = [f"{row[key]:.{0 if unit == 'MB' and row[key] >= 10 else 2}f} {unit}" for row in rows]
+        cells = [f"{row[key]:.{0 if unit in ('MB', 'B') and row[key] >= 10 else 2}f} {unit}" for row in rows]
         growth = f"{rows[-1][key] / rows[-2][key]:.2f}x" if len(rows) > 1 and rows[-2][key] else "-"
         print("| " + " | ".join([label, *cells, growth]) + " |")
     return 0

@@ -54,6 +54,7 @@ class _Entry:
 
 
 _cache: OrderedDict[tuple[str, str, str, int], _Entry] = OrderedDict()
+_SLICE = 1 << 16
 
 
 def histogram(all_scores: Sequence[float], selected: Sequence[float], bins: int | None = None) -> ScoreHistogram:
@@ -73,9 +74,13 @@ def histogram(all_scores: Sequence[float], selected: Sequence[float], bins: int 
     edges = [lo + i * width for i in range(bins)] + [hi]
 
     def counts(v: Any) -> list[int]:
-        # the same float steps as int((v - lo) / width) per value, vectorized
-        idx = np.minimum(((v - lo) / width).astype(np.int64), bins - 1)
-        return [int(x) for x in np.bincount(idx, minlength=bins)]
+        # the same float steps as int((v - lo) / width) per value, vectorized, a slice at a time (a pool's scores
+        # are 8 bytes a pair: no temporary array of that size)
+        out = np.zeros(bins, dtype=np.int64)
+        for start in range(0, len(v), _SLICE):
+            idx = np.minimum(((v[start : start + _SLICE] - lo) / width).astype(np.int64), bins - 1)
+            out += np.bincount(idx, minlength=bins)
+        return [int(x) for x in out]
 
     return ScoreHistogram(edges=edges, all=counts(values), selected=counts(np.asarray(selected, dtype=np.float64)))
 
@@ -193,13 +198,17 @@ READ = store.COLUMN_PAGE
 async def _refresh(redis: Redis, keys: Keys, dataset_id: str, entry: _Entry, scored: int) -> _Entry:
     """The entry brought up to date: pending ids read again, then the upload order read on from `pos` until the
     tally holds `scored` items (or the order ends); from the items' facts and scores, never their texts; the
-    decoding and counting in a worker thread."""
-    tally = entry.tally.copy()
+    decoding and counting in a worker thread. `entry` is left as it was (a kept one may be read meanwhile): the
+    tally is copied before anything is added to it."""
+    tally = entry.tally
     table = SourceTable()
     pending, pos = [], entry.pos
 
     async def count(ids: list[str]) -> None:
+        nonlocal tally
         page, _ = await arun(redis, store.pairs_of(keys, dataset_id, ids, table=table), offload=True)
+        if page.items and tally is entry.tally:
+            tally = tally.copy()
         await anyio.to_thread.run_sync(tally.add_page, page)
         done = set(page.ids)
         pending.extend(x for x in ids if x not in done)

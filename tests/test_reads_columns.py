@@ -76,9 +76,9 @@ def _column_picks(
         page = PairPage.of_rows(rows[start : start + size], table)
         start += size
         picks = col.add(page)
-        out += zip(picks.ids, picks.candidate.tolist(), picks.score.tolist(), picks.rank.tolist(), strict=True)
+        out += zip(picks.id_list(), picks.candidate.tolist(), picks.score.tolist(), picks.rank.tolist(), strict=True)
     picks = col.finish()
-    out += zip(picks.ids, picks.candidate.tolist(), picks.score.tolist(), picks.rank.tolist(), strict=True)
+    out += zip(picks.id_list(), picks.candidate.tolist(), picks.score.tolist(), picks.rank.tolist(), strict=True)
     return out
 
 

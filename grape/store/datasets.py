@@ -509,8 +509,7 @@ def pair_pages(
         order, *replies = reply
         if not order:
             return [], None
-        ids = [as_str(x) for x in order]
-        replies = [[x or None for x in r] for r in replies]  # a Lua script answers false for a missing field
+        ids = [x.decode() if isinstance(x, bytes) else x for x in order]  # (a missing field comes back as None)
         got = yield from _pairs(keys, dataset_id, ids, replies, needs, shared, whole, records)
         return [got], start + len(order) if len(order) == size else None
 
@@ -526,7 +525,7 @@ Chosen = tuple[str, int, float, int]
 
 
 def _chosen(picks: Picked) -> list[Chosen]:
-    return list(zip(picks.ids, picks.candidate.tolist(), picks.score.tolist(), picks.rank.tolist(), strict=True))
+    return list(zip(picks.id_list(), picks.candidate.tolist(), picks.score.tolist(), picks.rank.tolist(), strict=True))
 
 
 def _records(chosen: list[Chosen], raws: Mapping[str, Any]) -> bytes:
@@ -556,7 +555,9 @@ def selection(keys: Keys, dataset_id: str, strategy: str, params: SelectParams) 
     read = pair_pages(
         keys, dataset_id, strategy_needs(strategy), whole=not decides_without_texts(select), records=per_item
     )
-    rest: list[Chosen] = []
+    rest: list[Chosen] = []  # the picks held to the end: as tuples from a row form,
+    held: list[Picked] = []  # or as columns from a column form (no object per pick)
+    total = [0]
 
     def decide(page: PairPage) -> list[Chosen]:
         if col is not None:
@@ -564,11 +565,18 @@ def selection(keys: Keys, dataset_id: str, strategy: str, params: SelectParams) 
         assert acc is not None
         return [(c.ref, c.candidate, c.score, c.rank) for c in acc.add(page.rows())]
 
-    def finish() -> list[Chosen]:
+    def finish() -> int:
         if col is not None:
-            return _chosen(col.finish())
+            held.append(col.finish())
+            return len(held[0])
         assert acc is not None
-        return [(c.ref, c.candidate, c.score, c.rank) for c in acc.finish()]
+        rest.extend((c.ref, c.candidate, c.score, c.rank) for c in acc.finish())
+        return len(rest)
+
+    def held_chunk(done: int) -> list[Chosen]:
+        if held:
+            return _chosen(held[0].take(np.arange(done, min(done + PAGE, len(held[0])))))
+        return rest[done : done + PAGE]
 
     def items_of(chosen: list[Chosen]) -> Plan[dict[str, Any]]:
         ids = list(dict.fromkeys(c[0] for c in chosen))
@@ -580,10 +588,10 @@ def selection(keys: Keys, dataset_id: str, strategy: str, params: SelectParams) 
     def page(start: int) -> Plan[Page[bytes]]:
         if start < 0:  # after the pool: the held picks, -1 - start of them given so far
             done = -1 - start
-            chunk = rest[done : done + PAGE]
+            chunk = held_chunk(done)
             raws = yield from items_of(chunk)
             out = _records(chunk, raws)
-            return [out] if out else [], -1 - (done + PAGE) if done + PAGE < len(rest) else None
+            return [out] if out else [], -1 - (done + PAGE) if done + PAGE < total[0] else None
         got, nxt = yield from read(start)
         out = b""
         for pairs, records in got:
@@ -592,8 +600,8 @@ def selection(keys: Keys, dataset_id: str, strategy: str, params: SelectParams) 
                 records = yield from items_of(chosen)
             out += _records(chosen, records)
         if nxt is None:
-            rest.extend(finish())
-            nxt = -1 if rest else None
+            total[0] = finish()
+            nxt = -1 if total[0] else None
         return [out] if out else [], nxt
 
     return page

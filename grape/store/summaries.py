@@ -54,8 +54,8 @@ class Stored:
     gen: str
     pos: int
     state: dict[str, Any]
-    all_scores: bytes
-    chosen: bytes
+    all_scores: bytes | memoryview
+    chosen: bytes | memoryview
 
 
 def _keys(keys: Keys, dataset_id: str, reduce: str) -> list[str]:
@@ -88,12 +88,12 @@ def load(keys: Keys, dataset_id: str, reduce: str) -> Plan[Stored | None]:
     all_scores, chosen = all_scores or b"", chosen or b""
     if len(all_scores) < 8 * state["all"] or len(chosen) < 8 * state["chosen"]:
         return None  # not as the state says (never, short of a hand edit): count afresh
-    return Stored(
+    return Stored(  # views, not copies: a pool's scores are 8 bytes a pair
         as_str(fields["gen"]),
         int(as_str(fields["pos"])),
         state,
-        all_scores[: 8 * state["all"]],
-        chosen[: 8 * state["chosen"]],
+        memoryview(all_scores)[: 8 * state["all"]],
+        memoryview(chosen)[: 8 * state["chosen"]],
     )
 
 

@@ -91,6 +91,12 @@ class PairPage:
     regular: bool
     make_rows: Callable[[], list[ScoredItem]]
     _rows: list[ScoredItem] | None = field(default=None, repr=False)
+    _ids: np.ndarray | None = field(default=None, repr=False)
+
+    def id_array(self) -> np.ndarray:
+        if self._ids is None:
+            self._ids = id_array(self.ids)
+        return self._ids
 
     def rows(self) -> list[ScoredItem]:
         """The page as rows (built once), for the strategies without a column form."""
@@ -215,12 +221,24 @@ def candidate_scores(page: PairPage, reduce: str, pairs: np.ndarray | None = Non
 # ---- picks ---------------------------------------------------------------------------------------------
 
 
+def id_array(ids: Sequence[str]) -> np.ndarray:
+    """Item ids as one fixed-width bytes array (what a pool-wide strategy holds of its picks: no object per id), each
+    with a closing byte so that none ends in a NUL (which such an array would drop)."""
+    return np.array([i.encode() + b"." for i in ids], dtype=np.bytes_) if ids else np.zeros(0, dtype="S1")
+
+
+def id_list(ids: np.ndarray) -> list[str]:
+    """The ids of an `id_array`."""
+    return [i[:-1].decode() for i in ids.tolist()]
+
+
 @dataclass
 class Picked:
-    """Picks in the strategy's order, as columns: the item (its id and its position among the scored items read),
-    the candidate, score and rank, and what a comparison counts of the pair (tokens, response length, source code)."""
+    """Picks in the strategy's order, as columns: the item (its id, an `id_array`, and its position among the scored
+    items read), the candidate, score and rank, and what a comparison counts of the pair (tokens, response length,
+    source code)."""
 
-    ids: list[str]
+    ids: np.ndarray
     order: np.ndarray
     candidate: np.ndarray
     score: np.ndarray
@@ -230,19 +248,22 @@ class Picked:
     source: np.ndarray
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.order)
+
+    def id_list(self) -> list[str]:
+        return id_list(self.ids)
 
     @classmethod
     def empty(cls) -> Picked:
         i, f = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
-        return cls([], i, i, f, i, i, i, np.zeros(0, dtype=np.int32))
+        return cls(np.zeros(0, dtype="S1"), i, i, f, i, i, i, np.zeros(0, dtype=np.int32))
 
     @classmethod
     def of_pairs(cls, page: PairPage, first: int, pairs: np.ndarray, score: np.ndarray, rank: np.ndarray) -> Picked:
         """Pairs of a page (`first`: the position of its first item among the scored items read)."""
         item = np.searchsorted(page.bounds, pairs, side="right") - 1
         return cls(
-            [page.ids[j] for j in item.tolist()],
+            page.id_array()[item],
             item + first,
             pairs - page.bounds[item],
             score,
@@ -253,27 +274,16 @@ class Picked:
         )
 
     def take(self, idx: np.ndarray) -> Picked:
-        ids = self.ids
-        return Picked(
-            [ids[i] for i in idx.tolist()],
-            self.order[idx],
-            self.candidate[idx],
-            self.score[idx],
-            self.rank[idx],
-            self.tokens[idx],
-            self.chars[idx],
-            self.source[idx],
-        )
+        return Picked(*(getattr(self, f)[idx] for f in _PICKED))
 
     @classmethod
     def concat(cls, parts: Sequence[Picked]) -> Picked:
         if not parts:
             return cls.empty()
-        return cls(
-            [i for p in parts for i in p.ids],
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("order", "candidate", "score", "rank")),
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("tokens", "chars", "source")),
-        )
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in _PICKED))
+
+
+_PICKED = ("ids", "order", "candidate", "score", "rank", "tokens", "chars", "source")
 
 
 class Columnar(Protocol):
