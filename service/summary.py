@@ -255,8 +255,8 @@ async def _save(redis: Redis, keys: Keys, dataset_id: str, reduce: str, before: 
         entry.gen,
         entry.pos,
         state,
-        memoryview(tally.all_scores)[entry.saved_all :].tobytes(),
-        memoryview(tally.chosen)[entry.saved_chosen :].tobytes(),
+        memoryview(tally.all_scores).cast("B")[8 * entry.saved_all :],  # views: redis-py sends them as they are
+        memoryview(tally.chosen).cast("B")[8 * entry.saved_chosen :],
     )
     gen = await acall(redis, call)
     if int(gen) < 0:

@@ -399,3 +399,23 @@ def test_bytes_per_pair_with_the_facts_stay_under_a_kilobyte(rclient: redis.Redi
     used = {k: rclient.memory_usage(k, samples=0) or 0 for k in parts}
     assert sum(used.values()) / pairs <= 1000, used
     assert used[keys.facts(ds)] / pairs <= 60, used  # the facts: a few dozen bytes a pair
+
+
+def test_held_ids_come_back_exactly() -> None:
+    """A pool-wide strategy holds its picks' ids as one bytes array: any id comes back as it was."""
+    from grape.strategies.columns import id_array, id_list
+
+    ids = ["a", "ends in nul\x00", "\x00", "日本語 🍇", "x" * 256, "tab\tand\nnewline"]
+    assert id_list(id_array(ids)) == ids
+    assert id_list(id_array([])) == []
+    rows = [
+        ScoredItem(
+            {"id": i, "candidates": [{"source": "s", "response": "r"}]}, [{"logprob_sum": -1.0, "tokens": n + 1}]
+        )
+        for n, i in enumerate(ids)
+    ]
+    assert [p[0] for p in _column_picks("longest", rows, SelectParams(n=3), [2, 4])] == [
+        "tab\tand\nnewline",
+        "x" * 256,
+        "日本語 🍇",
+    ]

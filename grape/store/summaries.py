@@ -104,8 +104,8 @@ def save(
     gen: str,
     pos: int,
     state: dict[str, Any],
-    new_all: bytes,
-    new_chosen: bytes,
+    new_all: bytes | memoryview,
+    new_chosen: bytes | memoryview,
 ) -> Call:
     """Append a tally's values counted since `gen` and store its state (`state` names the arrays' full lengths as
     `all` and `chosen`); answers the new gen, or -1 when refused."""

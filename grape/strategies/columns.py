@@ -407,24 +407,29 @@ def draws(
     each order are given (the later draws still consume the generator as the sample does). tests/test_columns.py
     checks them equal to `draw`."""
     rng = random.Random()
-    reseed, bits, uniform = _random.Random.seed, rng.getrandbits, rng.random
+    reseed, bits, uniform, from_bytes = _random.Random.seed, rng.getrandbits, rng.random, int.from_bytes
     prefix = f"{seed}:".encode()
+    steps: dict[int, tuple[int, tuple[tuple[int, int], ...]]] = {}  # per count: places given, (m, bits of m) a draw
     for item_id, n in zip(ids, candidates, strict=True):
         text = prefix + item_id.encode()
-        reseed(rng, int.from_bytes(text + sha512(text).digest(), "big"))
-        first = n if take is None else min(take, n)
+        reseed(rng, from_bytes(text + sha512(text).digest(), "big"))
+        plan = steps.get(n)
+        if plan is None:
+            plan = steps[n] = (
+                n if take is None else min(take, n),
+                tuple((n - i, (n - i).bit_length()) for i in range(n)),
+            )
+        first, widths = plan
         pool = list(range(n))
         order = [0] * first
         for i in range(first):
-            m = n - i
-            width = m.bit_length()
+            m, width = widths[i]
             r = bits(width)
             while r >= m:
                 r = bits(width)
             order[i] = pool[r]
             pool[r] = pool[m - 1]
-        for m in range(n - first, 0, -1):  # the rest of the sample: only its draws matter
-            width = m.bit_length()
+        for m, width in widths[first:]:  # the rest of the sample: only its draws matter
             while bits(width) >= m:
                 pass
         yield order, uniform()
@@ -440,24 +445,28 @@ class _Random:
         first, self.items = self.items, self.items + page.items
         if self.n == 0:
             return Picked.empty()
-        pairs: list[int] = []
-        u: list[float] = []
-        place: list[int] = []
-        for start, (chosen, value) in zip(
-            page.bounds[:-1].tolist(), draws(page.ids, np.diff(page.bounds).tolist(), self.seed, self.k), strict=True
-        ):
-            pairs += [start + c for c in chosen]
-            u += [value] * len(chosen)
-            place += range(len(chosen))
-        p = np.array(pairs, dtype=np.int64)
-        score = np.array(u, dtype=np.float64)
+        drawn = list(draws(page.ids, np.diff(page.bounds).tolist(), self.seed, self.k))
+        if self.k == 1:  # one pick an instruction: no list per instruction
+            p = page.bounds[:-1] + np.array([chosen[0] for chosen, _ in drawn], dtype=np.int64)
+            score = np.array([value for _, value in drawn], dtype=np.float64)
+            place: Any = np.zeros(len(p), dtype=np.int64)
+        else:
+            pairs: list[int] = []
+            u: list[float] = []
+            place = []
+            for start, (chosen, value) in zip(page.bounds[:-1].tolist(), drawn, strict=True):
+                pairs += [start + c for c in chosen]
+                u += [value] * len(chosen)
+                place += range(len(chosen))
+            p = np.array(pairs, dtype=np.int64)
+            score = np.array(u, dtype=np.float64)
         if self.n is None:  # every instruction, as its row comes
             rank = np.arange(self.kept + 1, self.kept + len(p) + 1, dtype=np.int64)
             self.kept += len(p)
             return Picked.of_pairs(page, first, p, score, rank)
         # by (u, upload order, place in the draw): the row form's walk over its n lowest instructions, pair by pair
         picks = Picked.of_pairs(page, first, p, score, np.zeros(len(p), dtype=np.int64))
-        self.best.add(score, np.array(place, dtype=np.int64), picks)
+        self.best.add(score, np.asarray(place, dtype=np.int64), picks)
         return Picked.empty()
 
     def finish(self) -> Picked:
