@@ -549,7 +549,7 @@ def selection(keys: Keys, dataset_id: str, strategy: str, params: SelectParams) 
     read with it; the rest (a pool-wide strategy's top `n`) come after the last page, their items read by id, PAGE
     records a chunk. Only the items of picked pairs are decoded, and the pool is never held."""
     select = STRATEGIES.get(strategy)
-    per_item = getattr(select, "per_item", False)
+    per_item = getattr(select, "streams", getattr(select, "per_item", False))  # decided one instruction at a time
     col = columnar(select, params)
     acc = None if col is not None else accumulator(select, params, _item_id)
     read = pair_pages(

@@ -473,25 +473,38 @@ class _Random:
         return Picked.empty() if self.n is None else self.best.finish()
 
 
+def _builtin(select: Any) -> str | None:
+    """Which built-in strategy `select` is: its function, or its record where strategies are registered as records
+    (a `SPEC` beside the function); `source:<name>` for the source family; None for any other."""
+    for module in (grape, longest, random_strategy, deita, ifd, lalp):
+        if select is getattr(module, "select", None) or select is getattr(module, "SPEC", None):
+            return module.__name__.rpartition(".")[2]
+    name = getattr(select, "source", None)  # a family member as a function: source.named's
+    if isinstance(name, str) and getattr(select, "__module__", None) == source_strategy.__name__:
+        return f"source:{name}"
+    name = getattr(select, "name", None)  # as a record: the registry gives `source:...` to the family alone
+    if isinstance(name, str) and name.startswith("source:") and type(select).__name__ == "StrategySpec":
+        return name
+    return None
+
+
 def columnar(select: Strategy, params: SelectParams) -> Columnar | None:
     """The column form of a strategy, or None (a strategy without one, or parameters it does not cover)."""
     if params.k < 1:
         return None
-    if select is grape.select:
+    name = _builtin(select)
+    if name == "grape":
         return _Grape(params)
-    if select is longest.select:
+    if name == "longest":
         return _Longest(params)
-    if select is random_strategy.select:
+    if name == "random":
         return _Random(params)
-    name = getattr(select, "source", None)
-    if isinstance(name, str) and getattr(select, "__module__", None) == source_strategy.__name__:
-        return _Source(name, params)
+    if name is not None and name.startswith("source:"):
+        return _Source(name.partition(":")[2], params)
     return None
 
 
 def decides_without_texts(select: Strategy) -> bool:
     """Whether a strategy decides from ids, sources and task results alone (the built-ins): it is given rows whose
     items hold `id` and the candidates' `source`, not their texts. Any other strategy is given whole items."""
-    if select in (grape.select, longest.select, random_strategy.select, deita.select, ifd.select, lalp.select):
-        return True
-    return getattr(select, "__module__", None) == source_strategy.__name__ and hasattr(select, "source")
+    return _builtin(select) is not None
