@@ -10,12 +10,15 @@ scores (kept), `/summary` of a fresh gateway (the tally kept in Redis), its `?re
 counted from the pool), `/compare` of
 grape,longest,random,source:X, `GET /selection?strategy=grape` (MB/s) and `?strategy=longest&n=100000`. The
 gateway's peak RSS (VmHWM) is reset before each read (/proc/PID/clear_refs) and read after it; its RSS after
-the read shows what it keeps. The last column divides each figure by the previous size's.
+the read shows what it keeps; the gateway's CPU seconds are given for the longest reads (on a shared machine the
+wall time moves with the load, the CPU time much less). The last column divides each figure by the previous
+size's.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import uuid
@@ -71,12 +74,25 @@ def fake_scores(it: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def cpu(pid: int) -> float:
+    """CPU seconds the process has used (user + system, all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+CPU: dict[str, float] = {}
+"""The gateway's CPU seconds in the last `timed` read (beside the wall time: on a shared machine the wall time
+moves with the load, the CPU time much less)."""
+
+
 def timed(fn: Any, pid: int) -> tuple[float, float, float, Any]:
-    """(seconds, peak RSS MB during, RSS MB after, result)."""
+    """(seconds, peak RSS MB during, RSS MB after, result); the gateway's CPU seconds in CPU["last"]."""
     reset_peak(pid)
+    c0 = cpu(pid)
     t0 = time.perf_counter()
     out = fn()
     took = time.perf_counter() - t0
+    CPU["last"] = cpu(pid) - c0
     time.sleep(0.3)
     return took, status(pid, "VmHWM"), status(pid, "VmRSS"), out
 
@@ -118,6 +134,7 @@ def run_size(redis_url: str, pairs: int) -> dict[str, Any]:
         row["compare_s"], row["compare_peak_mb"], row["compare_after_mb"], _ = timed(
             lambda: c.get(f"/v1/datasets/{ds}/compare", params={"strategies": strategies}).raise_for_status(), pid
         )
+        row["compare_cpu_s"] = CPU["last"]
 
         def export(**params: Any) -> int:
             n = 0
@@ -129,6 +146,7 @@ def run_size(redis_url: str, pairs: int) -> dict[str, Any]:
 
         took, row["grape_peak_mb"], row["grape_after_mb"], size = timed(lambda: export(strategy="grape"), pid)
         row["grape_s"], row["grape_mb"], row["grape_mb_s"] = took, size / 1e6, size / 1e6 / took
+        row["grape_cpu_s"] = CPU["last"]
         row["longest_s"], row["longest_peak_mb"], row["longest_after_mb"], _ = timed(
             lambda: export(strategy="longest", n=100_000), pid
         )
@@ -148,6 +166,7 @@ def run_size(redis_url: str, pairs: int) -> dict[str, Any]:
         row["summary_scratch_s"], row["summary_scratch_peak_mb"], _, _ = timed(
             lambda: c.get(f"/v1/datasets/{ds}/summary", params={"reduce": "sum"}).raise_for_status(), proc.pid
         )
+        row["summary_scratch_cpu_s"] = CPU["last"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -166,13 +185,16 @@ ROWS = [
     ("GET /summary, fresh gateway (the tally kept in Redis)", "summary_cold_s", "s"),
     ("  peak RSS", "summary_cold_peak_mb", "MB"),
     ("GET /summary?reduce=sum, fresh gateway (none kept: the pool read once)", "summary_scratch_s", "s"),
+    ("  gateway CPU", "summary_scratch_cpu_s", "s"),
     ("  peak RSS", "summary_scratch_peak_mb", "MB"),
     ("GET /compare grape,longest,random,source:X", "compare_s", "s"),
+    ("  gateway CPU", "compare_cpu_s", "s"),
     ("  peak RSS", "compare_peak_mb", "MB"),
     ("  RSS after", "compare_after_mb", "MB"),
     ("GET /selection?strategy=grape", "grape_s", "s"),
     ("  NDJSON", "grape_mb", "MB"),
     ("  streamed at", "grape_mb_s", "MB/s"),
+    ("  gateway CPU", "grape_cpu_s", "s"),
     ("  peak RSS", "grape_peak_mb", "MB"),
     ("GET /selection?strategy=longest&n=100000", "longest_s", "s"),
     ("  peak RSS", "longest_peak_mb", "MB"),
