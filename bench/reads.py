@@ -6,15 +6,19 @@ Per size: a pool of that many pairs (the dev pool repeated with new ids, 8 respo
 through a real gateway (a subprocess, tests/conftest.py `start_gateway`) and scored with synthetic values written
 through the workers' own results script (what `--backend null` workers would write, without their time),
 while `/summary` is polled the way the status page does. Then, one at a time: `/summary` right after the last
-scores (kept), `/summary` of a fresh gateway (computed from scratch once), `/compare` of
+scores (kept), `/summary` of a fresh gateway (the tally kept in Redis), its `?reduce=sum` (never asked before:
+counted from the pool), `/compare` of
 grape,longest,random,source:X, `GET /selection?strategy=grape` (MB/s) and `?strategy=longest&n=100000`. The
 gateway's peak RSS (VmHWM) is reset before each read (/proc/PID/clear_refs) and read after it; its RSS after
-the read shows what it keeps. The last column divides each figure by the previous size's.
+the read shows what it keeps; the gateway's CPU seconds are given for the longest reads (on a shared machine the
+wall time moves with the load, the CPU time much less). The last column divides each figure by the previous
+size's.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import uuid
@@ -29,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from grape.keys import Keys  # noqa: E402
+from grape.store import summaries  # noqa: E402
 from grape.store.io import call  # noqa: E402
 from grape.store.scoring import ItemResult, results  # noqa: E402
 from tests.conftest import MODEL, POOL, start_gateway  # noqa: E402
@@ -69,12 +74,25 @@ def fake_scores(it: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def cpu(pid: int) -> float:
+    """CPU seconds the process has used (user + system, all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+CPU: dict[str, float] = {}
+"""The gateway's CPU seconds in the last `timed` read (beside the wall time: on a shared machine the wall time
+moves with the load, the CPU time much less)."""
+
+
 def timed(fn: Any, pid: int) -> tuple[float, float, float, Any]:
-    """(seconds, peak RSS MB during, RSS MB after, result)."""
+    """(seconds, peak RSS MB during, RSS MB after, result); the gateway's CPU seconds in CPU["last"]."""
     reset_peak(pid)
+    c0 = cpu(pid)
     t0 = time.perf_counter()
     out = fn()
     took = time.perf_counter() - t0
+    CPU["last"] = cpu(pid) - c0
     time.sleep(0.3)
     return took, status(pid, "VmHWM"), status(pid, "VmRSS"), out
 
@@ -116,6 +134,7 @@ def run_size(redis_url: str, pairs: int) -> dict[str, Any]:
         row["compare_s"], row["compare_peak_mb"], row["compare_after_mb"], _ = timed(
             lambda: c.get(f"/v1/datasets/{ds}/compare", params={"strategies": strategies}).raise_for_status(), pid
         )
+        row["compare_cpu_s"] = CPU["last"]
 
         def export(**params: Any) -> int:
             n = 0
@@ -127,11 +146,15 @@ def run_size(redis_url: str, pairs: int) -> dict[str, Any]:
 
         took, row["grape_peak_mb"], row["grape_after_mb"], size = timed(lambda: export(strategy="grape"), pid)
         row["grape_s"], row["grape_mb"], row["grape_mb_s"] = took, size / 1e6, size / 1e6 / took
+        row["grape_cpu_s"] = CPU["last"]
         row["longest_s"], row["longest_peak_mb"], row["longest_after_mb"], _ = timed(
             lambda: export(strategy="longest", n=100_000), pid
         )
         row["used_memory_mb"] = r.info("memory")["used_memory"] / 1e6
-        # a fresh gateway: the summary computed from scratch once, then kept
+        held = [keys.items(ds), keys.facts(ds), keys.scores(ds), keys.order(ds), keys.stats(ds), keys.dataset(ds)]
+        held += summaries.all_keys(keys, ds)
+        row["redis_bytes_per_pair"] = sum(r.memory_usage(k, samples=0) or 0 for k in held) / pairs
+        # a fresh gateway: the summary from the tally the first one kept in Redis
         proc.terminate()
         proc.wait(timeout=30)
         proc, url = start_gateway(redis_url, keys, **env)
@@ -139,6 +162,11 @@ def run_size(redis_url: str, pairs: int) -> dict[str, Any]:
         row["summary_cold_s"], row["summary_cold_peak_mb"], _, _ = timed(
             lambda: c.get(f"/v1/datasets/{ds}/summary").raise_for_status(), proc.pid
         )
+        # reduce=sum was never asked: no tally kept anywhere, counted from the pool once
+        row["summary_scratch_s"], row["summary_scratch_peak_mb"], _, _ = timed(
+            lambda: c.get(f"/v1/datasets/{ds}/summary", params={"reduce": "sum"}).raise_for_status(), proc.pid
+        )
+        row["summary_scratch_cpu_s"] = CPU["last"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -154,18 +182,24 @@ ROWS = [
     ("gateway RSS before the reads", "rss_idle_mb", "MB"),
     ("GET /summary after the last scores (kept)", "summary_kept_s", "s"),
     ("  peak RSS", "summary_kept_peak_mb", "MB"),
-    ("GET /summary, fresh gateway (from scratch)", "summary_cold_s", "s"),
+    ("GET /summary, fresh gateway (the tally kept in Redis)", "summary_cold_s", "s"),
     ("  peak RSS", "summary_cold_peak_mb", "MB"),
+    ("GET /summary?reduce=sum, fresh gateway (none kept: the pool read once)", "summary_scratch_s", "s"),
+    ("  gateway CPU", "summary_scratch_cpu_s", "s"),
+    ("  peak RSS", "summary_scratch_peak_mb", "MB"),
     ("GET /compare grape,longest,random,source:X", "compare_s", "s"),
+    ("  gateway CPU", "compare_cpu_s", "s"),
     ("  peak RSS", "compare_peak_mb", "MB"),
     ("  RSS after", "compare_after_mb", "MB"),
     ("GET /selection?strategy=grape", "grape_s", "s"),
     ("  NDJSON", "grape_mb", "MB"),
     ("  streamed at", "grape_mb_s", "MB/s"),
+    ("  gateway CPU", "grape_cpu_s", "s"),
     ("  peak RSS", "grape_peak_mb", "MB"),
     ("GET /selection?strategy=longest&n=100000", "longest_s", "s"),
     ("  peak RSS", "longest_peak_mb", "MB"),
     ("  RSS after", "longest_after_mb", "MB"),
+    ("Redis bytes per pair (the dataset's keys)", "redis_bytes_per_pair", "B"),
 ]
 
 
@@ -182,7 +216,7 @@ def main() -> int:
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for label, key, unit in ROWS:
-        cells = [f"{row[key]:.{0 if unit == 'MB' and row[key] >= 10 else 2}f} {unit}" for row in rows]
+        cells = [f"{row[key]:.{0 if unit in ('MB', 'B') and row[key] >= 10 else 2}f} {unit}" for row in rows]
         growth = f"{rows[-1][key] / rows[-2][key]:.2f}x" if len(rows) > 1 and rows[-2][key] else "-"
         print("| " + " | ".join([label, *cells, growth]) + " |")
     return 0

@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from grape.strategies import ScoredItem, SelectParams, Strategy
-from grape.strategies.base import accumulator
+from grape.strategies.base import Accumulator, accumulator
+from grape.strategies.columns import Columnar, PairPage, Picked, SourceTable, columnar, decides_without_texts
 
 
 class _Counts:
@@ -27,6 +28,7 @@ class _Counts:
         self.chars = 0
         self.sources: Counter[str] = Counter()
         self.codes = array("q")  # (upload order << 32) | candidate of each pair: overlaps and instructions
+        self.code_parts: list[Any] = []  # the same, as arrays, from the column forms
 
     def count(self, order: int, candidate: int, tokens: int, chars: int, source: str) -> None:
         self.selected += 1
@@ -34,6 +36,20 @@ class _Counts:
         self.chars += chars
         self.sources[source] += 1
         self.codes.append((order << 32) | candidate)
+
+    def count_picked(self, picks: Picked, names: list[str]) -> None:
+        if not len(picks):
+            return
+        self.selected += len(picks)
+        self.tokens += int(picks.tokens.sum())
+        self.chars += int(picks.chars.sum())
+        _add_codes(self.sources, picks.source, names)
+        self.code_parts.append((picks.order << 32) | picks.candidate)
+
+    def pairs(self) -> Any:
+        import numpy as np
+
+        return np.unique(np.concatenate([np.frombuffer(self.codes, dtype=np.int64), *self.code_parts]))
 
     def summary(self, sources: list[str], instructions: int) -> dict[str, Any]:
         n = self.selected
@@ -47,15 +63,19 @@ class _Counts:
         }
 
 
-def _pair(order: int, row: ScoredItem, i: int) -> tuple[int, int, int, str]:
-    cand = row.item["candidates"][i]
-    return order, int(row.scores[i]["tokens"]), len(cand["response"]), cand["source"]
+def _add_codes(counter: Counter[str], codes: Any, names: list[str]) -> None:
+    import numpy as np
+
+    for code, n in enumerate(np.bincount(codes, minlength=len(names)).tolist()):
+        if n:
+            counter[names[code]] += n
 
 
 class Comparison:
-    """`compare` over pages of rows fed one at a time (`add`, in upload order): it holds per strategy a few
-    counters and one 8-byte code per selected pair (for the overlaps), and what its strategy holds (a pool-wide
-    one: its budget's pairs), never the rows."""
+    """`compare` over pages fed one at a time in upload order (`add_page`: columns, grape.strategies.columns; `add`:
+    rows): it holds per strategy a few counters and one 8-byte code per selected pair (for the overlaps), and what
+    its strategy holds (a pool-wide one: its budget's pairs), never the pool. Each strategy runs in its column form
+    when it has one, else in its streaming form over the page's rows."""
 
     def __init__(self, strategies: Mapping[str, Strategy], params: SelectParams, max_sources: int | None = None):
         self.max_sources = max_sources
@@ -63,41 +83,65 @@ class Comparison:
         self.in_pool: Counter[str] = Counter()
         self.pool = _Counts("pool")
         self.pool_instructions = 0
-        self._orders: dict[int, int] = {}
-        keep = self._keep
-        self.runs = [(_Counts(name), accumulator(select, params, keep)) for name, select in strategies.items()]
+        self.table = SourceTable()
+        self.whole = not all(decides_without_texts(select) for select in strategies.values())
+        """Whether a strategy needs whole items in its rows (one without a column form that may read texts)."""
+        self._page: PairPage | None = None
+        self._first = 0
+        self._index: dict[int, int] = {}
+        self.runs: list[tuple[_Counts, Columnar | None, Accumulator | None]] = []
+        for name, select in strategies.items():
+            col = columnar(select, params)
+            self.runs.append((_Counts(name), col, None if col is not None else accumulator(select, params, self._keep)))
 
     def _keep(self, row: ScoredItem, i: int) -> tuple[int, int, int, str]:
-        return _pair(self._orders[id(row)], row, i)
+        page = self._page
+        assert page is not None
+        j = self._index[id(row)]
+        p = int(page.bounds[j]) + i
+        return self._first + j, int(row.scores[i]["tokens"]), int(page.chars[p]), page.table.names[page.source[p]]
 
     def add(self, rows: Sequence[ScoredItem]) -> None:
-        self._orders = {id(row): self.items + j for j, row in enumerate(rows)}
+        """A page of whole rows (the plain API)."""
+        self.add_page(PairPage.of_rows(rows, self.table))
+
+    def add_page(self, page: PairPage) -> None:
+        page.check()  # every scored pair counted: one score per candidate
+        names = page.table.names
+        _add_codes(self.in_pool, page.source, names)
         pool = self.pool  # every pair: counted, never coded (the pool has no overlaps)
-        for row in rows:
-            cands = row.item["candidates"]
-            self.in_pool.update(c["source"] for c in cands)
-            scored = cands[: len(row.scores)]
-            pool.selected += len(scored)
-            pool.tokens += sum(int(sc["tokens"]) for sc in row.scores)
-            pool.chars += sum(len(c["response"]) for c in scored)
-            pool.sources.update(c["source"] for c in scored)
-            self.pool_instructions += 1 if row.scores else 0
-        for counts, acc in self.runs:
+        pool.selected += page.pairs
+        pool.tokens += int(page.whole_tokens().sum())
+        pool.chars += int(page.chars.sum())
+        _add_codes(pool.sources, page.source, names)
+        self.pool_instructions += page.items
+        for counts, col, acc in self.runs:
+            if col is not None:
+                counts.count_picked(col.add(page), names)
+                continue
+            assert acc is not None
+            rows = page.rows()
+            self._page, self._first = page, self.items
+            self._index = {id(row): j for j, row in enumerate(rows)}
             for c in acc.add(rows):
                 counts.count(*c.ref[:1], c.candidate, *c.ref[1:])
-        self.items += len(rows)
-        self._orders = {}
+        self.items += page.items
+        self._page, self._index = None, {}
 
     def result(self) -> dict[str, Any]:
         import numpy as np
 
-        for counts, acc in self.runs:
-            for c in acc.finish():
-                counts.count(*c.ref[:1], c.candidate, *c.ref[1:])
+        for counts, col, acc in self.runs:
+            if col is not None:
+                counts.count_picked(col.finish(), self.table.names)
+            else:
+                assert acc is not None
+                for c in acc.finish():
+                    counts.count(*c.ref[:1], c.candidate, *c.ref[1:])
         ranked = sorted(self.in_pool, key=lambda s: (-self.in_pool[s], s))
         sources = sorted(ranked if self.max_sources is None else ranked[: self.max_sources])
-        picked = {counts.name: np.unique(np.frombuffer(counts.codes, dtype=np.int64)) for counts, _ in self.runs}
-        summaries = [counts.summary(sources, len(np.unique(picked[counts.name] >> 32))) for counts, _ in self.runs]
+        picked = {counts.name: counts.pairs() for counts, _, _ in self.runs}
+        summaries = [counts.summary(sources, len(np.unique(picked[counts.name] >> 32))) for counts, _, _ in self.runs]
         overlap = {
             a: {
                 b: len(picked[a]) if a == b else int(np.intersect1d(picked[a], picked[b], assume_unique=True).size)

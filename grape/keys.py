@@ -5,6 +5,9 @@
 {p}:ds:{id}:items                 hash   item id -> item record (JSON, zstd-compressed: grape.store.codec)
 {p}:ds:{id}:order                 list   item ids in upload order
 {p}:ds:{id}:scores                hash   item id -> per-candidate scores (field names once: grape.store.codec)
+{p}:ds:{id}:facts                 hash   item id -> per-candidate source and response length (grape.store.facts)
+{p}:ds:{id}:summary:{reduce}      hash   the kept /summary tally (grape.store.summaries): gen, pos, state
+{p}:ds:{id}:summary:{reduce}:{s}  string its scores (s = all, chosen): float64s, appended as scores arrive
 {p}:ds:{id}:failed                hash   item id -> reason
 {p}:ds:{id}:stats                 hash   counters (items, candidates, scored, failed, tokens, t_start, t_last)
 {p}:q:{model}                     stream work queue of one target model (model_key); entry = one chunk of item ids
@@ -121,6 +124,13 @@ class Keys:
 
     def failed(self, ds: str) -> str:
         return f"{self.prefix}:ds:{ds}:failed"
+
+    def facts(self, ds: str) -> str:
+        return f"{self.prefix}:ds:{ds}:facts"
+
+    def summary(self, ds: str, reduce: str, part: str = "") -> str:
+        """The kept summary tally of one `reduce` (a hash), or one of its score arrays (`part`: all, chosen)."""
+        return f"{self.prefix}:ds:{ds}:summary:{reduce}" + (f":{part}" if part else "")
 
     def stats(self, ds: str) -> str:
         return f"{self.prefix}:ds:{ds}:stats"

@@ -9,9 +9,12 @@ from redis.asyncio import Redis
 from grape.compare import Comparison
 from grape.keys import Keys
 from grape.settings import Settings
+from grape.store import datasets as store
 from grape.store.datasets import check_selection
+from grape.store.io import apages
 from grape.strategies import STRATEGIES, SelectParams, strategy_specs
-from service.datasets import dataset_meta, dataset_status, release_memory, scored_items
+from grape.strategies.columns import PairPage
+from service.datasets import dataset_meta, dataset_status, release_memory
 from service.errors import Unprocessable
 from service.schemas import ComparisonPublic
 
@@ -35,12 +38,18 @@ async def compare(
     meta = await dataset_meta(redis, keys, dataset_id)
     needs = check_selection(meta, strategies, dataset_id)
     chosen = {name: STRATEGIES.get(name) for name in strategies}
-    # one streaming pass: each page is counted (in a worker thread) and dropped, so the gateway holds
-    # counters and the pool-wide strategies' budgets, never the pool
+    # one streaming pass over the items' facts and scores (never their texts): each page is counted in a worker
+    # thread and dropped, so the gateway holds counters and the pool-wide strategies' budgets, never the pool
     try:
         comparison = Comparison(chosen, params, settings.max_report_sources)
-        async for page in scored_items(redis, keys, dataset_id, needs):
-            await anyio.to_thread.run_sync(comparison.add, page)
+        read = store.pair_pages(keys, dataset_id, needs, whole=comparison.whole, table=comparison.table)
+        async with anyio.create_task_group() as tg:
+            counted = anyio.Event()
+            counted.set()
+            async for got in apages(redis, read, offload=True):  # the next page is read while this one is counted
+                await counted.wait()
+                counted = anyio.Event()
+                tg.start_soon(_count, comparison, [page for page, _ in got], counted)
         result = await anyio.to_thread.run_sync(comparison.result)
     except ValueError as exc:
         raise Unprocessable(str(exc)) from None
@@ -53,3 +62,11 @@ async def compare(
         params=params.model_dump(),
         **result,
     )
+
+
+async def _count(comparison: Comparison, pages: list[PairPage], done: anyio.Event) -> None:
+    try:
+        for page in pages:
+            await anyio.to_thread.run_sync(comparison.add_page, page)
+    finally:
+        done.set()

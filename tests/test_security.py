@@ -300,7 +300,7 @@ def test_compare_is_bounded_and_runs_off_the_event_loop(gateway, rclient, keys) 
     sources = [f"s{i}" for i in range(64)]
     items = [
         {"id": f"i{n}", "instruction": f"q{n}", "candidates": [{"source": s, "response": f"r{n}{s}"} for s in sources]}
-        for n in range(3000)
+        for n in range(9000)  # enough that even the column forms (grape.strategies.columns) take over a second
     ]
     for start in range(0, len(items), 1000):
         body = ndjson(items[start : start + 1000])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -87,3 +88,48 @@ def decode_scores(raw: bytes | str) -> Any:
         fields, *rows = orjson.loads(raw[1:])
         return [dict(zip(fields, row, strict=True)) for row in rows]
     return orjson.loads(raw)
+
+
+def decode_score_tables(raws: Sequence[bytes]) -> list[tuple[list[str], list[list[Any]]]]:
+    """Several stored results (none missing) as (field names, one row of values per candidate): what `decode_scores`
+    gives without a dict per candidate, the columnar records of a page parsed in one call (the reads that rank a
+    page of items by their scores)."""
+    if all(raw[:1] == COLUMNS for raw in raws):
+        return [(fields, rows) for fields, *rows in orjson.loads(b"[" + b",".join(raw[1:] for raw in raws) + b"]")]
+    out: list[tuple[list[str], list[list[Any]]]] = []
+    for raw in raws:
+        scores = decode_scores(raw)
+        fields = list(scores[0]) if scores and isinstance(scores[0], dict) else []
+        out.append((fields, [[s.get(f) for f in fields] if isinstance(s, dict) else [] for s in scores]))
+    return out
+
+
+_BRACKETS = bytes.maketrans(b"[]", b"  ")
+
+
+def decode_score_matrix(raws: Sequence[bytes]) -> tuple[list[str], Any, Any] | None:
+    """Several stored results (none missing) in the columnar form with the same field names, as (the field names,
+    every value as one float64 matrix: a row per candidate, a column per field, and the rows of each record), parsed
+    in one call with no object per candidate; None when a record is in another form (then `decode_score_tables`).
+    `encode_scores` writes a row of exactly the fields' length for each candidate, so the values' order alone
+    places them."""
+    import numpy as np
+
+    if not raws:
+        return None
+    first = raws[0]
+    head = first[: first.find(b"],") + 2]  # COLUMNS, then `[[field, ...],`
+    if first[:1] != COLUMNS or len(head) < 4 or not all(raw.startswith(head) for raw in raws):
+        return None
+    fields = orjson.loads(head[1:-1] + b"]")[0]
+    if not fields or not all(isinstance(f, str) for f in fields):
+        return None
+    body = b",".join(raw[len(head) :] for raw in raws).translate(_BRACKETS)
+    try:
+        values = np.array(orjson.loads(b"[" + body + b"]"), dtype=np.float64)
+    except (orjson.JSONDecodeError, TypeError, ValueError):
+        return None
+    rows = np.fromiter((raw.count(b"[", len(head)) for raw in raws), dtype=np.int64, count=len(raws))
+    if values.ndim != 1 or values.size != int(rows.sum()) * len(fields):
+        return None
+    return fields, values.reshape(-1, len(fields)), rows

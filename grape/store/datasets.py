@@ -16,19 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 from grape.keys import Keys, ScoreQueue, is_dataset_id, new_dataset_id
 from grape.redis_client import as_str
 from grape.score_kinds import ScoreTask, dataset_scores, extra_tasks, normalize_scores, task_model, tasks_for
 from grape.settings import DEFAULT_TENANT
-from grape.store import scoring
-from grape.store.codec import decode_item, decode_scores
+from grape.store import facts, scoring, summaries
+from grape.store.codec import decode_item, decode_score_matrix, decode_score_tables, decode_scores
 from grape.store.errors import Invalid, NotFound, OverQuota, shown
 from grape.store.io import Lua, Page, Plan, cmd, one, pages, run, script
 from grape.store.tenants import UNLIMITED, owner
-from grape.strategies import STRATEGIES, Pick, ScoredItem, SelectParams, strategy_needs
-from grape.strategies.base import Choice, accumulator
+from grape.strategies import STRATEGIES, Pick, ScoredItem, SelectParams, columns, strategy_needs
+from grape.strategies.base import accumulator
+from grape.strategies.columns import PairPage, Picked, SourceTable, columnar, decides_without_texts
 
 PAGE = 500
 """Items read per round trip (and NDJSON records per chunk of a pool-wide selection)."""
@@ -139,7 +141,7 @@ def delete(keys: Keys, dataset_id: str) -> Plan[None]:
     found = yield from require_meta(keys, dataset_id)
     tenant = owner(found.get("tenant"))
     per_task = (k(dataset_id, t) for t in ScoreTask for k in (keys.task_results, keys.task_failed, keys.task_stats))
-    parts = (keys.items, keys.order, keys.scores, keys.failed)
+    parts = (keys.items, keys.order, keys.scores, keys.failed, keys.facts)
     script_keys = [
         keys.dataset(dataset_id),
         keys.datasets(),
@@ -148,6 +150,7 @@ def delete(keys: Keys, dataset_id: str) -> Plan[None]:
         keys.stats(dataset_id),
         *(k(dataset_id) for k in parts),
         *(k for k in per_task if k != keys.stats(dataset_id)),
+        *summaries.all_keys(keys, dataset_id),
     ]
     yield [
         # its chunks still waiting for their turn leave the backlogs, counts and rings (fair share) in one script:
@@ -361,9 +364,9 @@ def scored_rows(
     ]
 
 
-def order_page(keys: Keys, dataset_id: str, start: int) -> Plan[list[str]]:
-    """The ids of up to PAGE items in upload order from position `start`."""
-    raw = yield from one("lrange", keys.order(dataset_id), start, start + PAGE - 1)
+def order_page(keys: Keys, dataset_id: str, start: int, size: int = PAGE) -> Plan[list[str]]:
+    """The ids of up to `size` items in upload order from position `start`."""
+    raw = yield from one("lrange", keys.order(dataset_id), start, start + size - 1)
     return [as_str(x) for x in raw]
 
 
@@ -381,44 +384,224 @@ def scored(keys: Keys, dataset_id: str, needs: tuple[str, ...] = ()) -> Callable
     return page
 
 
-def _ndjson(picks: Iterable[Pick]) -> bytes:
-    return b"".join(orjson.dumps(p.record()) + b"\n" for p in picks)
+def _pair_keys(keys: Keys, dataset_id: str, needs: tuple[str, ...], with_items: bool) -> list[str]:
+    return [
+        keys.facts(dataset_id),
+        keys.scores(dataset_id),
+        *(keys.task_results(dataset_id, n) for n in needs),
+        *([keys.items(dataset_id)] if with_items else []),
+    ]
+
+
+def pairs_of(
+    keys: Keys,
+    dataset_id: str,
+    item_ids: list[str],
+    needs: tuple[str, ...] = (),
+    *,
+    table: SourceTable,
+    whole: bool = False,
+    records: bool = False,
+) -> Plan[tuple[PairPage, dict[str, bytes]]]:
+    """The scored items among `item_ids`, in that order, as columns (grape.strategies.columns.PairPage), read from
+    their facts and scores, not their texts (an item stored without facts, before they existed, is read whole for
+    them: one more round trip). Unscored, failed and unknown ids are left out, as `scored_rows` leaves them.
+    The page's rows hold light items (`id` and the candidates' `source`: what the built-in strategies decide from),
+    or the whole items with `whole`, and the `needs` task results. `records`: the scored items' stored records
+    too, by id (a selection decodes only those it emits)."""
+    if not item_ids:
+        return columns.build([], [], [], table, list), {}
+    hashes = _pair_keys(keys, dataset_id, needs, whole or records)
+    replies = yield [cmd("hmget", h, item_ids) for h in hashes]
+    return (yield from _pairs(keys, dataset_id, item_ids, replies, needs, table, whole, records))
+
+
+def _pairs(
+    keys: Keys,
+    dataset_id: str,
+    item_ids: list[str],
+    replies: list[list[Any]],
+    needs: tuple[str, ...],
+    table: SourceTable,
+    whole: bool,
+    records: bool,
+) -> Plan[tuple[PairPage, dict[str, bytes]]]:
+    with_items = whole or records
+    raw_facts, raw_scores, *rest = replies
+    extra = rest[: len(needs)]
+    raw_items: list[Any] = rest[len(needs)] if with_items else [None] * len(item_ids)
+    if not with_items:  # an item without facts (stored before them): its record, for them
+        lacking = [
+            j for j, (f, sc) in enumerate(zip(raw_facts, raw_scores, strict=True)) if f is None and sc is not None
+        ]
+        if lacking:
+            (got,) = yield [cmd("hmget", keys.items(dataset_id), [item_ids[j] for j in lacking])]
+            for j, raw in zip(lacking, got, strict=True):
+                raw_items[j] = raw
+    keep = [
+        j
+        for j, (f, sc, it) in enumerate(zip(raw_facts, raw_scores, raw_items, strict=True))
+        if sc is not None and (it is not None if with_items else f is not None or it is not None)
+    ]
+    ids = [item_ids[j] for j in keep]
+    decoded = {j: decode_item(raw_items[j]) for j in keep if whole or raw_facts[j] is None}
+    kept_facts = [raw_facts[j] if raw_facts[j] is not None else facts.encode(decoded[j]) for j in keep]
+    kept_scores = [raw_scores[j] for j in keep]
+    split = facts.split_many(kept_facts)
+    if split is not None:  # the usual form: lengths parsed in one call, each distinct source list once
+        chars, lists = split
+        codes = [table.codes_of_json(x) for x in lists]
+        counts = np.fromiter(map(len, codes), dtype=np.int64, count=len(codes))
+        source = np.concatenate(codes) if codes else np.zeros(0, dtype=np.int32)
+    else:
+        counts, chars, source = columns.facts_columns(facts.decode_many(kept_facts), table)
+    scores = decode_score_matrix(kept_scores) or columns.score_matrix(decode_score_tables(kept_scores))
+
+    def rows() -> list[ScoredItem]:  # built when a strategy without a column form asks
+        names, bounds = table.names, [0, *np.cumsum(counts).tolist()]  # (not the page's: no reference cycle)
+        return [
+            ScoredItem(
+                decoded[j]
+                if whole
+                else {"id": item_ids[j], "candidates": [{"source": names[c]} for c in source[a:b].tolist()]},
+                decode_scores(raw_scores[j]),
+                {n: decode_scores(x[j]) for n, x in zip(needs, extra, strict=True) if x[j] is not None},
+            )
+            for j, a, b in zip(keep, bounds[:-1], bounds[1:], strict=True)
+        ]
+
+    page = columns.build(ids, counts, chars, source, table, scores, rows)
+    return page, ({item_ids[j]: raw_items[j] for j in keep} if records else {})
+
+
+READ_PAGE = Lua("""
+-- KEYS: order, then hashes   ARGV: start, count
+-- A page of the upload order and each hash's values for its ids, in one step: the ids never travel back.
+local ids = redis.call('LRANGE', KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[1]) + tonumber(ARGV[2]) - 1)
+local out = {ids}
+if #ids == 0 then return out end
+for k = 2, #KEYS do out[k] = redis.call('HMGET', KEYS[k], unpack(ids)) end
+return out
+""")
+
+COLUMN_PAGE = 1000
+"""Items per round trip of the reads that decide from facts and scores (~0.5 KB of records an item; at most a few
+thousand: `READ_PAGE` passes them to HMGET as arguments)."""
+
+
+def pair_pages(
+    keys: Keys,
+    dataset_id: str,
+    needs: tuple[str, ...] = (),
+    *,
+    whole: bool = False,
+    records: bool = False,
+    table: SourceTable | None = None,
+    size: int = COLUMN_PAGE,
+) -> Callable[[int], Plan[Page[tuple[PairPage, dict[str, bytes]]]]]:
+    """Pages of scored items in upload order as columns (`pairs_of`, for `pages`/`apages`), a source table shared
+    by them all; a page is one round trip (`READ_PAGE`)."""
+    shared = table or SourceTable()
+    script_keys = [keys.order(dataset_id), *_pair_keys(keys, dataset_id, needs, whole or records)]
+
+    def page(start: int) -> Plan[Page[tuple[PairPage, dict[str, bytes]]]]:
+        (reply,) = yield [script(READ_PAGE.call(script_keys, [start, size]))]
+        order, *replies = reply
+        if not order:
+            return [], None
+        ids = [x.decode() if isinstance(x, bytes) else x for x in order]  # (a missing field comes back as None)
+        got = yield from _pairs(keys, dataset_id, ids, replies, needs, shared, whole, records)
+        return [got], start + len(order) if len(order) == size else None
+
+    return page
 
 
 def _item_id(row: ScoredItem, candidate: int) -> str:
     return row.item["id"]
 
 
+Chosen = tuple[str, int, float, int]
+"""A selected pair as the selection holds it until its record is written: item id, candidate, score, rank."""
+
+
+def _chosen(picks: Picked) -> list[Chosen]:
+    return list(zip(picks.id_list(), picks.candidate.tolist(), picks.score.tolist(), picks.rank.tolist(), strict=True))
+
+
+def _records(chosen: list[Chosen], raws: Mapping[str, Any]) -> bytes:
+    """The NDJSON of the chosen pairs whose items are in `raws` (stored records by id), each item decoded once."""
+    ids = [i for i in dict.fromkeys(c[0] for c in chosen) if raws.get(i) is not None]
+    items = {i: decode_item(raws[i]) for i in ids}
+    out = [
+        orjson.dumps(Pick(items[item_id], cand, score, rank).record())
+        for item_id, cand, score, rank in chosen
+        if item_id in items
+    ]
+    return b"\n".join(out) + b"\n" if out else b""
+
+
 def selection(keys: Keys, dataset_id: str, strategy: str, params: SelectParams) -> Callable[[int], Plan[Page[bytes]]]:
     """The selected SFT records as NDJSON chunks, page after page (for `pages`/`apages`; check the strategy
-    first, `check_selection`). One pass over the pool feeds the strategy's streaming form (grape.strategies.base
-    `accumulator`), which holds only item ids of what it may still pick: the picks a page decides (a per-item
-    strategy: all of them) are given as that page is read; the rest (a pool-wide strategy's top `n`) come after
-    the last page, their items read again by id, PAGE records a chunk. The pool is never held."""
+    first, `check_selection`). One pass over the pool decides from the items' facts and scores (`pair_pages`: no
+    text is read to decide), in the strategy's column form when it has one (grape.strategies.columns), else in
+    its streaming form over rows (grape.strategies.base `accumulator`), holding only item ids of what it may still
+    pick. The picks a page decides (a per-item strategy: all of them) are written as that page is read, their items
+    read with it; the rest (a pool-wide strategy's top `n`) come after the last page, their items read by id, PAGE
+    records a chunk. Only the items of picked pairs are decoded, and the pool is never held."""
     select = STRATEGIES.get(strategy)
-    read = scored(keys, dataset_id, select.needs)
-    acc = accumulator(select, params, _item_id)
-    rest: list[Choice] = []
+    per_item = select.streams  # decided one instruction at a time
+    col = columnar(select, params)
+    acc = None if col is not None else accumulator(select, params, _item_id)
+    read = pair_pages(
+        keys, dataset_id, strategy_needs(strategy), whole=not decides_without_texts(select), records=per_item
+    )
+    rest: list[Chosen] = []  # the picks held to the end: as tuples from a row form,
+    held: list[Picked] = []  # or as columns from a column form (no object per pick)
+    total = [0]
 
-    def records(choices: Iterable[Choice], items: Mapping[str, dict[str, Any]]) -> bytes:
-        return _ndjson(Pick(items[c.ref], c.candidate, c.score, c.rank) for c in choices if c.ref in items)
+    def decide(page: PairPage) -> list[Chosen]:
+        if col is not None:
+            return _chosen(col.add(page))
+        assert acc is not None
+        return [(c.ref, c.candidate, c.score, c.rank) for c in acc.add(page.rows())]
+
+    def finish() -> int:
+        if col is not None:
+            held.append(col.finish())
+            return len(held[0])
+        assert acc is not None
+        rest.extend((c.ref, c.candidate, c.score, c.rank) for c in acc.finish())
+        return len(rest)
+
+    def held_chunk(done: int) -> list[Chosen]:
+        if held:
+            return _chosen(held[0].take(np.arange(done, min(done + PAGE, len(held[0])))))
+        return rest[done : done + PAGE]
+
+    def items_of(chosen: list[Chosen]) -> Plan[dict[str, Any]]:
+        ids = list(dict.fromkeys(c[0] for c in chosen))
+        if not ids:
+            return {}
+        raws = yield from one("hmget", keys.items(dataset_id), ids)
+        return dict(zip(ids, raws, strict=True))
 
     def page(start: int) -> Plan[Page[bytes]]:
         if start < 0:  # after the pool: the held picks, -1 - start of them given so far
             done = -1 - start
-            chunk = rest[done : done + PAGE]
-            ids = list(dict.fromkeys(c.ref for c in chunk))
-            rows = yield from scored_rows(keys, dataset_id, ids)
-            out = records(chunk, {row.item["id"]: row.item for row in rows})
-            return [out] if out else [], -1 - (done + PAGE) if done + PAGE < len(rest) else None
-        rows, nxt = yield from read(start)
-        if select.streams:  # the picks hold the page's own items: encoded as they come
-            out = _ndjson(select(rows, params))
-            return [out] if out else [], nxt
-        out = records(acc.add(rows), {row.item["id"]: row.item for row in rows})
+            chunk = held_chunk(done)
+            raws = yield from items_of(chunk)
+            out = _records(chunk, raws)
+            return [out] if out else [], -1 - (done + PAGE) if done + PAGE < total[0] else None
+        got, nxt = yield from read(start)
+        out = b""
+        for pairs, records in got:
+            chosen = decide(pairs)
+            if chosen and not per_item:  # a pool-wide strategy's picks of this page (random without n)
+                records = yield from items_of(chosen)
+            out += _records(chosen, records)
         if nxt is None:
-            rest.extend(acc.finish())
-            nxt = -1 if rest else None
+            total[0] = finish()
+            nxt = -1 if total[0] else None
         return [out] if out else [], nxt
 
     return page

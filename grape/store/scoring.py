@@ -37,7 +37,7 @@ from grape.keys import GROUP, Keys, ScoreQueue
 from grape.redis_client import as_str
 from grape.score_kinds import ScoreTask, extra_tasks, task_model
 from grape.settings import DEFAULT_TENANT
-from grape.store import codec
+from grape.store import codec, facts
 from grape.store.io import Call, Cmd, Lua, Plan, cmd, one, script
 
 FAIR = """
@@ -86,9 +86,9 @@ INGEST = Lua(
     FAIR
     + """
 -- KEYS: items, order, stats, metadata, owner's usage, then per queue (the target model's, then the dataset's extra
---       tasks' (grape.score_kinds), if any) its stream, ring, waiting count and this dataset's backlog
+--       tasks' (grape.score_kinds), if any) its stream, ring, waiting count and this dataset's backlog, then facts
 -- ARGV: dataset id, n, the owner's stored-pairs limit, group, backlog head, window, then n x (item id, item json,
---       candidates), then per queue its backlog tail
+--       candidates), then per queue its backlog tail, then n x the item's facts (grape.store.facts)
 -- answers {new ids, ids refused by the quota, stored pairs after}, or nothing when the dataset is gone
 if redis.call('EXISTS', KEYS[4]) == 0 then return false end
 local new, over = {}, {}
@@ -103,6 +103,7 @@ for i = 0, n - 1 do
       over[#over + 1] = id
     else
       redis.call('HSET', KEYS[1], id, ARGV[8 + i * 3])
+      redis.call('HSET', KEYS[#KEYS], id, ARGV[#ARGV - n + 1 + i])
       new[#new + 1] = id
       ncand = ncand + c
       used = used + c
@@ -115,7 +116,7 @@ if #new > 0 then
   redis.call('HINCRBY', KEYS[3], 'candidates', ncand)
   redis.call('HINCRBY', KEYS[5], 'stored_pairs', ncand)
   local chunk = {cjson.encode(new)}
-  for q = 0, (#KEYS - 5) / 4 - 1 do
+  for q = 0, (#KEYS - 6) / 4 - 1 do
     local k = 6 + q * 4
     enqueue(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[1], chunk, ARGV[4], ARGV[5], ARGV[7 + n * 3 + q],
       tonumber(ARGV[6]))
@@ -247,6 +248,7 @@ def ingest(
     for it in items:
         args += [it["id"], codec.encode_item(it, level), len(it["candidates"])]
     args += [q.backlog_tail for q in queues]
+    args += [facts.encode(it) for it in items]  # beside each item: what the reads decide from (grape.store.facts)
     return INGEST.call(
         [
             keys.items(dataset_id),
@@ -255,6 +257,7 @@ def ingest(
             keys.dataset(dataset_id),
             keys.tenant_usage(tenant),
             *(k for q in queues for k in (q.stream, q.ring, q.waiting, q.backlog(dataset_id))),
+            keys.facts(dataset_id),
         ],
         args,
     )
