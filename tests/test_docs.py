@@ -99,6 +99,8 @@ SHORTEST = StrategySpec(
     streams=True,
     params=("k",),
     accumulate=streamed(_shortest),
+    texts=False,
+    columns=None,
 )
 
 

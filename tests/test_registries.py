@@ -75,6 +75,8 @@ SHORTEST = StrategySpec(
     streams=False,
     params=("k", "n"),
     accumulate=collected(shortest),
+    texts=True,
+    columns=None,
 )
 
 
@@ -91,6 +93,8 @@ FIRST_EACH = StrategySpec(
     streams=True,
     params=("k",),
     accumulate=streamed(first_each),
+    texts=True,
+    columns=None,
 )
 
 
@@ -176,7 +180,17 @@ def test_a_strategy_reads_exactly_the_parameters_its_record_names(spec: Strategy
 
 def test_a_record_is_complete_and_checked() -> None:
     fields = {f.name for f in dataclasses.fields(StrategySpec)}
-    assert fields == {"name", "summary", "needs", "per_instruction", "streams", "params", "accumulate"}
+    assert fields == {
+        "name",
+        "summary",
+        "needs",
+        "per_instruction",
+        "streams",
+        "params",
+        "accumulate",
+        "texts",
+        "columns",
+    }
     with pytest.raises(TypeError):
         StrategySpec(name="x", summary="y", needs=(), per_instruction=True, streams=True, params=())  # type: ignore[call-arg]
     good = dataclasses.asdict(SHORTEST) | {"accumulate": SHORTEST.accumulate}

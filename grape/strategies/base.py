@@ -223,6 +223,12 @@ class StrategySpec:
     """The selection parameters it reads (fields of `SelectParams`)."""
     accumulate: Accumulate
     """Its streaming form (`streamed(select)` for one that streams)."""
+    texts: bool
+    """Whether it reads the response texts. False: the whole-pool reads (`/compare`, `/summary`, a selection's
+    pass) give it rows whose items hold `id` and each candidate's `source` only, and decode no text to decide."""
+    columns: Callable[[SelectParams], Any] | None
+    """Its column form (numpy over a page of pairs, grape.strategies.columns; the reads' fast path): made from the
+    parameters, None where they are not covered; None for a strategy without one (it is fed rows)."""
 
     def __post_init__(self) -> None:
         where = f"strategy {self.name!r}"

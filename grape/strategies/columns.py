@@ -29,10 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import orjson
 
-from grape.strategies import deita, grape, ifd, lalp, longest
-from grape.strategies import random as random_strategy
-from grape.strategies import source as source_strategy
-from grape.strategies.base import ScoredItem, SelectParams, Strategy, budget
+from grape.strategies.base import ScoredItem, SelectParams, Strategy, StrategySpec, budget
 
 ZERO_TOKENS = "a response of zero tokens has no mean log-probability"
 """grape.strategies.grape.candidate_score's refusal, raised by the column forms where the row forms raise it."""
@@ -295,7 +292,7 @@ class Columnar(Protocol):
     def finish(self) -> Picked: ...
 
 
-class _Grape:
+class GrapeColumns:
     def __init__(self, params: SelectParams) -> None:
         self.k, self.reduce, self.items = params.k, params.reduce, 0
 
@@ -314,7 +311,7 @@ class _Grape:
         return Picked.empty()
 
 
-class _Source:
+class SourceColumns:
     def __init__(self, name: str, params: SelectParams) -> None:
         self.name, self.k, self.reduce, self.items = name, params.k, params.reduce, 0
 
@@ -377,10 +374,10 @@ class Smallest:
         return picks
 
 
-class _Longest:
-    def __init__(self, params: SelectParams) -> None:
+class LongestColumns:
+    def __init__(self, params: SelectParams, default_n: int) -> None:
         self.k, self.items = params.k, 0
-        self.best = Smallest(budget(params, longest.DEFAULT_N))
+        self.best = Smallest(budget(params, default_n))
 
     def add(self, page: PairPage) -> Picked:
         page.check()
@@ -435,7 +432,7 @@ def draws(
         yield order, uniform()
 
 
-class _Random:
+class RandomColumns:
     def __init__(self, params: SelectParams) -> None:
         self.k, self.seed, self.items, self.kept = params.k, params.seed, 0, 0
         self.n = budget(params, None)
@@ -473,38 +470,15 @@ class _Random:
         return Picked.empty() if self.n is None else self.best.finish()
 
 
-def _builtin(select: Any) -> str | None:
-    """Which built-in strategy `select` is: its function, or its record where strategies are registered as records
-    (a `SPEC` beside the function); `source:<name>` for the source family; None for any other."""
-    for module in (grape, longest, random_strategy, deita, ifd, lalp):
-        if select is getattr(module, "select", None) or select is getattr(module, "SPEC", None):
-            return module.__name__.rpartition(".")[2]
-    name = getattr(select, "source", None)  # a family member as a function: source.named's
-    if isinstance(name, str) and getattr(select, "__module__", None) == source_strategy.__name__:
-        return f"source:{name}"
-    name = getattr(select, "name", None)  # as a record: the registry gives `source:...` to the family alone
-    if isinstance(name, str) and name.startswith("source:") and type(select).__name__ == "StrategySpec":
-        return name
-    return None
-
-
 def columnar(select: Strategy, params: SelectParams) -> Columnar | None:
-    """The column form of a strategy, or None (a strategy without one, or parameters it does not cover)."""
-    if params.k < 1:
+    """The column form of a strategy (its record's `columns`), or None (a strategy without one, or parameters it
+    does not cover)."""
+    if params.k < 1 or not isinstance(select, StrategySpec) or select.columns is None:
         return None
-    name = _builtin(select)
-    if name == "grape":
-        return _Grape(params)
-    if name == "longest":
-        return _Longest(params)
-    if name == "random":
-        return _Random(params)
-    if name is not None and name.startswith("source:"):
-        return _Source(name.partition(":")[2], params)
-    return None
+    return select.columns(params)
 
 
 def decides_without_texts(select: Strategy) -> bool:
-    """Whether a strategy decides from ids, sources and task results alone (the built-ins): it is given rows whose
-    items hold `id` and the candidates' `source`, not their texts. Any other strategy is given whole items."""
-    return _builtin(select) is not None
+    """Whether a strategy decides from ids, sources and task results alone (its record says `texts=False`): it is
+    given rows whose items hold `id` and the candidates' `source`, not their texts. Any other is given whole items."""
+    return isinstance(select, StrategySpec) and not select.texts

@@ -107,4 +107,6 @@ SPEC = StrategySpec(
     streams=False,
     params=("k", "n", "tau"),
     accumulate=accumulate,
+    texts=False,
+    columns=None,
 )

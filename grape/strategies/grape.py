@@ -8,6 +8,7 @@ selection is deterministic when two candidates have the same text.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from grape.strategies.base import Pick, ScoredItem, SelectParams, StrategySpec, streamed
 
@@ -27,6 +28,12 @@ def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
             yield Pick(row.item, i, candidate_score(row.scores[i], params.reduce), rank)
 
 
+def _columns(params: SelectParams) -> Any:
+    from grape.strategies.columns import GrapeColumns  # numpy, and columns builds on this module's rule
+
+    return GrapeColumns(params)
+
+
 SPEC = StrategySpec(
     name="grape",
     summary="Per instruction, the k candidates the target model finds most probable (mean log-prob per token, "
@@ -36,4 +43,6 @@ SPEC = StrategySpec(
     streams=True,
     params=("k", "reduce"),
     accumulate=streamed(select),
+    texts=False,
+    columns=_columns,
 )

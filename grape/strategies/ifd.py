@@ -63,4 +63,6 @@ SPEC = StrategySpec(
     streams=False,
     params=("k", "n"),
     accumulate=accumulate,
+    texts=False,
+    columns=None,
 )

@@ -32,4 +32,6 @@ SPEC = StrategySpec(
     streams=True,
     params=("k",),
     accumulate=streamed(select),
+    texts=False,
+    columns=None,
 )

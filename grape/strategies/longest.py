@@ -9,6 +9,7 @@ to the earlier instruction in upload order, then the earlier candidate. `score` 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from grape.strategies.base import (
     Keep,
@@ -39,6 +40,12 @@ def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
     return picks(accumulate(params), rows)
 
 
+def _columns(params: SelectParams) -> Any:
+    from grape.strategies.columns import LongestColumns
+
+    return LongestColumns(params, DEFAULT_N)
+
+
 SPEC = StrategySpec(
     name="longest",
     summary=f"The n pairs with the longest responses in target-model tokens, at most k per instruction "
@@ -48,4 +55,6 @@ SPEC = StrategySpec(
     streams=False,
     params=("k", "n"),
     accumulate=accumulate,
+    texts=False,
+    columns=_columns,
 )

@@ -80,6 +80,12 @@ def select(rows: Iterable[ScoredItem], params: SelectParams) -> Iterator[Pick]:
     return picks(accumulate(params), rows)
 
 
+def _columns(params: SelectParams) -> Any:
+    from grape.strategies.columns import RandomColumns
+
+    return RandomColumns(params)
+
+
 SPEC = StrategySpec(
     name="random",
     summary="A reproducible random baseline: k random candidates per instruction, every instruction (with n: the "
@@ -89,4 +95,6 @@ SPEC = StrategySpec(
     streams=False,
     params=("k", "n", "seed"),
     accumulate=accumulate,
+    texts=False,
+    columns=_columns,
 )

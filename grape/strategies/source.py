@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from grape.strategies.base import Pick, ScoredItem, SelectParams, StrategySpec, streamed
 from grape.strategies.grape import candidate_score
@@ -19,6 +20,12 @@ def select_source(name: str, rows: Iterable[ScoredItem], params: SelectParams) -
         mine = [i for i, c in enumerate(row.item["candidates"]) if c["source"] == name]
         for rank, i in enumerate(mine[: params.k], start=1):
             yield Pick(row.item, i, candidate_score(row.scores[i], params.reduce), rank)
+
+
+def _columns(name: str, params: SelectParams) -> Any:
+    from grape.strategies.columns import SourceColumns  # numpy, and columns builds on the strategies' rules
+
+    return SourceColumns(name, params)
 
 
 def named(name: str) -> StrategySpec:
@@ -34,4 +41,6 @@ def named(name: str) -> StrategySpec:
         streams=True,
         params=("k", "reduce"),
         accumulate=streamed(functools.partial(select_source, name)),
+        texts=False,
+        columns=functools.partial(_columns, name),
     )
