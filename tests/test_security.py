@@ -428,14 +428,24 @@ def test_uploads_being_read_at_once_are_limited(redis_url, keys) -> None:
                 release.wait(30)
 
             first: list[httpx.Response] = []
-            t = threading.Thread(
-                target=lambda: first.append(
-                    c.post(f"/v1/datasets/{ds}/items", content=slow_body(), headers=ndjson_type)
+
+            def start_slow() -> threading.Thread:
+                first.clear()
+                t = threading.Thread(
+                    target=lambda: first.append(
+                        c.post(f"/v1/datasets/{ds}/items", content=slow_body(), headers=ndjson_type)
+                    )
                 )
-            )
-            t.start()
-            deadline = time.monotonic() + 10
+                t.start()
+                return t
+
+            t = start_slow()
+            deadline = time.monotonic() + 30
             for n in itertools.count():  # the slow upload holds the only slot once the gateway reads it
+                if not t.is_alive():  # it came while a probe held the slot (a 429 of its own): send it again
+                    assert first[0].status_code == 429
+                    t = start_slow()
+                    time.sleep(0.2)
                 r = c.post(f"/v1/datasets/{ds}/items", content=ndjson([{**ITEM, "id": f"f{n}"}]), headers=ndjson_type)
                 if r.status_code == 429 or time.monotonic() > deadline:
                     break
