@@ -30,8 +30,14 @@ def as_str(v: object) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, **_retry_kwargs(False))
+def connect(url: str, *, max_connections: int | None = None, pool_timeout: float = 5.0) -> redis.Redis:
+    """With `max_connections` (the gateway's worker threads): a bounded pool, as `connect_async`'s."""
+    if max_connections is None:
+        return redis.Redis.from_url(url, **_retry_kwargs(False))
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=pool_timeout, **_retry_kwargs(False)
+    )
+    return redis.Redis.from_pool(pool)
 
 
 def connect_async(url: str, *, max_connections: int | None = None, pool_timeout: float = 5.0) -> redis.asyncio.Redis:

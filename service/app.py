@@ -15,12 +15,12 @@ from redis.exceptions import OutOfMemoryError as RedisOOM
 
 from grape import __version__
 from grape.keys import Keys
-from grape.redis_client import connect_async
+from grape.redis_client import connect, connect_async
 from grape.settings import DEFAULT_REDIS_URL, Settings, get_settings
 from grape.store.errors import Conflict, NotFound, OverQuota, StoreError
 from grape.tenancy import quotas_of
 from service.auth import ApiKeyMiddleware, KeyTable, LocalHostMiddleware
-from service.deps import Slots
+from service.deps import Slots, thread_connections
 from service.errors import ApiError, Busy, SafeJSONResponse
 from service.limits import BodyLimitMiddleware, FollowLimitMiddleware
 from service.routes import datasets, health
@@ -45,6 +45,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_connections=settings.redis_max_connections,
             pool_timeout=settings.redis_pool_timeout_s,
         )
+        # the worker threads' own client, for the reads that move most bytes (an export: grape.store.io.thread_pages)
+        app.state.redis_threads = connect(
+            settings.redis_url or DEFAULT_REDIS_URL,
+            max_connections=thread_connections(settings),
+            pool_timeout=settings.redis_pool_timeout_s,
+        )
         # records made before tenants become `default`'s (in the background: a start never waits on Redis)
         adopt = asyncio.create_task(adopt_in_background(app.state.redis, app.state.keys), name="tenancy-adopt")
         try:
@@ -54,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with suppress(asyncio.CancelledError):
                 await adopt
             await app.state.redis.aclose()
+            app.state.redis_threads.close()
 
     app = FastAPI(
         title="grape-select",

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Annotated
 
+import redis
 from fastapi import Depends, Path, Request
 from redis.asyncio import Redis
 
@@ -17,6 +18,16 @@ from service.errors import ApiError, Busy, NotFound, shown
 
 def get_redis(request: Request) -> Redis:
     return request.app.state.redis
+
+
+def get_redis_threads(request: Request) -> redis.Redis:
+    return request.app.state.redis_threads
+
+
+def thread_connections(settings: Settings) -> int:
+    """Connections of the worker threads' pool (an export holds one while it reads a page): a quarter of the event
+    loop's, at least 2."""
+    return max(2, settings.redis_max_connections // 4)
 
 
 def get_settings(request: Request) -> Settings:
@@ -82,6 +93,7 @@ def job_id_path(job_id: Annotated[str, Path(description="A training job id: job-
 
 
 RedisDep = Annotated[Redis, Depends(get_redis)]
+RedisThreadsDep = Annotated[redis.Redis, Depends(get_redis_threads)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 KeysDep = Annotated[Keys, Depends(get_keys)]
 # path parameters checked at the edge: a route takes `dataset_id: DatasetId` (or `job_id: JobId`)

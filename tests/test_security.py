@@ -466,6 +466,9 @@ def test_the_redis_pool_is_bounded(secure) -> None:
     pool = secure.app.state.redis.connection_pool  # type: ignore[attr-defined]
     assert type(pool).__name__ == "BlockingConnectionPool"
     assert pool.max_connections == Settings().redis_max_connections
+    threads = secure.app.state.redis_threads.connection_pool  # type: ignore[attr-defined]  # an export's pages
+    assert type(threads).__name__ == "BlockingConnectionPool"
+    assert threads.max_connections == Settings().redis_max_connections // 4
 
 
 # local mode stays local -----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import zlib
 
 import orjson
 import pytest
+import zstandard
 from conftest import MODEL, POOL, create, ndjson
 
 from grape.keys import Keys
@@ -58,7 +59,7 @@ def test_items_and_scores_read_back_exactly(rclient, keys) -> None:
     items = real_items(40) + ODD_ITEMS
     call(rclient, scoring.ingest(keys, ds, meta, items))
     raw = rclient.hgetall(keys.items(ds))
-    assert all(raw[it["id"].encode()][:1] == codec.ZSTD for it in items[:40])
+    assert all(raw[it["id"].encode()][:1] == codec.PARTS for it in items[:40])
     assert raw[b"t"][:1] == b"{"  # too small to gain from a zstd frame's header: kept as JSON
     rng = random.Random(1)
     scores = {it["id"]: worker_scores(it, rng) for it in items}
@@ -94,13 +95,27 @@ def deflate_record(item: dict) -> bytes:
     return codec.DEFLATE + zlib.compress(orjson.dumps(item), 1, wbits=-15)
 
 
+def one_frame_record(item: dict) -> bytes:
+    """An item record as the code before the parts wrote it: 0x03 and one zstd frame of the whole JSON."""
+    return codec.ZSTD + zstandard.ZstdCompressor(level=1).compress(orjson.dumps(item))
+
+
 def test_records_stored_before_the_encoding_still_read(rclient, keys) -> None:
     ds, _ = new_dataset(rclient, keys)
     items = real_items(4, start=100)
     scores = [[{"logprob_sum": -12.5, "tokens": 4, "prompt_tokens": 9}] * len(it["candidates"]) for it in items]
-    # the plain JSON records of the code before issue 20, a deflate one of the code before zstd, and one of now
-    records = [orjson.dumps(items[0]), orjson.dumps(items[1]), deflate_record(items[2]), codec.encode_item(items[3])]
-    assert [r[:1] for r in records] == [b"{", b"{", codec.DEFLATE, codec.ZSTD]
+    # the plain JSON records of the code before issue 20, a deflate one of the code before zstd, one zstd frame of
+    # the code before the parts, and one of now
+    items.append({**items[0], "id": "one-frame"})
+    scores.append(scores[0])
+    records = [
+        orjson.dumps(items[0]),
+        orjson.dumps(items[1]),
+        deflate_record(items[2]),
+        codec.encode_item(items[3]),
+        one_frame_record(items[4]),
+    ]
+    assert [r[:1] for r in records] == [b"{", b"{", codec.DEFLATE, codec.PARTS, codec.ZSTD]
     for it, rec, sc in zip(items, records, scores, strict=True):
         rclient.hset(keys.items(ds), it["id"], rec)
         rclient.hset(keys.scores(ds), it["id"], orjson.dumps(sc))
@@ -119,16 +134,55 @@ def test_every_stored_form_of_the_dev_pool_reads_back_exactly() -> None:
     """Each item of the pool, as plain JSON, deflate (before zstd) and zstd at the levels one may set."""
     for it in real_items(403) + ODD_ITEMS:
         want = orjson.dumps(it)
-        forms = [want, deflate_record(it), *(codec.encode_item(it, level) for level in (1, 3, 9))]
+        forms = [want, deflate_record(it), one_frame_record(it), *(codec.encode_item(it, level) for level in (1, 3, 9))]
         for rec in forms:
             assert orjson.dumps(codec.decode_item(rec)) == want
             assert orjson.dumps(codec.decode_item(bytes(rec).decode("latin-1").encode("latin-1"))) == want
         assert orjson.dumps(codec.decode_item(want.decode())) == want  # a str from a decoding client
 
 
+def _without_responses_but(item: dict, keep: set[int]) -> dict:
+    return {**item, "candidates": [c if j in keep else {**c, "response": ""} for j, c in enumerate(item["candidates"])]}
+
+
+def test_an_export_reads_only_the_responses_it_emits_from_every_form() -> None:
+    """`decode_item_for`: of a record in parts, the rest of the item exactly (key order too) with the chosen
+    candidates' responses and every other response empty; of a record in an older form, the whole item."""
+    tiny = {"id": "tiny", "instruction": "Say x. " * 40, "candidates": [{"source": "a", "response": "x"}] * 3}
+    for it in [*real_items(403), *ODD_ITEMS, tiny]:
+        rec = codec.encode_item(it)
+        n = len(it["candidates"])
+        for keep in ({0}, {n - 1}, set(range(n)), {0, n - 1}, set()):
+            assert orjson.dumps(codec.decode_item_for(rec, keep)) == orjson.dumps(
+                _without_responses_but(it, keep) if rec[:1] == codec.PARTS else it
+            )
+        assert codec.decode_item_for(rec, {n, -1}) == codec.decode_item_for(rec, set())  # no such candidate
+        for old in (orjson.dumps(it), deflate_record(it), one_frame_record(it)):
+            assert codec.decode_item_for(old, {0}) == it
+    rec = codec.encode_item(tiny)
+    assert rec[:1] == codec.PARTS  # its short responses are stored as they are (a frame would be longer)
+    assert orjson.dumps(codec.decode_item(rec)) == orjson.dumps(tiny)
+
+
+def test_an_item_of_another_shape_is_stored_in_one_frame() -> None:
+    """A candidate without a string response (protocol tests store such items) cannot be split in parts."""
+    base = real_items(1, start=50)[0]
+    for odd in ({"source": "a"}, {"source": "a", "response": None}, {"source": "a", "response": ["x"]}):
+        it = {**base, "candidates": [*base["candidates"], odd]}
+        rec = codec.encode_item(it)
+        assert rec[:1] == codec.ZSTD and codec.decode_item(rec) == it
+
+
+def test_the_parts_cost_at_most_40_percent_more_bytes_than_one_frame() -> None:
+    items = real_items(403)
+    parts = sum(len(codec.encode_item(it)) for it in items)
+    one = sum(len(one_frame_record(it)) for it in items)
+    assert one < parts <= 1.4 * one, (parts, one)
+
+
 def test_zstd_is_smaller_than_the_deflate_it_replaced() -> None:
     items = real_items(403)
-    zstd = sum(len(codec.encode_item(it)) for it in items)
+    zstd = sum(len(one_frame_record(it)) for it in items)
     deflate = sum(len(deflate_record(it)) for it in items)
     plain = sum(len(orjson.dumps(it)) for it in items)
     assert zstd < deflate < plain / 2, (zstd, deflate, plain)
@@ -140,7 +194,7 @@ def test_codec_round_trips_at_every_level(level: int) -> None:
         rec = codec.encode_item(it, level)
         assert orjson.dumps(codec.decode_item(rec)) == orjson.dumps(it)
         assert (rec[:1] == b"{") == (level == 0) and len(rec) <= len(orjson.dumps(it))
-        assert rec[:1] in (b"{", codec.ZSTD)
+        assert rec[:1] in (b"{", codec.PARTS)
     for it in ODD_ITEMS:  # small: compressed only when the frame is shorter than the JSON
         rec = codec.encode_item(it, level)
         assert orjson.dumps(codec.decode_item(rec)) == orjson.dumps(it) and len(rec) <= len(orjson.dumps(it))
@@ -178,7 +232,7 @@ def test_upload_through_the_gateway_stores_compressed_and_answers_the_same(api, 
     items = real_items(6, start=300)
     r = api.post(f"/v1/datasets/{ds}/items", content=ndjson(items), headers={"Content-Type": "application/x-ndjson"})
     assert r.status_code == 202 and r.json()["accepted"] == 6, r.text
-    assert all(v[:1] == codec.ZSTD for v in rclient.hvals(keys.items(ds)))
+    assert all(v[:1] == codec.PARTS for v in rclient.hvals(keys.items(ds)))
     got = api.get(f"/v1/datasets/{ds}/items/{items[2]['id']}").json()
     assert [(c["source"], c["response"]) for c in got["candidates"]] == [
         (c["source"], c["response"]) for c in items[2]["candidates"]

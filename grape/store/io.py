@@ -16,6 +16,7 @@ A Lua script is a `Lua` object beside a function that builds its keys and argume
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -106,6 +107,29 @@ async def apages(
         rows, nxt = await arun(client, page(nxt), offload=offload)
         if rows:
             yield rows
+
+
+async def thread_pages(client: Any, page: Callable[[int], Plan[Page[T]]], start: int = 0) -> AsyncIterator[list[T]]:
+    """A paged read for an asyncio caller, each page's plan run whole in a worker thread with a synchronous client
+    (`redis.Redis`), the next page read while the caller handles this one; empty pages are skipped. For the reads
+    that move most bytes (an export): a blocking socket in the thread reads a page's replies with less CPU than the
+    event loop's streams, and the event loop only sends. Pages are still read one after another, never two at
+    once, so a page function may keep state between them; at most one page is held besides the caller's, and a
+    caller that stops early leaves nothing running after the page in flight."""
+
+    def read(at: int) -> asyncio.Future[Page[T]]:
+        return asyncio.ensure_future(anyio.to_thread.run_sync(run, client, page(at)))
+
+    task: asyncio.Future[Page[T]] | None = read(start)
+    try:
+        while task is not None:
+            rows, after = await task
+            task = None if after is None else read(after)
+            if rows:
+                yield rows
+    finally:
+        if task is not None:
+            task.cancel()
 
 
 # ---- Lua scripts ---------------------------------------------------------------------------------------

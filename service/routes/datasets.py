@@ -8,7 +8,7 @@ from fastapi.responses import StreamingResponse
 
 from service import compare as compare_svc
 from service import datasets as svc
-from service.deps import KeysDep, RedisDep, SettingsDep, upload_slot
+from service.deps import KeysDep, RedisDep, RedisThreadsDep, SettingsDep, upload_slot
 from service.errors import TooLarge
 from service.ingest import parse_upload, upload_type
 from service.model_access import check_model
@@ -154,10 +154,15 @@ async def list_failures(
     responses={200: {"content": {"application/x-ndjson": {}}, "description": "One SFT record per line."}},
 )
 async def selection(
-    dataset_id: OwnedDatasetId, redis: RedisDep, keys: KeysDep, query: Annotated[SelectionQuery, Query()]
+    dataset_id: OwnedDatasetId,
+    redis: RedisDep,
+    redis_threads: RedisThreadsDep,
+    keys: KeysDep,
+    query: Annotated[SelectionQuery, Query()],
 ) -> StreamingResponse:
     ds, lines = await svc.selection(
         redis=redis,
+        redis_threads=redis_threads,
         keys=keys,
         dataset_id=dataset_id,
         strategy=query.strategy,
