@@ -175,6 +175,22 @@ def run_size(pairs: int, args: argparse.Namespace, r: redis.Redis, logs: Path) -
     return rows
 
 
+def print_table(sizes: list[int], results: list[dict[str, tuple[float, str]]]) -> None:
+    """The rows of the sizes measured so far, a growth column per step."""
+    sizes = sizes[: len(results)]
+    labels = [f"{p / 1000:g}k" if p < 1_000_000 else f"{p / 1_000_000:g}M" for p in sizes]
+    growth = [f"{labels[i]}/{labels[i - 1]}" for i in range(1, len(sizes))]
+    print()
+    print("| " + " | ".join(["step", *(f"{lab} pairs" for lab in labels), *growth]) + " |")
+    print("|---" * (1 + len(sizes) + len(growth)) + "|")
+    for name in results[0]:
+        cells = [res[name][1] for res in results]
+        ratios = [f"{results[i][name][0] / results[i - 1][name][0]:.2f}x" for i in range(1, len(sizes))]
+        print("| " + " | ".join([name, *cells, *ratios]) + " |")
+    steps = ", ".join(f"{sizes[i] / sizes[i - 1]:g}x" for i in range(1, len(sizes)))
+    print(f"\npool growth per step: {steps or '-'}; a row growing faster than the pool costs more per pair", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", default="10000,100000", help="pool sizes in pairs, comma-separated")
@@ -190,17 +206,7 @@ def main() -> int:
         t0 = time.perf_counter()
         results.append(run_size(pairs, args, r, logs))
         print(f"{pairs:,} pairs done in {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()}", flush=True)
-    labels = [f"{p / 1000:g}k" if p < 1_000_000 else f"{p / 1_000_000:g}M" for p in sizes]
-    growth = [f"{labels[i]}/{labels[i - 1]}" for i in range(1, len(sizes))]
-    print()
-    print("| " + " | ".join(["step", *(f"{lab} pairs" for lab in labels), *growth]) + " |")
-    print("|---" * (1 + len(sizes) + len(growth)) + "|")
-    for name in results[0]:
-        cells = [res[name][1] for res in results]
-        ratios = [f"{results[i][name][0] / results[i - 1][name][0]:.2f}x" for i in range(1, len(sizes))]
-        print("| " + " | ".join([name, *cells, *ratios]) + " |")
-    steps = ", ".join(f"{sizes[i] / sizes[i - 1]:g}x" for i in range(1, len(sizes)))
-    print(f"\npool growth per step: {steps or '-'}; a row growing faster than the pool costs more per pair", flush=True)
+        print_table(sizes, results)  # after each size: a run stopped later keeps what it measured
     return 0
 
 
