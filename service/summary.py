@@ -1,11 +1,13 @@
 """A dataset's selection at a glance: how often each source wins, and how the scores are spread.
 
 Computed from the stored scores with the GRAPE strategy itself (k=1), so the wins are exactly what
-`/selection` would export. Kept, not recomputed: per dataset the gateway keeps its running tally (per-source
-counters and the scores the histograms are drawn from, 8 bytes a pair) and where it stopped reading the
-upload order; a request reads only what was scored since (the items past that point, up to the dataset's
-scored count, and the few before it that were not scored yet when read). A status page polling a dataset
-while it scores costs the new items, not the pool; once it is done, nothing but its counters.
+`/selection` would export. Kept, not recomputed: per dataset and `reduce` a running tally (per-source counters
+and the scores the histograms are drawn from, 8 bytes a pair) and where it stopped reading the upload order are
+kept in Redis (grape.store.summaries), with a copy in this gateway's memory; a request reads only what was scored
+since (the items past that point, up to the dataset's scored count, and the few before it that were not scored
+yet when read) and saves what it counted. A status page polling a dataset while it scores costs the new items,
+not the pool; once it is done, nothing but its counters; a fresh gateway or another replica continues from the
+tally in Redis instead of reading the pool again.
 """
 
 from __future__ import annotations

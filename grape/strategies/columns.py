@@ -4,7 +4,7 @@ rules computed on such pages with numpy.
 The reads of a whole pool (`/compare`, `/summary`, a selection's pass) spend their time per pair; as rows
 (grape.strategies.base.ScoredItem: a dict per item, per candidate, per score) that is ~10 µs a pair in Python.
 A `PairPage` holds the same page as arrays, and the column forms here give exactly the choices, scores and ranks
-of the row forms (grape.strategies.grape, source, longest, random; tests/test_columns.py checks them against each
+of the row forms (grape.strategies.grape, source, longest, random; tests/test_reads_columns.py checks them against each
 other, tests/test_bounded_reads.py against the whole-pool implementations):
 
 - grape: per instruction its `k` candidates by (-score, candidate), a lexsort of the page;
@@ -401,7 +401,7 @@ def draws(
     """grape.strategies.random.draw of each (item id, candidates), with the same steps inlined: the string seed as
     `random.seed` makes it (version 2: the text and its SHA-512 as one integer) and `Random.sample` of the whole
     range (its pool branch, `_randbelow` by rejection), then `random()`. `take`: only the first `take` places of
-    each order are given (the later draws still consume the generator as the sample does). tests/test_columns.py
+    each order are given (the later draws still consume the generator as the sample does). tests/test_reads_columns.py
     checks them equal to `draw`."""
     rng = random.Random()
     reseed, bits, uniform, from_bytes = _random.Random.seed, rng.getrandbits, rng.random, int.from_bytes
