@@ -335,7 +335,7 @@ class Settings(BaseSettings):
         le=9,
         description="Gateway: the zstd level the uploaded items are stored with in Redis, each response compressed "
         "on its own so an export decodes only the ones it emits (0: plain JSON; 1: fastest, about 0.70 KB per pair "
-        "of the dev pool instead of 1.5 KB; 3: a few % smaller, slower). Records of any level, and those stored "
+        "of the dev pool instead of 1.5 KB; 3: ~1% smaller, ~20% slower). Records of any level, and those stored "
         "before (plain JSON, deflate, one zstd frame), read back the same.",
     )
 
