@@ -245,8 +245,8 @@ def ingest(
     queues = queues_of(keys, meta)
     tenant = meta.get("tenant") or DEFAULT_TENANT
     args: list[Any] = [dataset_id, len(items), limit, GROUP, queues[0].backlog_head, window]
-    for it in items:
-        args += [it["id"], codec.encode_item(it, level), len(it["candidates"])]
+    for it, record in zip(items, codec.encode_items(items, level), strict=True):
+        args += [it["id"], record, len(it["candidates"])]
     args += [q.backlog_tail for q in queues]
     args += [facts.encode(it) for it in items]  # beside each item: what the reads decide from (grape.store.facts)
     return INGEST.call(
