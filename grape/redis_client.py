@@ -31,11 +31,13 @@ def as_str(v: object) -> str:
 
 
 def connect(url: str, *, max_connections: int | None = None, pool_timeout: float = 5.0) -> redis.Redis:
-    """With `max_connections` (the gateway's worker threads): a bounded pool, as `connect_async`'s."""
+    """With `max_connections` (the gateway's worker threads): a bounded pool, as `connect_async`'s, read 1 MB a
+    socket read (its replies are pages of stored items, ~5 MB: 64 KB reads took the GIL back ~80 times a page
+    while the other threads wanted it)."""
     if max_connections is None:
         return redis.Redis.from_url(url, **_retry_kwargs(False))
     pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=pool_timeout, **_retry_kwargs(False)
+        url, max_connections=max_connections, timeout=pool_timeout, socket_read_size=2**20, **_retry_kwargs(False)
     )
     return redis.Redis.from_pool(pool)
 

@@ -311,8 +311,9 @@ def test_selection_and_compare_memory_does_not_grow_with_the_pool(
                 for params in (SelectParams(), SelectParams(n=500)):
 
                     def export(name: str = name, params: SelectParams = params, ds: str = ds) -> None:
-                        for chunks in pages(rclient, datasets.selection(keys, ds, name, params)):
-                            del chunks
+                        for got in pages(rclient, datasets.selection(keys, ds, name, params)):
+                            for records in got:
+                                records.render()
 
                     peaks.setdefault(f"selection {name} {params.n}", []).append(_peak(export))
 

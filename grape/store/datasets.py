@@ -548,14 +548,28 @@ def _records(chosen: list[Chosen], raws: Mapping[str, Any]) -> bytes:
     return b"\n".join(out) + b"\n" if out else b""
 
 
-def selection(keys: Keys, dataset_id: str, strategy: str, params: SelectParams) -> Callable[[int], Plan[Page[bytes]]]:
-    """The selected SFT records as NDJSON chunks, page after page (for `pages`/`apages`; check the strategy
-    first, `check_selection`). One pass over the pool decides from the items' facts and scores (`pair_pages`: no
-    text is read to decide), in the strategy's column form when it has one (grape.strategies.columns), else in
-    its streaming form over rows (grape.strategies.base `accumulator`), holding only item ids of what it may still
-    pick. The picks a page decides (a per-item strategy: all of them) are written as that page is read, their items
-    read with it; the rest (a pool-wide strategy's top `n`) come after the last page, their items read by id, PAGE
-    records a chunk. Only the items of picked pairs are decoded, and the pool is never held."""
+@dataclass(frozen=True)
+class Records:
+    """Picks of a selection whose records are not written yet, with their items' stored records: `render()` gives
+    their NDJSON. Deciding a page and writing its records are apart so a reader can write one page's records while
+    the next page is read and decided (the gateway does, in two threads)."""
+
+    chosen: list[Chosen]
+    raws: Mapping[str, Any]
+
+    def render(self) -> bytes:
+        return _records(self.chosen, self.raws)
+
+
+def selection(keys: Keys, dataset_id: str, strategy: str, params: SelectParams) -> Callable[[int], Plan[Page[Records]]]:
+    """The selected SFT records, page after page, as `Records` to render into NDJSON chunks (for `pages`/`apages`; check
+    the strategy first, `check_selection`). One pass over the pool decides from the items' facts and scores
+    (`pair_pages`: no text is read to decide), in the strategy's column form when it has one
+    (grape.strategies.columns), else in its streaming form over rows (grape.strategies.base `accumulator`), holding
+    only item ids of what it may still pick. The picks a page decides (a per-item strategy: all of them) are written
+    as that page is read, their items read with it; the rest (a pool-wide strategy's top `n`) come after the last
+    page, their items read by id, PAGE records a chunk. Only the items of picked pairs are decoded, and the pool is
+    never held."""
     select = STRATEGIES.get(strategy)
     per_item = select.streams  # decided one instruction at a time
     col = columnar(select, params)
@@ -593,24 +607,24 @@ def selection(keys: Keys, dataset_id: str, strategy: str, params: SelectParams) 
         raws = yield from one("hmget", keys.items(dataset_id), ids)
         return dict(zip(ids, raws, strict=True))
 
-    def page(start: int) -> Plan[Page[bytes]]:
+    def page(start: int) -> Plan[Page[Records]]:
         if start < 0:  # after the pool: the held picks, -1 - start of them given so far
             done = -1 - start
             chunk = held_chunk(done)
             raws = yield from items_of(chunk)
-            out = _records(chunk, raws)
-            return [out] if out else [], -1 - (done + PAGE) if done + PAGE < total[0] else None
+            return [Records(chunk, raws)] if chunk else [], -1 - (done + PAGE) if done + PAGE < total[0] else None
         got, nxt = yield from read(start)
-        out = b""
+        out: list[Records] = []
         for pairs, records in got:
             chosen = decide(pairs)
             if chosen and not per_item:  # a pool-wide strategy's picks of this page (random without n)
                 records = yield from items_of(chosen)
-            out += _records(chosen, records)
+            if chosen:
+                out.append(Records(chosen, records))
         if nxt is None:
             total[0] = finish()
             nxt = -1 if total[0] else None
-        return [out] if out else [], nxt
+        return out, nxt
 
     return page
 
@@ -624,8 +638,9 @@ def write_selection(r: Any, keys: Keys, dataset_id: str, strategy: str, params: 
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     n = 0
     with open(tmp, "wb") as f:
-        for chunks in pages(r, selection(keys, dataset_id, strategy, params)):
-            for chunk in chunks:
+        for got in pages(r, selection(keys, dataset_id, strategy, params)):
+            for records in got:
+                chunk = records.render()
                 f.write(chunk)
                 n += chunk.count(b"\n")  # one per record: orjson escapes newlines inside strings
     os.replace(tmp, path)
