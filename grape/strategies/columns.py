@@ -331,8 +331,10 @@ class SourceColumns:
 
 class Smallest:
     """The `n` smallest entries by the key (a, upload order, c) over a stream of pages, with their picks, in
-    arrays: cut back to `n` (sorted) whenever twice that many are held, so memory is bounded by the budget. With
-    `n` None every entry is held (the row form holds them all too)."""
+    arrays: cut back to `n` (sorted) whenever a quarter more are held, so memory is bounded by the budget (a cut
+    copies what is held: at 1M pairs and n=100k, cutting at 2n put the gateway's peak at 1.31x its 100k figure,
+    at 1.25n ~1.2x; after the first cut only entries better than the n-th enter, so cuts stay rare). With `n` None
+    every entry is held (the row form holds them all too)."""
 
     def __init__(self, n: int | None) -> None:
         self.n = n
@@ -350,7 +352,7 @@ class Smallest:
             a, c, picks = a[better], c[better], picks.take(better)
         self.parts.append((a, c, picks))
         self.held += len(picks)
-        if self.n is not None and self.held > 2 * self.n:
+        if self.n is not None and self.held > self.n + max(self.n // 4, 1024):
             self._cut()
 
     def _cut(self) -> Picked:
