@@ -40,11 +40,11 @@ COLUMNS = b"\x02"
 ZSTD = b"\x03"
 PARTS = b"\x04"
 _END = 0x7FFF_FFFF
-_AS_IS = 0x8000_0000  # a part's length with this bit: the part is stored as it is (a frame would not be shorter)
+_AS_IS = 0x8000_0000  # a part's end with this bit: the part is stored as it is (a frame would not be shorter)
 DEFAULT_LEVEL = 1
-"""zstd level of item records: 1 keeps ~35% of the bytes of the dev pool's JSON at ~2.7x the speed of zlib level 1
-(the codec before, which kept ~37%) and decodes ~2.5x faster; 3 keeps ~34% at 3/4 of the speed. Ingest
-throughput was mostly this compression."""
+"""zstd level of item records: 1 keeps ~47% of the bytes of the dev pool's JSON in parts (~35% as one frame of the
+whole item, the form before the parts; zlib level 1, the codec before that, kept ~37% at ~1/3 of the speed); 3
+keeps ~1% less at ~4/5 of the speed. Ingest throughput is mostly this compression."""
 
 _local = threading.local()  # zstd contexts are not thread-safe: one per thread (and level), reused
 
