@@ -350,14 +350,6 @@ def release_memory() -> None:
         _malloc_trim(0)
 
 
-async def scored_items(
-    redis: Redis, keys: Keys, dataset_id: str, needs: tuple[str, ...] = ()
-) -> AsyncIterator[list[ScoredItem]]:
-    """Pages of scored items in upload order (grape.store.datasets.scored), decoded in a worker thread."""
-    async for page in apages(redis, store.scored(keys, dataset_id, needs), offload=True):
-        yield page
-
-
 async def selection_lines(
     *,
     redis: Redis,

@@ -2,8 +2,9 @@
 its candidates, with both rankings side by side (Just, Ko, Jia, arXiv 2510.03988: averaged per teacher,
 local scores pick the teacher to distil from before any fine-tuning, where global scores fail).
 
-Only items with both scores count, so both means cover the same candidates. It reads every scored item,
-so, like the summary, a result is reused while the local task's counters have not moved and recomputed
+Only items with both scores count, so both means cover the same candidates. It reads every scored item's
+facts and scores (grape.store.datasets.pair_pages: sources and score records, never the texts), so, like the
+summary, a result is reused while the local task's counters have not moved and recomputed
 at most every `max(1 s, 10 x the last computation)` while scoring goes on.
 """
 
@@ -18,10 +19,10 @@ from redis.asyncio import Redis
 
 from grape.keys import Keys
 from grape.store import datasets as store
-from grape.store.io import arun
+from grape.store.io import apages, arun
 from grape.strategies import ScoredItem
 from grape.strategies.grape import candidate_score
-from service.datasets import dataset_meta, scored_items
+from service.datasets import dataset_meta
 from service.schemas import TeacherRanking, TeachersPublic
 
 _CACHE_SIZE = 64
@@ -101,8 +102,9 @@ async def teachers(*, redis: Redis, keys: Keys, dataset_id: str, max_sources: in
         _cache.move_to_end(key)
         return hit[3]
     tally = _Tally()
-    async for page in scored_items(redis, keys, dataset_id, ("local",)):
-        await anyio.to_thread.run_sync(tally.add, page)
+    async for got in apages(redis, store.pair_pages(keys, dataset_id, ("local",)), offload=True):
+        for pairs, _ in got:
+            await anyio.to_thread.run_sync(lambda pairs=pairs: tally.add(pairs.rows()))
     result = tally.result(dataset_id, max_sources)
     _cache[key] = (counts, now, time.monotonic() - now, result)
     _cache.move_to_end(key)
