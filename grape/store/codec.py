@@ -89,8 +89,10 @@ def encode_items(items: Sequence[dict[str, Any]], level: int = DEFAULT_LEVEL) ->
 
 def _compress_all(inputs: list[bytes], level: int) -> list[bytes]:
     compressor = _zstd_compressor(level)
-    if all(inputs):  # (the batch call refuses an empty input)
-        return [frame.tobytes() for frame in compressor.multi_compress_to_buffer(inputs)]
+    # the batch call is the C backend's (python-zstandard calls it experimental) and refuses an empty input
+    batch = getattr(compressor, "multi_compress_to_buffer", None)
+    if batch is not None and all(inputs):
+        return [frame.tobytes() for frame in batch(inputs)]
     return [compressor.compress(x) for x in inputs]
 
 
