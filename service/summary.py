@@ -193,8 +193,10 @@ class _Tally:
         )
 
 
-READ = store.COLUMN_PAGE
-"""Ids read per round trip while bringing a tally up to date."""
+READ = store.PAGE
+"""Ids read per round trip while bringing a tally up to date: a poll after a few new scores reads at most this
+many ids past the tally's position (every poll reads again the ids there that were not scored yet); a tally
+behind by more reads `store.COLUMN_PAGE` a round trip (a pool counted from scratch at 1M: 1.13 s, not 1.42)."""
 
 
 async def _refresh(redis: Redis, keys: Keys, dataset_id: str, entry: _Entry, scored: int) -> _Entry:
@@ -218,7 +220,8 @@ async def _refresh(redis: Redis, keys: Keys, dataset_id: str, entry: _Entry, sco
     for i in range(0, len(entry.pending), READ):
         await count(entry.pending[i : i + READ])
     while tally.n_items < scored:
-        ids = await arun(redis, store.order_page(keys, dataset_id, pos, READ))
+        size = store.COLUMN_PAGE if scored - tally.n_items > READ else READ
+        ids = await arun(redis, store.order_page(keys, dataset_id, pos, size))
         if not ids:
             break
         await count(ids)

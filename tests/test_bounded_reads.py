@@ -237,13 +237,13 @@ def test_summary_reads_only_what_was_scored_since(
     of the upload order at most, whatever the pool's size; and the answer equals a summary from scratch (means
     to 1e-12: the scores are added in another order)."""
     read: list[int] = []
-    real = datasets.scored_rows
+    real = datasets.pairs_of  # the one read a summary's refresh makes
 
-    def counting(keys: Keys, dataset_id: str, item_ids: list[str], needs: tuple[str, ...] = ()) -> Any:
+    def counting(keys: Keys, dataset_id: str, item_ids: list[str], *a: Any, **kw: Any) -> Any:
         read.append(len(item_ids))
-        return real(keys, dataset_id, item_ids, needs)
+        return real(keys, dataset_id, item_ids, *a, **kw)
 
-    monkeypatch.setattr(summary_svc.store, "scored_rows", counting)
+    monkeypatch.setattr(summary_svc.store, "pairs_of", counting)
     with TestClient(create_app(settings.model_copy(update={"chunk_pairs": 4096}))) as api:
         per_pool = []
         for n in (2000, 8000):
