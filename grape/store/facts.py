@@ -6,7 +6,7 @@ its id, its candidates' sources and their responses' lengths: reading these smal
 
 A record is the JSON `[[chars, ...], [source, ...]]`, one entry per candidate in candidate order; `chars` is
 `len(response)`, in code points as Python counts them. Items stored before facts existed have none: a reader
-derives them from the item (`of_item`).
+derives them from the item (`encode`, then reads them as any other).
 """
 
 from __future__ import annotations
@@ -19,11 +19,6 @@ import orjson
 
 Facts = tuple[list[int], list[str]]
 """(response lengths, sources), one entry per candidate."""
-
-
-def of_item(item: dict[str, Any]) -> Facts:
-    cands = item["candidates"]
-    return [len(c["response"]) for c in cands], [c["source"] for c in cands]
 
 
 def encode(item: dict[str, Any]) -> bytes:
