@@ -126,20 +126,21 @@ def _header(count: int) -> struct.Struct:
     return struct.Struct(f"<{count}I")
 
 
-def _parts(raw: bytes, wanted: Collection[int] | None) -> tuple[dict[str, Any], list[str | None]]:
-    """The rest of an item and its responses (None where not `wanted`) from a 0x04 record."""
+def _parts(raw: bytes, wanted: Collection[int] | None) -> dict[str, Any]:
+    """The item of a 0x04 record with the responses of the `wanted` candidates (all with None); every other
+    response stays as stored in the first part, an empty string."""
     count = raw[1] | raw[2] << 8
     ends = _header(count).unpack_from(raw, 3)
     decompress = _zstd_decompressor().decompress
     first = raw[3 + 4 * count : ends[0] & _END]
-    rest = orjson.loads(first if ends[0] & _AS_IS else decompress(first))
-    out: list[str | None] = [None] * (count - 1)
+    item = orjson.loads(first if ends[0] & _AS_IS else decompress(first))
+    cands = item["candidates"]
     for c in range(count - 1) if wanted is None else wanted:
         if 0 <= c < count - 1:
             end = ends[c + 1]
             data = raw[ends[c] & _END : end & _END]
-            out[c] = (data if end & _AS_IS else decompress(data)).decode()
-    return rest, out
+            cands[c]["response"] = (data if end & _AS_IS else decompress(data)).decode()
+    return item
 
 
 def decode_item(raw: bytes | str) -> dict[str, Any]:
@@ -149,10 +150,7 @@ def decode_item(raw: bytes | str) -> dict[str, Any]:
         raw = raw.encode()
     tag = raw[:1]
     if tag == PARTS:
-        item, responses = _parts(raw, None)
-        for cand, response in zip(item["candidates"], responses, strict=True):
-            cand["response"] = response
-        return item
+        return _parts(raw, None)
     if tag == ZSTD:
         raw = _zstd_decompressor().decompress(memoryview(raw)[1:])
     elif tag == DEFLATE:
@@ -166,13 +164,7 @@ def decode_item_for(raw: bytes | str, candidates: Collection[int]) -> dict[str, 
     a selection's record of some candidates reads (the others' responses are neither decompressed nor parsed)."""
     if isinstance(raw, str):
         raw = raw.encode()
-    if raw[:1] != PARTS:
-        return decode_item(raw)
-    item, responses = _parts(raw, candidates)
-    for cand, response in zip(item["candidates"], responses, strict=True):
-        if response is not None:
-            cand["response"] = response
-    return item
+    return _parts(raw, candidates) if raw[:1] == PARTS else decode_item(raw)
 
 
 def encode_scores(scores: list[dict[str, Any]]) -> bytes:
