@@ -85,7 +85,8 @@ class Settings(BaseSettings):
         64,
         ge=2,
         description="Gateway: Redis connections per process, for its event loop; a request waits for a free one. "
-        "Its worker threads (an export reading its pages) have a pool of a quarter of that, at least 2.",
+        "Its worker threads (an export or a comparison reading its pages) have a pool of a quarter of that, at "
+        "least 2.",
     )
     redis_pool_timeout_s: float = Field(
         5.0, gt=0, description="Gateway: how long a request waits for a free Redis connection before a 503."

@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_connections=settings.redis_max_connections,
             pool_timeout=settings.redis_pool_timeout_s,
         )
-        # the worker threads' own client, for the reads that move most bytes (an export: grape.store.io.thread_pages)
+        # the worker threads' own client, for whole-pool reads (an export, a comparison: grape.store.io.thread_pages)
         app.state.redis_threads = connect(
             settings.redis_url or DEFAULT_REDIS_URL,
             max_connections=thread_connections(settings),

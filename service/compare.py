@@ -4,6 +4,7 @@ pool, side by side (grape.compare)."""
 from __future__ import annotations
 
 import anyio
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from grape.compare import Comparison
@@ -11,16 +12,22 @@ from grape.keys import Keys
 from grape.settings import Settings
 from grape.store import datasets as store
 from grape.store.datasets import check_selection
-from grape.store.io import apages
+from grape.store.io import thread_pages
 from grape.strategies import STRATEGIES, SelectParams, strategy_specs
-from grape.strategies.columns import PairPage
 from service.datasets import dataset_meta, dataset_status, release_memory
 from service.errors import Unprocessable
 from service.schemas import ComparisonPublic
 
 
 async def compare(
-    *, redis: Redis, keys: Keys, settings: Settings, dataset_id: str, strategies: list[str], params: SelectParams
+    *,
+    redis: Redis,
+    redis_threads: SyncRedis,
+    keys: Keys,
+    settings: Settings,
+    dataset_id: str,
+    strategies: list[str],
+    params: SelectParams,
 ) -> ComparisonPublic:
     """The strategies side by side (grape.compare), in one pass over the pool. Its work grows with strategies x
     pool: the number of strategies is capped (GRAPE_MAX_COMPARE_STRATEGIES) and the counting runs in a worker
@@ -43,13 +50,9 @@ async def compare(
     try:
         comparison = Comparison(chosen, params, settings.max_report_sources)
         read = store.pair_pages(keys, dataset_id, needs, whole=comparison.whole, table=comparison.table)
-        async with anyio.create_task_group() as tg:
-            counted = anyio.Event()
-            counted.set()
-            async for got in apages(redis, read, offload=True):  # the next page is read while this one is counted
-                await counted.wait()
-                counted = anyio.Event()
-                tg.start_soon(_count, comparison, [page for page, _ in got], counted)
+        async for got in thread_pages(redis_threads, read):  # the next page is read while this one is counted
+            for page, _ in got:
+                await anyio.to_thread.run_sync(comparison.add_page, page)
         result = await anyio.to_thread.run_sync(comparison.result)
     except ValueError as exc:
         raise Unprocessable(str(exc)) from None
@@ -62,11 +65,3 @@ async def compare(
         params=params.model_dump(),
         **result,
     )
-
-
-async def _count(comparison: Comparison, pages: list[PairPage], done: anyio.Event) -> None:
-    try:
-        for page in pages:
-            await anyio.to_thread.run_sync(comparison.add_page, page)
-    finally:
-        done.set()

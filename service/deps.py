@@ -25,8 +25,8 @@ def get_redis_threads(request: Request) -> redis.Redis:
 
 
 def thread_connections(settings: Settings) -> int:
-    """Connections of the worker threads' pool (an export holds one while it reads a page): a quarter of the event
-    loop's, at least 2."""
+    """Connections of the worker threads' pool (an export or a comparison holds one while it reads a page): a quarter
+    of the event loop's, at least 2."""
     return max(2, settings.redis_max_connections // 4)
 
 

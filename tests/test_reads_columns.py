@@ -419,3 +419,21 @@ def test_held_ids_come_back_exactly() -> None:
         "x" * 256,
         "日本語 🍇",
     ]
+
+
+def test_compare_of_a_pool_with_a_stored_result_that_does_not_fit_is_a_422(api, rclient, keys) -> None:
+    """A result whose scores do not match its item's candidates is refused by name, not a 500: the comparison's
+    counting raises a ValueError that must reach the route as itself (it came wrapped in an ExceptionGroup from
+    the task group that counted the pages before)."""
+    ds = api.post("/v1/datasets", json={"name": "misfit", "target_model": MODEL}).json()["id"]
+    cands = [{"source": "a", "response": "hi"}, {"source": "b", "response": "hello"}]
+    items = [{"id": f"i{j}", "instruction": "Say hi.", "candidates": cands} for j in range(3)]
+    assert api.post(f"/v1/datasets/{ds}/items", json={"items": items}).status_code == 202
+    one = {"logprob_sum": -1.0, "tokens": 2, "prompt_tokens": 3}
+    call(
+        rclient,
+        results(keys, "logprob", MODEL, ds, "", time.time(), [ItemResult(it["id"], 2, [one] * 2) for it in items]),
+    )
+    rclient.hset(keys.scores(ds), "i1", orjson.dumps([one]))  # one score for two candidates
+    r = api.get(f"/v1/datasets/{ds}/compare", params={"strategies": "grape,longest"})
+    assert r.status_code == 422 and "do not match its candidates" in r.json()["detail"], r.text

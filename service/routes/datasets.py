@@ -186,6 +186,7 @@ async def request_scores(
 async def compare(
     dataset_id: OwnedDatasetId,
     redis: RedisDep,
+    redis_threads: RedisThreadsDep,
     keys: KeysDep,
     settings: SettingsDep,
     query: Annotated[CompareQuery, Query()],
@@ -194,6 +195,7 @@ async def compare(
     the pairwise overlap (pairs selected by both). At most GRAPE_MAX_COMPARE_STRATEGIES strategies."""
     return await compare_svc.compare(
         redis=redis,
+        redis_threads=redis_threads,
         keys=keys,
         settings=settings,
         dataset_id=dataset_id,
