@@ -292,6 +292,16 @@ class Columnar(Protocol):
     def finish(self) -> Picked: ...
 
 
+def _best_per_item(page: PairPage, key: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per item its `k` pairs of smallest `key` (ties: the lower candidate first): their indexes, grouped by item in
+    upload order, and each one's place within its item (0-based)."""
+    item, cand = page.item_of_pair(), page.candidate_of_pair()
+    idx = np.lexsort((cand, key, item))
+    place = np.arange(page.pairs, dtype=np.int64) - page.bounds[item[idx]]  # the page stays grouped by item
+    keep = place < k
+    return idx[keep], place[keep]
+
+
 class GrapeColumns:
     def __init__(self, params: SelectParams) -> None:
         self.k, self.reduce, self.items = params.k, params.reduce, 0
@@ -300,12 +310,8 @@ class GrapeColumns:
         page.check()
         first, self.items = self.items, self.items + page.items
         score = candidate_scores(page, self.reduce)
-        item, cand = page.item_of_pair(), page.candidate_of_pair()
-        idx = np.lexsort((cand, -score, item))  # per item by (-score, candidate), as the row form sorts
-        rank = np.arange(page.pairs, dtype=np.int64) - page.bounds[item[idx]]  # the page stays grouped by item
-        keep = rank < self.k
-        pairs = idx[keep]
-        return Picked.of_pairs(page, first, pairs, score[pairs], rank[keep] + 1)
+        pairs, place = _best_per_item(page, -score, self.k)  # by (-score, candidate), as the row form sorts
+        return Picked.of_pairs(page, first, pairs, score[pairs], place + 1)
 
     def finish(self) -> Picked:
         return Picked.empty()
@@ -385,10 +391,7 @@ class LongestColumns:
         page.check()
         first, self.items = self.items, self.items + page.items
         value = -page.whole_tokens()
-        item, cand = page.item_of_pair(), page.candidate_of_pair()
-        idx = np.lexsort((cand, value, item))  # per item its k best by (value, candidate): the only ones it can give
-        rank = np.arange(page.pairs, dtype=np.int64) - page.bounds[item[idx]]
-        pairs = idx[rank < self.k]
+        pairs, _ = _best_per_item(page, value, self.k)  # per item its k best: the only ones it can give
         picks = Picked.of_pairs(page, first, pairs, page.tokens[pairs], np.zeros(len(pairs), dtype=np.int64))
         self.best.add(value[pairs].astype(np.float64), picks.candidate, picks)
         return Picked.empty()
